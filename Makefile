@@ -1,0 +1,28 @@
+# Two commands do everything on a fresh machine:
+#   make train   install, generate the synthetic dataset on first use, train the default experiment
+#   make test    install, run the test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+# CPU build by default (it is what CI and laptops want); GPU users: make TORCH="torch" ...
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+
+.PHONY: install train test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+train: install
+	$(BIN)/python train.py $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(ARGS)
+
+clean:
+	rm -rf outputs logs multirun wandb lightning_logs .pytest_cache

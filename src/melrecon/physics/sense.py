@@ -1,0 +1,128 @@
+"""Multi-coil Cartesian SENSE operator ``A = M F S`` for 3D slabs and 2D+time cine.
+
+Layouts (DESIGN.md), batch first and coils second; the FFT acts on the last two axes:
+
+- 3D slab: image (B, X, Y, Z); maps and k-space (B, C, X, Y, Z); mask (B, 1, 1, Y, Z).
+- cine:    image (B, T, X, Y); k-space (B, C, T, X, Y); maps (B, C, 1, X, Y); mask (B, 1, T, 1, Y).
+
+The image has the maps' shape without the coil axis; maps may be 1 along an image axis (cine
+maps are shared by all frames) and the mask may be 1 along any k-space axis. Nothing else is
+broadcast: an image or k-space whose shape disagrees raises ``ValueError`` naming both shapes.
+
+The mask is applied as given in ``forward`` and in ``adjoint`` (so ``A^H A`` applies ``mask**2``;
+identical for binary masks). All operations are plain torch ops, so autograd through
+``forward`` gives ``adjoint`` and vice versa, on CPU and CUDA, complex64 and complex128.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from melrecon.physics.fft import fftc, ifftc
+
+
+class SenseOperator:
+    """SENSE forward model with its adjoint and normal operator.
+
+    Args:
+        maps: coil sensitivities, complex, shape (B or 1, C, *spatial).
+        mask: sampling mask (real or bool), same ndim as the k-space (B, C, *image_spatial),
+            each axis 1 or equal to the k-space axis.
+        fft_dims: image axes that are Fourier encoded (negative indices, counted from the end).
+    """
+
+    def __init__(
+        self,
+        maps: torch.Tensor,
+        mask: torch.Tensor,
+        fft_dims: Sequence[int] = (-2, -1),
+    ) -> None:
+        if not torch.is_complex(maps):
+            raise ValueError(f"maps must be complex, got dtype {maps.dtype} (shape {tuple(maps.shape)})")
+        if maps.ndim < 3:
+            raise ValueError(f"maps must have shape (B, C, *spatial), got {tuple(maps.shape)}")
+        if mask.ndim != maps.ndim:
+            raise ValueError(
+                f"mask shape {tuple(mask.shape)} must have the k-space ndim {maps.ndim} "
+                f"(maps shape {tuple(maps.shape)})"
+            )
+        if torch.is_complex(mask):
+            raise ValueError(f"mask must be real or bool, got dtype {mask.dtype}")
+        dims = tuple(int(d) for d in fft_dims)
+        if any(d >= 0 for d in dims) or any(d < -(maps.ndim - 2) for d in dims):
+            raise ValueError(
+                f"fft_dims {dims} must be negative spatial axes of maps shape {tuple(maps.shape)}"
+            )
+        self.maps = maps
+        self.mask = mask.to(device=maps.device, dtype=maps.real.dtype)
+        self.fft_dims = dims
+
+    # ----------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.maps.dtype
+
+    @property
+    def num_coils(self) -> int:
+        return self.maps.shape[1]
+
+    def _check_image(self, x: torch.Tensor) -> None:
+        if x.dtype != self.maps.dtype:
+            raise ValueError(
+                f"image dtype {x.dtype} differs from maps dtype {self.maps.dtype} "
+                f"(image shape {tuple(x.shape)}, maps shape {tuple(self.maps.shape)})"
+            )
+        mshape = self.maps.shape
+        ok = x.ndim == len(mshape) - 1 and mshape[0] in (1, x.shape[0])
+        ok = ok and all(m in (1, s) for m, s in zip(mshape[2:], x.shape[1:]))
+        if not ok:
+            raise ValueError(
+                f"image shape {tuple(x.shape)} does not match maps shape {tuple(mshape)}: "
+                "expected (B, *spatial) with each maps axis 1 or equal to the image axis"
+            )
+        self._check_mask(x.shape[:1] + (self.num_coils,) + tuple(x.shape[1:]), "image")
+
+    def _check_mask(self, kshape: Sequence[int], what: str) -> None:
+        if self.mask.ndim != len(kshape) or any(m not in (1, k) for m, k in zip(self.mask.shape, kshape)):
+            raise ValueError(
+                f"mask shape {tuple(self.mask.shape)} does not broadcast to the k-space shape "
+                f"{tuple(kshape)} of this {what}"
+            )
+
+    def _check_kspace(self, k: torch.Tensor) -> None:
+        if k.dtype != self.maps.dtype:
+            raise ValueError(
+                f"k-space dtype {k.dtype} differs from maps dtype {self.maps.dtype} "
+                f"(k-space shape {tuple(k.shape)})"
+            )
+        mshape = self.maps.shape
+        ok = k.ndim == len(mshape) and k.shape[1] == mshape[1] and mshape[0] in (1, k.shape[0])
+        ok = ok and all(m in (1, s) for m, s in zip(mshape[2:], k.shape[2:]))
+        if not ok:
+            raise ValueError(
+                f"k-space shape {tuple(k.shape)} does not match maps shape {tuple(mshape)}: "
+                "expected (B, C, *spatial) with the maps' coil count"
+            )
+        self._check_mask(k.shape, "k-space")
+
+    # ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``A x = M F S x``: image (B, *spatial) -> k-space (B, C, *spatial)."""
+        self._check_image(x)
+        return self.mask * fftc(self.maps * x.unsqueeze(1), self.fft_dims)
+
+    __call__ = forward
+
+    def adjoint(self, k: torch.Tensor) -> torch.Tensor:
+        """``A^H k = S^H F^H M k``: k-space (B, C, *spatial) -> image (B, *spatial)."""
+        self._check_kspace(k)
+        return (self.maps.conj() * ifftc(self.mask * k, self.fft_dims)).sum(dim=1)
+
+    def normal(self, x: torch.Tensor) -> torch.Tensor:
+        """``A^H A x`` without materialising more than the coil images once."""
+        self._check_image(x)
+        coil_k = fftc(self.maps * x.unsqueeze(1), self.fft_dims)
+        coil_k = coil_k * (self.mask * self.mask)
+        return (self.maps.conj() * ifftc(coil_k, self.fft_dims)).sum(dim=1)
