@@ -126,3 +126,13 @@ def test_shape_and_dtype_mismatches_name_both_shapes():
         SenseOperator(maps, torch.ones(6, 5))
     with pytest.raises(ValueError, match="maps must be complex"):
         SenseOperator(maps.real, mask)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sense_on_cuda_matches_cpu():
+    gen = torch.Generator().manual_seed(5)
+    x_shape, maps, mask, k_shape = _cine_problem(2, torch.complex64, gen)
+    x = _rand(x_shape, torch.complex64, gen)
+    cpu = SenseOperator(maps, mask)
+    gpu = SenseOperator(maps.cuda(), mask.cuda())
+    torch.testing.assert_close(gpu.normal(x.cuda()).cpu(), cpu.normal(x), rtol=1e-5, atol=1e-5)
