@@ -60,11 +60,58 @@ def _cache_dir() -> Path | None:
     return path / "masks"
 
 
+def _poisson_search(
+    shape: tuple[int, int], accel: float, calib: tuple[int, int], seed: int, abs_tol: float, max_steps: int = 64
+) -> np.ndarray:
+    """SigPy's variable-density Poisson-disc search, with a cap on the bisection.
+
+    Same radius law and the same numba sampler (``sigpy.mri.samp._poisson``) as
+    ``sigpy.mri.poisson(..., crop_corner=True)``, so masks equal SigPy's wherever SigPy
+    terminates. SigPy bisects ``while slope_min < slope_max`` on floats; when no slope reaches
+    the tolerance (small grids, coarse steps in R) the interval stops shrinking and its loop
+    never ends (seen on 16x16, R=4, 4x4 box, seeds 1 and 24). The cap turns that into a
+    ``ValueError``.
+    """
+    from sigpy.mri.samp import _poisson  # lazy: numba JIT costs ~1 s on first use
+
+    ny, nz = shape
+    y, x = np.mgrid[:ny, :nz].astype(float)
+    x = np.maximum(abs(x - nz / 2) - calib[1] / 2, 0)
+    x /= max(x.max(), 1e-12)
+    y = np.maximum(abs(y - ny / 2) - calib[0] / 2, 0)
+    y /= max(y.max(), 1e-12)
+    r = np.sqrt(x**2 + y**2)
+    lo, hi = 0.0, float(max(ny, nz))
+    best, best_err = None, np.inf
+    for _ in range(max_steps):
+        if not lo < hi:
+            break
+        slope = (lo + hi) / 2
+        rx = np.clip((1 + r * slope) * nz / max(ny, nz), 1, None)
+        ry = np.clip((1 + r * slope) * ny / max(ny, nz), 1, None)
+        mask = _poisson(nz, ny, 30, rx, ry, calib, seed) * (r < 1)
+        actual = ny * nz / max(float(mask.sum()), 1.0)
+        if abs(actual - accel) < best_err:
+            best, best_err = mask, abs(actual - accel)
+        if best_err < abs_tol:
+            break
+        if actual < accel:
+            lo = slope
+        else:
+            hi = slope
+    if best is None or best_err >= abs_tol:
+        raise ValueError(
+            f"cannot reach acceleration {accel} on a {shape} grid with a {calib} calibration box "
+            f"and seed {seed} (closest R differs by {best_err:.3g}); try another seed or R"
+        )
+    return best.reshape(shape)
+
+
 @lru_cache(maxsize=256)
 def _poisson_cached(
     shape: tuple[int, int], accel: float, calib: tuple[int, int], seed: int, tol: float
 ) -> np.ndarray:
-    key = hashlib.sha1(repr(("poisson-v1", shape, accel, calib, seed, tol)).encode()).hexdigest()[:20]
+    key = hashlib.sha1(repr(("poisson-v2", shape, accel, calib, seed, tol)).encode()).hexdigest()[:20]
     cache = _cache_dir()
     path = cache / f"poisson_{key}.npy" if cache else None
     if path is not None and path.exists():
@@ -72,17 +119,7 @@ def _poisson_cached(
             return np.load(path)
         except (OSError, ValueError):
             pass  # a corrupt cache entry is regenerated below
-    import sigpy.mri  # imported lazily: numba JIT costs ~1 s on first use
-
-    try:
-        mask = sigpy.mri.poisson(
-            shape, accel, calib=calib, dtype=np.float32, crop_corner=True, seed=seed, tol=tol * accel
-        )
-    except ValueError as err:
-        raise ValueError(
-            f"cannot reach acceleration {accel} on a {shape} grid with a {calib} calibration box "
-            f"(SigPy: {err})"
-        ) from err
+    mask = _poisson_search(shape, accel, calib, seed, tol * accel)
     mask = (np.abs(mask) > 0).astype(np.float32)
     if path is not None:
         # write-then-rename so that concurrent workers never read a half-written file

@@ -1,0 +1,76 @@
+"""Convert raw data to the melrecon layout.
+
+Usage::
+
+    python -m melrecon.data.convert {mridata,fastmri,ocmr,cmrxrecon} IN OUT
+        [--calib 24] [--maps MAPS.npy] [--readout-crop N] [--key NAME] [--overwrite]
+
+IN is a file or a folder (every ``*.h5`` / ``*.mat`` below it is converted). OUT is the output
+``.h5`` file for a single input, otherwise a folder (``<stem>.h5`` per input; for CMRxRecon the
+patient folder name is prefixed, e.g. ``P001_cine_sax.h5``). Coil maps are estimated with
+ESPIRiT unless ``--maps`` gives known maps (a ``.npy`` in the output geometry; single input).
+Exits 1 if any input failed, naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from melrecon.data.convert import CONVERTERS
+
+
+def _inputs(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.suffix in (".h5", ".mat") and p.is_file())
+    return [path]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m melrecon.data.convert", description=__doc__.split("\n")[0])
+    parser.add_argument("format", choices=tuple(CONVERTERS))
+    parser.add_argument("input", type=Path)
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--calib", type=int, default=24, help="ESPIRiT calibration width")
+    parser.add_argument("--maps", type=Path, help="known coil maps (.npy, output geometry); skips ESPIRiT")
+    parser.add_argument("--readout-crop", type=int, help="fastmri: crop the oversampled readout to N")
+    parser.add_argument("--key", help="cmrxrecon: variable name (default kspace_full, then kspace)")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    inputs = _inputs(args.input)
+    if not inputs or not inputs[0].exists():
+        print(f"error: no input files at {args.input}", file=sys.stderr)
+        return 1
+    if args.maps is not None and len(inputs) != 1:
+        print("error: --maps needs a single input file", file=sys.stderr)
+        return 1
+    single = len(inputs) == 1 and args.output.suffix == ".h5"
+    extra = {}
+    if args.format == "fastmri" and args.readout_crop:
+        extra["readout_crop"] = args.readout_crop
+    if args.format == "cmrxrecon" and args.key:
+        extra["key"] = args.key
+    failed = 0
+    for path in tqdm(inputs, desc=f"convert {args.format}", disable=len(inputs) == 1):
+        name = f"{path.parent.name}_{path.stem}.h5" if args.format == "cmrxrecon" else f"{path.stem}.h5"
+        out = args.output if single else args.output / name
+        if out.exists() and not args.overwrite:
+            print(f"skip {out} (exists; --overwrite to replace)")
+            continue
+        try:
+            maps = np.load(args.maps) if args.maps is not None else None
+            CONVERTERS[args.format](path, out, maps=maps, calib=args.calib, **extra)
+        except (ValueError, OSError, KeyError) as err:
+            failed += 1
+            print(f"FAILED {path}: {err}", file=sys.stderr)
+        else:
+            print(f"wrote {out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

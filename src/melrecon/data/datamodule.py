@@ -1,0 +1,231 @@
+"""LightningDataModule over melrecon-layout files (3D slabs or cine), with synthetic first run.
+
+``KspaceDataModule(kind="volume3d" | "cine", root=..., ...)`` reads ``root/<split>`` folders (or
+split files listing paths) and serves batches of the documented shapes (DESIGN.md):
+
+- volume3d: kspace/maps (B, C, S, Y, Z), mask (B, 1, 1, Y, Z), x0/target (B, S, Y, Z);
+- cine: kspace (B, C, T, X, Y), maps (B, C, 1, X, Y), mask (B, 1, T, 1, Y), x0/target (B, T, X, Y);
+- plus ``max`` (B,), ``file`` (list of B str), ``slice`` (B,) long, ``acceleration`` (B,).
+
+``prepare_data()`` generates the synthetic dataset (``synthetic`` section) when ``root`` is
+missing or has no ``.h5`` file, so a new user's first run needs no download; with
+``synthetic=None`` it raises one error naming the folder.
+
+Under DDP (torch.distributed initialised; the trainer config sets
+``use_distributed_sampler: false``) training uses a DistributedSampler and validation/test a
+:class:`~melrecon.data.samplers.VolumeSampler`, which keeps all slabs of a volume on one rank
+for per-volume metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from melrecon.data.datasets import CineDataset, SlabDataset
+from melrecon.data.h5 import find_files
+from melrecon.data.samplers import VolumeSampler
+from melrecon.data.synthetic import MARKER, describe, generate_dataset, resolve_preset
+
+_SYNTHETIC_KIND = {"volume3d": "knee3d", "cine": "cine"}
+_DEFAULT_MASK = {"volume3d": "poisson", "cine": "vd_kt"}
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class KspaceDataModule(pl.LightningDataModule):
+    """DataModule for one kind of data.
+
+    Args:
+        kind: ``"volume3d"`` (slabs) or ``"cine"``.
+        root: dataset folder.
+        train_split, val_split, test_split: a folder name under ``root`` (all ``.h5`` below it)
+            or a ``.txt`` file (absolute, or relative to ``root``) listing one file per line
+            (paths relative to ``root`` unless absolute).
+        batch_size: training batch size.
+        val_batch_size: validation/test batch size (1: the last slab of a volume may be short).
+        num_workers, pin_memory, persistent_workers: DataLoader options.
+        slab_size: S, readout positions per slab (volume3d; 1 = 2D slice baseline).
+        accelerations: a number or a list to sample from per training item.
+        eval_acceleration: fixed R for validation/test (default: per file from the list).
+        calib: calibration box (Poisson) or number of central lines (line / k-t masks).
+        mask_type: ``poisson``/``lines`` (volume3d) or ``vd_kt``/``interleaved_kt`` (cine);
+            default ``poisson`` / ``vd_kt``.
+        mask_pool: training mask seeds drawn from ``range(mask_pool)`` (``None``: unlimited).
+        crop: cine image-domain centre crop (X, Y) or ``None``.
+        normalize: divide each item by its file's ``max`` attribute.
+        synthetic: ``None`` (no generation) or a mapping with ``preset`` (tiny/small/medium),
+            ``seed`` and optional preset overrides (``num_train``, ``shape``, ``coils``, ...).
+        seed: seed of the distributed training sampler's shuffling.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        root: str | os.PathLike,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "test",
+        batch_size: int = 1,
+        val_batch_size: int = 1,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        slab_size: int = 8,
+        accelerations: Sequence[float] | float = 8.0,
+        eval_acceleration: float | None = None,
+        calib: int = 24,
+        mask_type: str | None = None,
+        mask_pool: int | None = None,
+        crop: Sequence[int] | None = None,
+        normalize: bool = True,
+        synthetic: Mapping[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if kind not in _SYNTHETIC_KIND:
+            raise ValueError(f"data kind must be 'volume3d' or 'cine', got {kind!r}")
+        if int(batch_size) < 1 or int(val_batch_size) < 1:
+            raise ValueError(f"batch_size and val_batch_size must be >= 1, got {batch_size}, {val_batch_size}")
+        if int(num_workers) < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.kind = kind
+        self.root = Path(root)
+        self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self.slab_size = int(slab_size)
+        self.accelerations = [float(accelerations)] if isinstance(accelerations, (int, float)) else [float(a) for a in accelerations]
+        self.eval_acceleration = eval_acceleration
+        self.calib = int(calib)
+        self.mask_type = mask_type or _DEFAULT_MASK[kind]
+        self.mask_pool = mask_pool
+        self.crop = None if crop is None else tuple(int(c) for c in crop)
+        self.normalize = normalize
+        if isinstance(synthetic, DictConfig):  # from Hydra: plain types (lists) for JSON and h5 attrs
+            synthetic = OmegaConf.to_container(synthetic, resolve=True)
+        self.synthetic = None if synthetic is None else dict(synthetic)
+        self.seed = int(seed)
+        self.datasets: dict[str, Dataset] = {}
+
+    # ------------------------------------------------------------------ files
+    def split_files(self, split: str) -> list[Path]:
+        """Files of ``split`` (``train``/``val``/``test``); ValueError naming the folder/file."""
+        spec = self.splits[split]
+        path = Path(spec)
+        if not path.is_absolute():
+            path = self.root / spec
+        if path.suffix == ".txt":
+            if not path.is_file():
+                raise ValueError(f"{split}_split file {path} does not exist")
+            lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+            files = [Path(ln) if Path(ln).is_absolute() else self.root / ln for ln in lines]
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise ValueError(f"{split}_split file {path} lists missing files: {missing[:5]}")
+        else:
+            if not path.is_dir():
+                raise ValueError(f"{split} folder {path} does not exist (data.root={self.root}, data.{split}_split={spec!r})")
+            files = find_files(path)
+        if not files:
+            raise ValueError(f"{split} split {path} has no .h5 files")
+        return files
+
+    def prepare_data(self) -> None:
+        """Generate the synthetic dataset if ``root`` has no ``.h5`` file (rank 0 only)."""
+        if self.root.is_dir() and find_files(self.root):
+            self._check_synthetic_marker()
+            return
+        if self.synthetic is None:
+            raise ValueError(
+                f"data folder {self.root} is missing or holds no .h5 files, and synthetic generation is "
+                "disabled for this data config: set data.root=/path/to/converted/data "
+                "(see data/README.md; convert with python -m melrecon.data.convert)"
+            )
+        options = dict(self.synthetic)
+        preset = options.pop("preset", "small")
+        seed = options.pop("seed", 0)
+        generate_dataset(self.root, _SYNTHETIC_KIND[self.kind], preset=preset, seed=seed, **options)
+
+    def _requested_synthetic(self) -> dict[str, Any]:
+        options = {k: v for k, v in dict(self.synthetic or {}).items() if k != "progress"}
+        preset = options.pop("preset", "small")
+        seed = options.pop("seed", 0)
+        kind = _SYNTHETIC_KIND[self.kind]
+        return describe(kind, preset, seed, resolve_preset(kind, preset, options))
+
+    def _check_synthetic_marker(self) -> None:
+        """A generated folder must match the configured synthetic section (e.g. a `tiny` test
+        run must not be silently reused by a `small` training run)."""
+        marker = self.root / MARKER
+        if self.synthetic is None or not marker.is_file():
+            return  # real data, or a folder the user filled: use as is
+        found = json.loads(marker.read_text())
+        wanted = self._requested_synthetic()
+        if found != wanted:
+            raise ValueError(
+                f"data folder {self.root} holds a synthetic dataset made with {found}, but the config asks "
+                f"for {wanted}: delete the folder to regenerate, or point data.root elsewhere"
+            )
+
+    def _dataset(self, split: str) -> Dataset:
+        train = split == "train"
+        common = dict(
+            train=train, accelerations=self.accelerations, calib=self.calib, mask_type=self.mask_type,
+            mask_pool=self.mask_pool, eval_acceleration=self.eval_acceleration, normalize=self.normalize,
+        )
+        files = self.split_files(split)
+        if self.kind == "volume3d":
+            return SlabDataset(files, slab_size=self.slab_size, **common)
+        return CineDataset(files, crop=self.crop, **common)
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in wanted.get(stage, ("train", "val", "test")) if stage else ("train", "val", "test"):
+            if split not in self.datasets:
+                self.datasets[split] = self._dataset(split)
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, split: str, batch_size: int, sampler, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        return DataLoader(
+            self.datasets[split],
+            batch_size=batch_size,
+            shuffle=shuffle if sampler is None else False,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if "train" not in self.datasets:
+            self.setup("fit")
+        sampler = DistributedSampler(self.datasets["train"], shuffle=True, seed=self.seed) if _distributed() else None
+        return self._loader("train", self.batch_size, sampler, shuffle=True)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        if split not in self.datasets:
+            self.setup("validate" if split == "val" else "test")
+        sampler = VolumeSampler(self.datasets[split]) if _distributed() else None
+        return self._loader(split, self.val_batch_size, sampler, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

@@ -1,0 +1,281 @@
+"""The one on-disk layout of melrecon: one HDF5 file per scan (documented in data/README.md).
+
+Datasets (all complex64):
+
+- ``volume3d`` (axes ``"coil,x,y,z"``): ``kspace`` (C, X, Y, Z) in hybrid x-ky-kz space (the
+  readout X is already inverse Fourier transformed), ``maps`` (C, X, Y, Z), ``target`` (X, Y, Z).
+- ``cine`` (axes ``"slice,coil,time,x,y"``): ``kspace`` (S, C, T, X, Y) in k-space on (X, Y),
+  ``maps`` (S, C, X, Y), ``target`` (S, T, X, Y). A single-slice series may omit the slice axis
+  (axes ``"coil,time,x,y"``, ``kspace`` (C, T, X, Y), ``maps`` (C, X, Y), ``target`` (T, X, Y)).
+
+``target`` is the fully-sampled coil combination S^H F^H k. Attributes: ``kind``, ``axes``,
+``max`` (max |target| over the file, the metric data range), ``source`` (free text provenance),
+``layout_version``. Files are written to a temporary name and renamed, so a reader never sees a
+half-written file. Readers check shapes, dtypes, finiteness and attributes and raise
+:class:`LayoutError` (a ``ValueError``) naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+LAYOUT_VERSION = 1
+KINDS = ("volume3d", "cine")
+AXES = {
+    "volume3d": ("coil,x,y,z",),
+    "cine": ("slice,coil,time,x,y", "coil,time,x,y"),
+}
+REQUIRED_ATTRS = ("kind", "axes", "max", "source", "layout_version")
+FIELDS = ("kspace", "maps", "target")
+
+
+class LayoutError(ValueError):
+    """A file that does not follow the layout; ``path`` and ``field`` say where."""
+
+    def __init__(self, path: str | os.PathLike, field: str, problem: str) -> None:
+        self.path = str(path)
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{self.path}: field '{field}': {problem}")
+
+
+@dataclass(frozen=True)
+class ScanInfo:
+    """Metadata of a validated file.
+
+    ``shape`` is the kspace shape as stored; for cine files ``num_slices`` is 1 when the slice
+    axis is omitted. ``positions`` is the number of items along the slab/slice axis (X for
+    volume3d, S for cine).
+    """
+
+    path: str
+    kind: str
+    axes: str
+    shape: tuple[int, ...]
+    max: float
+    source: str
+    has_slice_axis: bool
+
+    @property
+    def num_coils(self) -> int:
+        return self.shape[1] if self.has_slice_axis else self.shape[0]
+
+    @property
+    def positions(self) -> int:
+        if self.kind == "volume3d":
+            return self.shape[1]
+        return self.shape[0] if self.has_slice_axis else 1
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """Per-item image shape: (X, Y, Z) for volume3d, (T, X, Y) for one cine slice."""
+        return self.shape[-3:]
+
+
+def expected_shapes(kind: str, axes: str, kshape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Shapes ``maps`` and ``target`` must have for a ``kspace`` of shape ``kshape``."""
+    if axes == "coil,x,y,z":
+        c, x, y, z = kshape
+        return {"maps": (c, x, y, z), "target": (x, y, z)}
+    if axes == "slice,coil,time,x,y":
+        s, c, t, x, y = kshape
+        return {"maps": (s, c, x, y), "target": (s, t, x, y)}
+    if axes == "coil,time,x,y":
+        c, t, x, y = kshape
+        return {"maps": (c, x, y), "target": (t, x, y)}
+    raise ValueError(f"unknown axes {axes!r} for kind {kind!r}")
+
+
+def _chunks(axes: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    # Chunk so that one slab position / one cine slice is one contiguous run on disk: a slab read
+    # then touches only its own chunks (tests count the bytes read).
+    if axes == "coil,x,y,z":
+        return (shape[0], 1) + tuple(shape[2:])
+    if axes == "slice,coil,time,x,y":
+        return (1,) + tuple(shape[1:])
+    return None
+
+
+def write_scan(
+    path: str | os.PathLike,
+    kspace: np.ndarray,
+    maps: np.ndarray,
+    target: np.ndarray,
+    kind: str,
+    source: str,
+    axes: str | None = None,
+    extra_attrs: dict[str, Any] | None = None,
+) -> Path:
+    """Write one scan atomically (temporary name in the same folder, then ``os.replace``).
+
+    Args:
+        path: destination ``.h5`` file; its folder is created.
+        kspace, maps, target: arrays in the layout of ``kind`` (cast to complex64).
+        kind: ``"volume3d"`` or ``"cine"``.
+        source: provenance text (generator and seed, or converter and input file).
+        axes: axis string; default ``"coil,x,y,z"`` / ``"slice,coil,time,x,y"`` (or
+            ``"coil,time,x,y"`` for a 4-D cine kspace).
+        extra_attrs: further attributes (numbers or strings) stored on the file.
+
+    Returns:
+        The path written. ``max`` is computed from ``target``.
+    """
+    path = Path(path)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    kspace = np.asarray(kspace, dtype=np.complex64)
+    maps = np.asarray(maps, dtype=np.complex64)
+    target = np.asarray(target, dtype=np.complex64)
+    if axes is None:
+        axes = "coil,x,y,z" if kind == "volume3d" else ("coil,time,x,y" if kspace.ndim == 4 else "slice,coil,time,x,y")
+    if axes not in AXES[kind]:
+        raise ValueError(f"axes {axes!r} not allowed for kind {kind!r}; use one of {AXES[kind]}")
+    if kspace.ndim != len(axes.split(",")):
+        raise ValueError(f"kspace shape {kspace.shape} does not match axes {axes!r}")
+    want = expected_shapes(kind, axes, kspace.shape)
+    for name, arr in (("maps", maps), ("target", target)):
+        if arr.shape != want[name]:
+            raise ValueError(f"{name} shape {arr.shape} != expected {want[name]} for kspace {kspace.shape}")
+    for name, arr in (("kspace", kspace), ("maps", maps), ("target", target)):
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{name} contains NaN or Inf; refusing to write {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("kspace", data=kspace, chunks=_chunks(axes, kspace.shape))
+            f.create_dataset("maps", data=maps, chunks=_chunks(axes, kspace.shape) if axes == "coil,x,y,z" else None)
+            f.create_dataset(
+                "target", data=target, chunks=(1,) + target.shape[1:] if axes != "coil,time,x,y" else None
+            )
+            f.attrs["kind"] = kind
+            f.attrs["axes"] = axes
+            f.attrs["max"] = float(np.abs(target).max())
+            f.attrs["source"] = source
+            f.attrs["layout_version"] = LAYOUT_VERSION
+            for key, value in (extra_attrs or {}).items():
+                f.attrs[key] = value
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _attr_str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def read_info(f: h5py.File, path: str | os.PathLike) -> ScanInfo:
+    """Check attributes, dtypes and shapes of an open file (no data read); return its metadata.
+
+    Raises:
+        LayoutError: naming ``path`` and the first field at fault.
+    """
+    for name in REQUIRED_ATTRS:
+        if name not in f.attrs:
+            raise LayoutError(path, name, "missing attribute")
+    kind = _attr_str(f.attrs["kind"])
+    if kind not in KINDS:
+        raise LayoutError(path, "kind", f"unknown kind {kind!r}; expected one of {KINDS}")
+    axes = _attr_str(f.attrs["axes"])
+    if axes not in AXES[kind]:
+        raise LayoutError(path, "axes", f"axes {axes!r} not allowed for kind {kind!r} (use one of {AXES[kind]})")
+    try:
+        version = int(f.attrs["layout_version"])
+    except (TypeError, ValueError):
+        raise LayoutError(path, "layout_version", f"not an integer: {f.attrs['layout_version']!r}") from None
+    if version != LAYOUT_VERSION:
+        raise LayoutError(path, "layout_version", f"version {version}, this reader knows {LAYOUT_VERSION}")
+    try:
+        vmax = float(f.attrs["max"])
+    except (TypeError, ValueError):
+        raise LayoutError(path, "max", f"not a number: {f.attrs['max']!r}") from None
+    if not np.isfinite(vmax) or vmax <= 0:
+        raise LayoutError(path, "max", f"must be finite and > 0, got {vmax}")
+    for name in FIELDS:
+        if name not in f:
+            raise LayoutError(path, name, "missing dataset")
+        if not isinstance(f[name], h5py.Dataset):
+            raise LayoutError(path, name, "is a group, expected a dataset")
+        if f[name].dtype != np.complex64:
+            raise LayoutError(path, name, f"dtype {f[name].dtype}, expected complex64")
+    kshape = tuple(f["kspace"].shape)
+    ndim = len(axes.split(","))
+    if len(kshape) != ndim:
+        raise LayoutError(path, "kspace", f"shape {kshape} has {len(kshape)} axes, axes {axes!r} name {ndim}")
+    if min(kshape) < 1:
+        raise LayoutError(path, "kspace", f"empty shape {kshape}")
+    want = expected_shapes(kind, axes, kshape)
+    for name in ("maps", "target"):
+        got = tuple(f[name].shape)
+        if got != want[name]:
+            raise LayoutError(path, name, f"shape {got} does not match kspace {kshape} (expected {want[name]})")
+    return ScanInfo(
+        path=str(path),
+        kind=kind,
+        axes=axes,
+        shape=kshape,
+        max=vmax,
+        source=_attr_str(f.attrs["source"]),
+        has_slice_axis=axes.startswith("slice"),
+    )
+
+
+def _check_finite(f: h5py.File, path: str | os.PathLike, name: str) -> None:
+    ds = f[name]
+    # one leading index at a time keeps memory at one slab/slice even for large volumes
+    axis = 1 if ds.ndim == 4 and name != "target" else 0
+    n = ds.shape[axis]
+    step = max(1, n // 16)
+    for i in range(0, n, step):
+        sl = (slice(None),) * axis + (slice(i, i + step),)
+        try:
+            block = ds[sl]
+        except (OSError, RuntimeError) as err:
+            raise LayoutError(path, name, f"cannot read data (truncated or corrupt file?): {err}") from None
+        if not np.isfinite(block).all():
+            raise LayoutError(path, name, "contains NaN or Inf")
+
+
+def validate_file(path: str | os.PathLike, check_values: bool = True) -> ScanInfo:
+    """Open ``path`` and check it against the layout.
+
+    Args:
+        path: an ``.h5`` file.
+        check_values: also read every value of every field and check finiteness (reads the
+            whole file, chunk by chunk; readers at training time skip this).
+
+    Raises:
+        LayoutError: naming the file and field (``field='file'`` when it is not readable HDF5).
+    """
+    try:
+        f = h5py.File(path, "r")
+    except (OSError, RuntimeError) as err:
+        raise LayoutError(path, "file", f"cannot open as HDF5 (truncated or not HDF5?): {err}") from None
+    with f:
+        info = read_info(f, path)
+        if check_values:
+            for name in FIELDS:
+                _check_finite(f, path, name)
+    return info
+
+
+def read_scan(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], ScanInfo]:
+    """Read a whole file (validated): ``({"kspace", "maps", "target"}, info)``."""
+    info = validate_file(path, check_values=True)
+    with h5py.File(path, "r") as f:
+        arrays = {name: f[name][()] for name in FIELDS}
+    return arrays, info
+
+
+def find_files(folder: str | os.PathLike) -> list[Path]:
+    """All ``.h5`` files below ``folder`` (recursive, sorted, hidden temporaries skipped)."""
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*.h5") if not p.name.startswith("."))

@@ -1,0 +1,203 @@
+"""Synthetic datasets in the melrecon layout: knee-like 3D volumes and beating-heart cine.
+
+Usage::
+
+    python -m melrecon.data.synthetic {knee3d,cine} OUT [--preset small] [--seed 0]
+        [--num-train N] [--num-val N] [--num-test N] [--coils C] [--snr DB-free-ratio]
+
+writes ``OUT/{train,val,test}/<kind>_<split>_<i>.h5``. Each case: phantom image x (complex),
+birdcage coil maps S (sum |S|^2 = 1), fully-sampled k-space k = F(S x) + n with complex
+Gaussian noise n of std ``mean|x| / snr`` (mean over the object), target = S^H F^H k.
+Case ``i`` of a split is seeded from (seed, split, i), so a case never depends on how many
+others are generated. The whole dataset is written in a hidden temporary folder next to OUT and
+renamed into place at the end: an interrupted run leaves no partial dataset behind.
+``OUT/synthetic.json`` records kind, preset, seed and parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from melrecon.data.h5 import write_scan
+from melrecon.data.npfft import fftc_np, ifftc_np, sense_combine_np
+from melrecon.data.phantoms import cine_series, knee_volume
+from melrecon.physics.coils import birdcage_maps
+
+SPLITS = ("train", "val", "test")
+_SPLIT_ID = {s: i for i, s in enumerate(SPLITS)}
+
+#: Presets per kind. ``shape`` is (X, Y, Z) for knee3d and (X, Y) for cine.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "knee3d": {
+        "tiny": dict(shape=(8, 16, 16), coils=4, snr=50.0, num_train=2, num_val=1, num_test=1),
+        "small": dict(shape=(20, 48, 40), coils=4, snr=40.0, num_train=16, num_val=3, num_test=3),
+        # about 80 MB per case (k-space and maps, 8 coils): 2.5 GB in all
+        "medium": dict(shape=(48, 128, 96), coils=8, snr=40.0, num_train=24, num_val=4, num_test=4),
+    },
+    "cine": {
+        "tiny": dict(shape=(16, 16), frames=4, slices=1, coils=4, snr=50.0, respiration=0.02,
+                     num_train=2, num_val=1, num_test=1),
+        "small": dict(shape=(48, 48), frames=8, slices=1, coils=4, snr=40.0, respiration=0.02,
+                      num_train=24, num_val=4, num_test=4),
+        # about 19 MB per case: 1.2 GB in all
+        "medium": dict(shape=(96, 96), frames=16, slices=2, coils=8, snr=40.0, respiration=0.03,
+                       num_train=48, num_val=8, num_test=8),
+    },
+}
+
+
+def _add_noise(kspace: np.ndarray, image: np.ndarray, snr: float, rng: np.random.Generator) -> np.ndarray:
+    """Add complex Gaussian noise of std ``mean(|image| on the object) / snr`` (orthonormal FFT:
+    the same std in the coil images and in the target)."""
+    if snr is None or snr <= 0 or not np.isfinite(snr):
+        return kspace
+    mag = np.abs(image)
+    sigma = mag[mag > 0.1 * mag.max()].mean() / snr
+    noise = rng.standard_normal(kspace.shape) + 1j * rng.standard_normal(kspace.shape)
+    return kspace + noise * (sigma / np.sqrt(2))
+
+
+def make_knee_case(shape: tuple[int, int, int], coils: int, snr: float, seed: int | np.random.SeedSequence) -> dict[str, np.ndarray]:
+    """One knee3d scan: ``kspace``/``maps`` (C, X, Y, Z) hybrid x-ky-kz, ``target`` (X, Y, Z)."""
+    rng = np.random.default_rng(seed)
+    image = knee_volume(tuple(shape), rng)
+    maps = birdcage_maps((coils, *shape), r=rng.uniform(1.2, 1.8)).numpy().astype(np.complex128)
+    kspace = fftc_np(maps * image[None], axes=(-2, -1))  # X stays in image space (hybrid)
+    kspace = _add_noise(kspace, image, snr, rng)
+    target = sense_combine_np(ifftc_np(kspace, axes=(-2, -1)), maps)
+    return {"kspace": kspace, "maps": maps, "target": target}
+
+
+def make_cine_case(
+    shape: tuple[int, int], frames: int, slices: int, coils: int, snr: float, respiration: float,
+    seed: int | np.random.SeedSequence,
+) -> dict[str, np.ndarray]:
+    """One cine scan: ``kspace`` (S, C, T, X, Y), ``maps`` (S, C, X, Y), ``target`` (S, T, X, Y)."""
+    rng = np.random.default_rng(seed)
+    images = np.stack([cine_series(frames, tuple(shape), rng, respiration) for _ in range(slices)])
+    maps = np.stack(
+        [birdcage_maps((coils, *shape), r=rng.uniform(1.2, 1.8)).numpy() for _ in range(slices)]
+    ).astype(np.complex128)
+    kspace = fftc_np(maps[:, :, None] * images[:, None], axes=(-2, -1))
+    kspace = _add_noise(kspace, images, snr, rng)
+    target = sense_combine_np(ifftc_np(kspace, axes=(-2, -1)), maps[:, :, None], coil_axis=1)
+    return {"kspace": kspace, "maps": maps, "target": target}
+
+
+MARKER = "synthetic.json"  # written into a generated dataset folder: what it was made from
+
+
+def describe(kind: str, preset: str, seed: int, params: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-able identity of a synthetic dataset (compared by the DataModule on reuse)."""
+    return json.loads(json.dumps({"kind": kind, "preset": preset, "seed": int(seed), "params": params}))
+
+
+def resolve_preset(kind: str, preset: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The preset's parameters with ``overrides`` (None values ignored) applied."""
+    if kind not in PRESETS:
+        raise ValueError(f"synthetic kind must be one of {tuple(PRESETS)}, got {kind!r}")
+    if preset not in PRESETS[kind]:
+        raise ValueError(f"synthetic preset for {kind} must be one of {tuple(PRESETS[kind])}, got {preset!r}")
+    params = dict(PRESETS[kind][preset])
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in params:
+            raise ValueError(f"unknown synthetic option {key!r} for {kind}; known: {sorted(params)}")
+        params[key] = tuple(value) if key == "shape" else value
+    return params
+
+
+def generate_dataset(
+    root: str | os.PathLike,
+    kind: str,
+    preset: str = "small",
+    seed: int = 0,
+    progress: bool = True,
+    **overrides: Any,
+) -> dict[str, list[Path]]:
+    """Generate ``root/{train,val,test}`` atomically.
+
+    Args:
+        root: destination folder; must be missing or empty.
+        kind: ``"knee3d"`` (stored as kind ``volume3d``) or ``"cine"``.
+        preset: ``"tiny"``, ``"small"`` or ``"medium"`` (see :data:`PRESETS`).
+        seed: dataset seed.
+        progress: show a tqdm bar.
+        overrides: preset keys to change (``shape``, ``coils``, ``snr``, ``num_train`` ...).
+
+    Returns:
+        The written files per split.
+    """
+    root = Path(root)
+    params = resolve_preset(kind, preset, overrides)
+    if root.exists() and any(root.iterdir()):
+        raise ValueError(f"synthetic dataset folder {root} is not empty; refusing to overwrite")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp", dir=root.parent))
+    files: dict[str, list[Path]] = {s: [] for s in SPLITS}
+    jobs = [(s, i) for s in SPLITS for i in range(int(params[f"num_{s}"]))]
+    try:
+        for split, i in tqdm(jobs, desc=f"synthetic {kind} ({preset})", disable=not progress, leave=False):
+            ss = np.random.SeedSequence([int(seed), _SPLIT_ID[split], i, 0 if kind == "knee3d" else 1])
+            source = f"melrecon.data.synthetic kind={kind} preset={preset} seed={seed} split={split} case={i} params={params}"
+            name = f"{kind}_{split}_{i:04d}.h5"
+            if kind == "knee3d":
+                case = make_knee_case(params["shape"], params["coils"], params["snr"], ss)
+                write_scan(tmp / split / name, **case, kind="volume3d", source=source)
+            else:
+                case = make_cine_case(params["shape"], params["frames"], params["slices"], params["coils"],
+                                      params["snr"], params["respiration"], ss)
+                write_scan(tmp / split / name, **case, kind="cine", source=source)
+            files[split].append(root / split / name)
+        for split in SPLITS:
+            (tmp / split).mkdir(exist_ok=True)
+        (tmp / MARKER).write_text(json.dumps(describe(kind, preset, seed, params), indent=1))
+        if root.exists():
+            root.rmdir()  # empty (checked above); rename needs the name free
+        os.replace(tmp, root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m melrecon.data.synthetic", description=__doc__.split("\n")[0])
+    parser.add_argument("kind", choices=tuple(PRESETS))
+    parser.add_argument("out", help="destination folder (missing or empty)")
+    parser.add_argument("--preset", default="small", choices=("tiny", "small", "medium"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-train", type=int)
+    parser.add_argument("--num-val", type=int)
+    parser.add_argument("--num-test", type=int)
+    parser.add_argument("--coils", type=int)
+    parser.add_argument("--snr", type=float, help="mean object magnitude / noise std (0 = no noise)")
+    parser.add_argument("--shape", type=int, nargs="+", help="(X Y Z) for knee3d, (X Y) for cine")
+    parser.add_argument("--frames", type=int, help="cine frames")
+    args = parser.parse_args(argv)
+    overrides = dict(num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
+                     coils=args.coils, snr=args.snr, shape=args.shape)
+    if args.kind == "cine":
+        overrides["frames"] = args.frames
+    try:
+        files = generate_dataset(args.out, args.kind, args.preset, args.seed, **overrides)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(", ".join(f"{s}: {len(v)}" for s, v in files.items()), f"files in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Check files against the melrecon HDF5 layout.
+
+Usage::
+
+    python -m melrecon.data.validate PATH [PATH ...]
+
+Each PATH is an ``.h5`` file or a folder (searched recursively). Prints one line per file and
+exits with status 1 if any file is bad (or no file was found), 0 otherwise. Bad files are
+reported as ``BAD <file>: field '<field>': <problem>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from melrecon.data.h5 import LayoutError, find_files, validate_file
+
+
+def collect(paths: list[str]) -> list[Path]:
+    """Expand folders into their ``.h5`` files; keep files as given (any suffix)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        out.extend(find_files(p) if p.is_dir() else [p])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m melrecon.data.validate", description=__doc__.split("\n")[0])
+    parser.add_argument("paths", nargs="+", help="files or folders")
+    parser.add_argument("--quick", action="store_true", help="skip the finiteness scan (metadata only)")
+    args = parser.parse_args(argv)
+    files = collect(args.paths)
+    if not files:
+        print(f"BAD: no .h5 files found in {args.paths}", file=sys.stderr)
+        return 1
+    bad = 0
+    for path in files:
+        try:
+            info = validate_file(path, check_values=not args.quick)
+        except LayoutError as err:
+            bad += 1
+            print(f"BAD {err}", file=sys.stderr)
+        else:
+            print(f"ok  {path}: {info.kind} {info.axes} {info.shape} max={info.max:.4g}")
+    print(f"{len(files) - bad} ok, {bad} bad", file=sys.stderr if bad else sys.stdout)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Layout writer/reader round trip and the validate CLI on every kind of broken file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from melrecon.data.h5 import LayoutError, read_scan, validate_file, write_scan
+from melrecon.data.validate import main as validate_main
+
+
+def _volume(rng, c=3, x=5, y=6, z=4):
+    k = (rng.standard_normal((c, x, y, z)) + 1j * rng.standard_normal((c, x, y, z))).astype(np.complex64)
+    m = (rng.standard_normal((c, x, y, z)) + 1j * rng.standard_normal((c, x, y, z))).astype(np.complex64)
+    t = (rng.standard_normal((x, y, z)) + 1j * rng.standard_normal((x, y, z))).astype(np.complex64)
+    return k, m, t
+
+
+@pytest.fixture
+def good(tmp_path: Path) -> Path:
+    k, m, t = _volume(np.random.default_rng(0))
+    return write_scan(tmp_path / "good.h5", k, m, t, kind="volume3d", source="test")
+
+
+def test_round_trip_exact_volume_and_cine(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    k, m, t = _volume(rng)
+    write_scan(tmp_path / "v.h5", k, m, t, kind="volume3d", source="unit test", extra_attrs={"snr": 3.5})
+    arrays, info = read_scan(tmp_path / "v.h5")
+    assert np.array_equal(arrays["kspace"], k) and np.array_equal(arrays["maps"], m)
+    assert np.array_equal(arrays["target"], t)
+    assert info.kind == "volume3d" and info.axes == "coil,x,y,z" and info.shape == k.shape
+    assert info.max == pytest.approx(float(np.abs(t).max()))
+    assert info.source == "unit test"
+    with h5py.File(tmp_path / "v.h5", "r") as f:
+        assert f.attrs["snr"] == 3.5 and f.attrs["layout_version"] == 1
+
+    kc = rng.standard_normal((2, 3, 4, 6, 5)).astype(np.complex64)  # (S, C, T, X, Y)
+    mc = rng.standard_normal((2, 3, 6, 5)).astype(np.complex64)
+    tc = rng.standard_normal((2, 4, 6, 5)).astype(np.complex64) + 1j
+    write_scan(tmp_path / "c.h5", kc, mc, tc, kind="cine", source="s")
+    arrays, info = read_scan(tmp_path / "c.h5")
+    assert info.axes == "slice,coil,time,x,y" and info.positions == 2 and info.num_coils == 3
+    assert np.array_equal(arrays["kspace"], kc) and np.array_equal(arrays["target"], tc)
+    # single-slice cine without the slice axis
+    write_scan(tmp_path / "c1.h5", kc[0], mc[0], tc[0], kind="cine", source="s")
+    assert validate_file(tmp_path / "c1.h5").positions == 1
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporaries left
+
+
+def test_writer_rejects_bad_input(tmp_path: Path) -> None:
+    k, m, t = _volume(np.random.default_rng(2))
+    with pytest.raises(ValueError, match="maps shape"):
+        write_scan(tmp_path / "a.h5", k, m[:, :-1], t, kind="volume3d", source="s")
+    with pytest.raises(ValueError, match="kind"):
+        write_scan(tmp_path / "a.h5", k, m, t, kind="volume2d", source="s")
+    k[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        write_scan(tmp_path / "a.h5", k, m, t, kind="volume3d", source="s")
+    assert not (tmp_path / "a.h5").exists()
+
+
+def _break(path: Path, case: str) -> None:
+    if case == "truncated":
+        size = path.stat().st_size
+        with open(path, "r+b") as fh:
+            fh.truncate(size // 2)
+        return
+    with h5py.File(path, "r+") as f:
+        if case == "missing":
+            del f["maps"]
+        elif case == "dtype":
+            data = f["target"][()]
+            del f["target"]
+            f["target"] = np.abs(data).astype(np.float32)
+        elif case == "shape":
+            data = f["maps"][()]
+            del f["maps"]
+            f["maps"] = data[:, :, :-1]
+        elif case in ("nan", "inf"):
+            f["kspace"][0, 2, 1, 1] = np.nan if case == "nan" else np.inf
+        elif case == "kind":
+            f.attrs["kind"] = "volume4d"
+
+
+CASES = {  # case -> field the error must name
+    "missing": "maps",
+    "dtype": "target",
+    "shape": "maps",
+    "nan": "kspace",
+    "inf": "kspace",
+    "truncated": None,  # the first unreadable field, or 'file' if the header is gone
+    "kind": "kind",
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_validate_names_file_and_field(good: Path, case: str, capsys) -> None:
+    bad = good.with_name(f"bad_{case}.h5")
+    os.replace(good, bad)
+    _break(bad, case)
+    with pytest.raises(LayoutError) as err:
+        validate_file(bad)
+    assert str(bad) in str(err.value)
+    if CASES[case] is not None:
+        assert err.value.field == CASES[case]
+        assert f"field '{CASES[case]}'" in str(err.value)
+    else:
+        assert err.value.field in ("file", "kspace", "maps", "target")
+    # the CLI (in-process) exits non-zero and prints the same message
+    assert validate_main([str(bad)]) == 1
+    assert f"{bad}: field '{err.value.field}'" in capsys.readouterr().err
+
+
+def test_validate_cli_folder(tmp_path: Path, good: Path) -> None:
+    k, m, t = _volume(np.random.default_rng(3))
+    write_scan(tmp_path / "sub" / "also_good.h5", k, m, t, kind="volume3d", source="s")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    ok = subprocess.run([sys.executable, "-m", "melrecon.data.validate", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "2 ok, 0 bad" in ok.stdout
+    _break(good, "nan")
+    bad = subprocess.run([sys.executable, "-m", "melrecon.data.validate", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert bad.returncode == 1
+    assert f"{good}: field 'kspace': contains NaN or Inf" in bad.stderr
+    assert validate_main([str(tmp_path / "nothing_here")]) == 1
