@@ -7,7 +7,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 
-.PHONY: install train test clean
+.PHONY: install train test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,9 @@ train: install
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 clean:
 	rm -rf outputs logs multirun wandb lightning_logs .pytest_cache

@@ -1,0 +1,172 @@
+"""Callbacks: peak memory and step time, network statistics (MEL drift, lam), images/videos."""
+
+from __future__ import annotations
+
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_only
+
+GIB = float(2**30)
+
+
+class PeakMemoryMonitor(pl.Callback):
+    """Log the peak memory and the wall time of every training step.
+
+    Keys (logged every training step, rank 0 values):
+      - ``train/peak_mem_gib``: on CUDA, ``torch.cuda.max_memory_allocated`` during the step
+        (the peak statistics are reset at the start of each step), in GiB; on CPU, the peak
+        resident set size of the process so far (``ru_maxrss``; the OS cannot reset it), in GiB.
+      - ``train/peak_mem_reserved_gib``: CUDA only, ``max_memory_reserved`` during the step.
+      - ``train/step_time_s``: wall time from batch start to batch end (forward, backward and
+        optimizer step; CUDA is synchronised at both ends so the time is real).
+    """
+
+    def __init__(self, log_step_time: bool = True) -> None:
+        self.log_step_time = log_step_time
+        self._t0 = 0.0
+
+    @staticmethod
+    def _cuda(pl_module: pl.LightningModule) -> bool:
+        return pl_module.device.type == "cuda" and torch.cuda.is_available()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._cuda(pl_module):
+            torch.cuda.synchronize(pl_module.device)
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if self._cuda(pl_module):
+            torch.cuda.synchronize(pl_module.device)
+            peak = torch.cuda.max_memory_allocated(pl_module.device) / GIB
+            reserved = torch.cuda.max_memory_reserved(pl_module.device) / GIB
+            pl_module.log("train/peak_mem_reserved_gib", reserved, on_step=True, on_epoch=False,
+                          reduce_fx="max", sync_dist=False, batch_size=1)
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux: KiB
+        dt = time.perf_counter() - self._t0
+        pl_module.log("train/peak_mem_gib", peak, on_step=True, on_epoch=False, batch_size=1)
+        if self.log_step_time:
+            pl_module.log("train/step_time_s", dt, on_step=True, on_epoch=False, batch_size=1)
+
+
+class NetStatsLogger(pl.Callback):
+    """Log ``net.log_stats()`` (learned lam, MEL drift, anchors, inversion iterations) each step.
+
+    The network's keys are logged as they are (e.g. ``dc/lam``, ``mel/drift``); networks
+    without ``log_stats`` are skipped.
+    """
+
+    def __init__(self, every_n_steps: int = 1) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"callbacks.net_stats.every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        net = getattr(pl_module, "net", None)
+        stats_fn = getattr(net, "log_stats", None)
+        if not callable(stats_fn) or batch_idx % self.every_n_steps:
+            return
+        stats = {str(k): float(v) for k, v in stats_fn().items()}
+        if stats:
+            pl_module.log_dict(stats, on_step=True, on_epoch=False, batch_size=1)
+
+
+def _to_uint8(img: np.ndarray, scale: float) -> np.ndarray:
+    return (np.clip(img / max(scale, 1e-12), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _panel(zf: np.ndarray, rec: np.ndarray, tgt: np.ndarray, vmax: float) -> np.ndarray:
+    """One (H, 4W) uint8 strip: zero-filled | recon | target (scaled by the data range) | error.
+
+    The error map |recon - target| is scaled by its own maximum so that its structure shows.
+    """
+    err = np.abs(rec - tgt)
+    return np.concatenate([_to_uint8(zf, vmax), _to_uint8(rec, vmax), _to_uint8(tgt, vmax),
+                           _to_uint8(err, float(err.max()))], axis=1)
+
+
+class ReconImageLogger(pl.Callback):
+    """Log zero-filled | reconstruction | target | error strips for fixed validation items.
+
+    The items are the first item of ``num_items`` validation batches spread evenly over the
+    validation loader (fixed across epochs, as fastMRI's ``val_log_indices``). 3D slabs show the
+    centre readout plane (Y, Z); cine shows the centre frame and, on W&B, a GIF video over time.
+    Rank 0 only. W&B: ``val_images/item{i}`` and ``val_video/item{i}``; TensorBoard: images;
+    ``save_dir`` (if set): PNG files, useful with the csv logger.
+    """
+
+    def __init__(self, num_items: int = 2, every_n_epochs: int = 1, fps: int = 4,
+                 save_dir: str | None = None) -> None:
+        if num_items < 0 or every_n_epochs < 1:
+            raise ValueError("callbacks.images: num_items must be >= 0 and every_n_epochs >= 1")
+        self.num_items, self.every_n_epochs, self.fps = num_items, every_n_epochs, fps
+        self.save_dir = Path(save_dir) if save_dir else None
+        self._indices: set[int] = set()
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        n = trainer.num_val_batches[0] if trainer.num_val_batches else 0
+        n = int(n) if n != float("inf") else 1000
+        k = min(self.num_items, n)
+        self._indices = set(np.linspace(0, n - 1, k).round().astype(int).tolist()) if k else set()
+
+    @rank_zero_only
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if (trainer.sanity_checking or batch_idx not in self._indices or not isinstance(outputs, dict)
+                or trainer.current_epoch % self.every_n_epochs):
+            return
+        item = sorted(self._indices).index(batch_idx)
+        zf = batch["x0"][0].detach().abs().float().cpu().numpy()
+        rec = outputs["pred"][0].abs().float().cpu().numpy()
+        tgt = batch["target"][0].detach().abs().float().cpu().numpy()
+        vmax = float(torch.as_tensor(batch["max"]).reshape(-1)[0])
+        # cine: maps (B, C, 1, X, Y) and image (B, T, X, Y); 3D slab: maps (B, C, X, Y, Z)
+        is_cine = batch["maps"].ndim == 5 and batch["maps"].shape[2] == 1 and zf.ndim == 3
+        lead = zf.reshape(-1, *zf.shape[-2:]), rec.reshape(-1, *rec.shape[-2:]), tgt.reshape(-1, *tgt.shape[-2:])
+        c = lead[0].shape[0] // 2
+        strip = _panel(lead[0][c], lead[1][c], lead[2][c], vmax)
+        caption = f"{batch['file'][0]} @ {int(torch.as_tensor(batch['slice']).reshape(-1)[0]) if 'slice' in batch else 0}" \
+                  f" (centre {'frame' if is_cine else 'plane'}): zero-filled | recon | target | error (own scale)"
+        frames = [_panel(a, b, t, vmax) for a, b, t in zip(*lead)] if is_cine else None
+        self._emit(trainer, item, strip, caption, frames)
+
+    def _emit(self, trainer: pl.Trainer, item: int, strip: np.ndarray, caption: str,
+              frames: list[np.ndarray] | None) -> None:
+        step = trainer.global_step
+        for lg in trainer.loggers:
+            name = type(lg).__name__
+            if name == "WandbLogger":
+                import wandb
+
+                lg.log_image(key=f"val_images/item{item}", images=[strip], caption=[caption])
+                if frames:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        # wandb copies the file into the run's media folder when it is logged
+                        gif = self._write_gif(Path(tmp) / f"val_item{item}_step{step}.gif", frames)
+                        lg.experiment.log({f"val_video/item{item}": wandb.Video(str(gif), format="gif")})
+            elif name == "TensorBoardLogger":
+                lg.experiment.add_image(f"val_images/item{item}", strip[None], step, dataformats="CHW")
+        if self.save_dir is not None:
+            from PIL import Image
+
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(strip).save(self.save_dir / f"step{step:07d}_item{item}.png")
+
+    def _write_gif(self, path: Path, frames: list[np.ndarray]) -> Path:
+        """Write frames as an animated GIF with PIL (W&B videos from arrays would need moviepy)."""
+        from PIL import Image
+
+        imgs = [Image.fromarray(f) for f in frames]
+        imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=int(1000 / max(self.fps, 1)), loop=0)
+        return path

@@ -1,0 +1,178 @@
+"""ReconModule: the LightningModule that trains any unrolled reconstruction network.
+
+The network is built from the ``model`` config group and passed in; it must have the
+signature ``net(x0, kspace, maps, mask) -> image`` (x0's shape, complex) and may offer
+``log_stats() -> dict[str, float]`` (logged by :class:`melrecon.lit.callbacks.NetStatsLogger`).
+
+Batches are dicts (DESIGN.md, "Interfaces"): ``kspace``, ``mask``, ``maps``, ``x0``,
+``target`` (complex64), ``max`` (B,) data range, ``file`` (list[str]), ``slice`` (B,).
+
+Logged keys: ``train/loss`` (+ ``train/l1`` ... per loss term), ``train/lr``, ``val/loss``, and per-volume
+fastMRI metrics of the reconstruction ``val/{psnr,ssim,nmse}`` and of the zero-filled input
+``val/{psnr,ssim,nmse}_zf``, ``val/num_volumes`` (volumes scored, summed over ranks) and
+``val/ssim_best``; the same under ``test/`` for ``trainer.test``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+from torchmetrics import MeanMetric, SumMetric
+
+from melrecon.lit.losses import ReconLoss
+from melrecon.lit.metrics import VolumeAccumulator
+
+METRICS = ("psnr", "ssim", "nmse")
+BATCH_KEYS = ("kspace", "mask", "maps", "x0", "target", "max", "file")
+
+
+class ReconModule(pl.LightningModule):
+    """Train/validate/test an unrolled network with fastMRI per-volume metrics.
+
+    Args:
+        net: the reconstruction network (``hydra.utils.instantiate(cfg.model)``).
+        optimizer: a partial optimizer constructor, ``optimizer(params=...)``.
+        scheduler: optional partial LR scheduler constructor, ``scheduler(optimizer=...)``.
+        scheduler_interval: ``"epoch"`` or ``"step"``.
+        monitor: metric a plateau scheduler watches (default ``val/ssim``).
+        loss: loss weights ``{l1, mse, ssim}`` (see :class:`ReconLoss`) or a ReconLoss.
+    """
+
+    def __init__(self, net: nn.Module, optimizer: Callable[..., torch.optim.Optimizer],
+                 scheduler: Callable[..., Any] | None = None, scheduler_interval: str = "epoch",
+                 monitor: str = "val/ssim", loss: Mapping[str, float] | ReconLoss | None = None) -> None:
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"module.net: expected a torch.nn.Module, got {type(net).__name__}")
+        if not callable(optimizer):
+            raise ValueError("module.optimizer: expected a partial optimizer (set _partial_: true)")
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"module.scheduler_interval: 'epoch' or 'step', got {scheduler_interval!r}")
+        # only plain values go into the checkpoint's hparams: Lightning loads checkpoints with
+        # weights_only=True, which refuses pickled partials and DictConfigs
+        self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler", "loss"])
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.monitor = monitor
+        self.loss_fn = loss if isinstance(loss, ReconLoss) else ReconLoss(**dict(loss or {"l1": 1.0}))
+        self.hparams["loss"] = dict(self.loss_fn.weights)
+        self._acc = {"recon": VolumeAccumulator(), "zf": VolumeAccumulator()}
+        # per-volume values averaged across volumes and ranks (MeanMetric syncs on compute)
+        self.vol_means = nn.ModuleDict({f"{src}_{m}": MeanMetric() for src in ("recon", "zf") for m in METRICS})
+        self.vol_count = SumMetric()
+        self.best_ssim = -math.inf
+
+    # ------------------------------------------------------------------ forward / steps
+    def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Reconstruct a batch: returns a complex image with the shape of ``batch['x0']``."""
+        missing = [k for k in BATCH_KEYS if k not in batch]
+        if missing:
+            raise ValueError(f"ReconModule: batch lacks keys {missing} (has {sorted(batch)})")
+        return self.net(batch["x0"], batch["kspace"], batch["maps"], batch["mask"])
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        pred = self(batch)
+        terms = self.loss_fn(pred, batch["target"], batch["max"])
+        bs = pred.shape[0]
+        self.log("train/loss", terms["loss"], prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
+        for k, v in terms.items():
+            if k != "loss":
+                self.log(f"train/{k}", v, on_step=True, on_epoch=False, batch_size=bs)
+        if self._trainer is not None and self.trainer.optimizers:
+            # the learning rate (LearningRateMonitor refuses to run without a logger)
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True,
+                     on_epoch=False, batch_size=bs)
+        return terms["loss"]
+
+    def _eval_step(self, stage: str, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        pred = self(batch)
+        terms = self.loss_fn(pred, batch["target"], batch["max"])
+        self.log(f"{stage}/loss", terms["loss"], on_step=False, on_epoch=True, sync_dist=True,
+                 batch_size=pred.shape[0])
+        pos = batch.get("slice")
+        self._acc["recon"].update(pred, batch["target"], batch["max"], list(batch["file"]), pos)
+        self._acc["zf"].update(batch["x0"], batch["target"], batch["max"], list(batch["file"]), pos)
+        return {"pred": pred.detach()}
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._eval_step("val", batch)
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._eval_step("test", batch)
+
+    # ------------------------------------------------------------------ per-volume metrics
+    def _reset_volumes(self) -> None:
+        for acc in self._acc.values():
+            acc.reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_volumes()
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_volumes()
+
+    def _log_volume_metrics(self, stage: str) -> dict[str, float]:
+        """Average the per-volume values of this rank's volumes over all ranks, then log them."""
+        out: dict[str, float] = {}
+        for src, acc in self._acc.items():
+            vols = acc.compute()
+            for m in METRICS:
+                metric = self.vol_means[f"{src}_{m}"]
+                metric.reset()
+                # weight-0 update: a rank without volumes still joins the sync with zero sums
+                metric.update(torch.zeros((), device=self.device), weight=0.0)
+                for v in vols.values():
+                    metric.update(torch.tensor(v[m], dtype=torch.float32, device=self.device))
+                suffix = "" if src == "recon" else "_zf"
+                out[f"{stage}/{m}{suffix}"] = float(metric.compute())
+            if src == "recon":
+                self.vol_count.reset()
+                self.vol_count.update(torch.tensor(float(len(vols)), device=self.device))
+                out[f"{stage}/num_volumes"] = float(self.vol_count.compute())
+        if stage == "val" and not self.trainer.sanity_checking:
+            if out["val/ssim"] > self.best_ssim:
+                self.best_ssim = out["val/ssim"]
+            out["val/ssim_best"] = self.best_ssim
+        # values are already reduced over ranks and equal on all of them; sync_dist only
+        # averages identical numbers (and keeps Lightning's DDP logging check quiet)
+        self.log_dict(out, on_step=False, on_epoch=True, sync_dist=True)
+        return out
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_volume_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_volume_metrics("test")
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        opt = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return opt
+        sched = self.scheduler_factory(optimizer=opt)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": self.scheduler_interval,
+                                                   "monitor": self.monitor, "frequency": 1}}
+
+    # ------------------------------------------------------------------ checkpoint extras
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the best SSIM and the W&B run id, so that a resumed run continues both."""
+        extra: dict[str, Any] = {"best_ssim": self.best_ssim}
+        try:
+            from pytorch_lightning.loggers import WandbLogger
+
+            for lg in self.loggers:
+                if isinstance(lg, WandbLogger) and lg.version:
+                    extra["wandb_id"] = lg.version
+        except ImportError:  # pragma: no cover - wandb is a dependency
+            pass
+        checkpoint["melrecon"] = extra
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.best_ssim = float(checkpoint.get("melrecon", {}).get("best_ssim", -math.inf))

@@ -1,0 +1,194 @@
+"""Shared fixtures for the training-application tests.
+
+- ``compose_cfg(*overrides)``: compose conf/train.yaml like ``python train.py`` would, with the
+  run folder, logs and data redirected to temporary folders (data shared per session, so the
+  tiny synthetic datasets are generated once).
+- ``TinyNet`` / ``TinyCineDataModule``: stand-ins with the real interfaces (net signature and
+  batch dict of DESIGN.md) for fast unit tests of the LightningModule and callbacks.
+- ``run_train(args, ...)``: run train.py in a subprocess (multirun, DDP, sweeps, CLI errors).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+os.environ.setdefault("MELRECON_ROOT", str(ROOT))
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# smallest problem the real stack runs on: tiny synthetic preset, 2 unrolls of a narrow CNN
+TINY_DATA = [
+    "data.synthetic.preset=tiny",
+    "data.calib=4",  # tiny images have 16 phase-encode lines: R <= 4 with 4 calibration lines
+    "data.accelerations=[4]",
+    "data.eval_acceleration=4",
+    "data.batch_size=1",
+]
+TINY = [
+    *TINY_DATA,
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+TINY_MODEL = ["model.num_unrolls=2", "model.regularizer.width=4"]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """One data folder per test session (synthetic data generated on first use)."""
+    d = tmp_path_factory.mktemp("data")
+    return d
+
+
+@pytest.fixture
+def compose_cfg(tmp_path, data_dir, monkeypatch):
+    """Return a function composing train.yaml with overrides, paths pointed at tmp folders."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    monkeypatch.setenv("MELRECON_DATA_DIR", str(data_dir))
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=list(overrides))
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "run")
+            cfg.paths.log_dir = str(tmp_path / "logs")
+        return cfg
+
+    return _compose
+
+
+def run_train(args: list[str], tmp_path: Path, data_dir: Path, env: dict | None = None,
+              timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python train.py ARGS`` in a subprocess with logs and data in tmp folders."""
+    e = dict(os.environ)
+    e.update({"MELRECON_DATA_DIR": str(data_dir), "WANDB_MODE": "disabled", "WANDB_SILENT": "true",
+              "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"})
+    e.update(env or {})
+    flags = [a for a in args if a.startswith("-")]  # -m etc. must precede the overrides
+    cmd = [sys.executable, str(ROOT / "train.py"), *flags, f"paths.log_dir={tmp_path / 'logs'}",
+           *[a for a in args if not a.startswith("-")]]
+    return subprocess.run(cmd, cwd=tmp_path, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------- stand-ins
+class TinyNet(nn.Module):
+    """Stand-in network: x0 + a small 2D CNN on (real, imag), with a learned 'lam'.
+
+    ``forward(x0, kspace, maps, mask)`` -> complex image of x0's shape (B, *lead, H, W).
+    """
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.cnn = nn.Sequential(nn.Conv2d(2, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 2, 3, padding=1))
+        self.lam = nn.Parameter(torch.tensor(0.05))
+
+    def forward(self, x0, kspace, maps, mask):
+        s = x0.shape
+        x = x0.reshape(-1, 1, s[-2], s[-1])
+        r = self.cnn(torch.cat([x.real, x.imag], dim=1))
+        return x0 + torch.complex(r[:, 0], r[:, 1]).reshape(s)
+
+    def log_stats(self) -> dict[str, float]:
+        return {"dc/lam": float(self.lam.detach())}
+
+
+class TinyCineDataset(Dataset):
+    """Cine-layout items (T=4 frames of 12x12): target a moving blob, x0 = target + noise.
+
+    ``num_files`` volumes with ``slices`` items each; ``max`` is the volume max of |target|.
+    """
+
+    def __init__(self, num_files: int, slices: int = 2, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, 12), torch.linspace(-1, 1, 12), indexing="ij")
+        for f in range(num_files):
+            vol = []
+            for s in range(slices):
+                frames = []
+                for t in range(4):
+                    c = 0.3 * torch.rand(2, generator=g) - 0.15 + 0.05 * t
+                    frames.append(((xx - c[0]) ** 2 + (yy - c[1]) ** 2 < 0.3).float() * (1 + 0.2 * s))
+                vol.append(torch.stack(frames).to(torch.complex64))
+            vmax = max(float(v.abs().max()) for v in vol)
+            for s, tgt in enumerate(vol):
+                noise = 0.2 * torch.complex(torch.randn(tgt.shape, generator=g), torch.randn(tgt.shape, generator=g))
+                self.items.append({
+                    "kspace": torch.zeros(2, 4, 12, 12, dtype=torch.complex64),
+                    "mask": torch.ones(1, 4, 1, 12), "maps": torch.ones(2, 1, 12, 12, dtype=torch.complex64),
+                    "x0": tgt + noise, "target": tgt, "max": torch.tensor(vmax), "file": f"vol{f}.h5",
+                    "slice": torch.tensor(s),
+                })
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+class TinyCineDataModule(pl.LightningDataModule):
+    def __init__(self, batch_size: int = 2, num_train: int = 4, num_val: int = 2) -> None:
+        super().__init__()
+        self.batch_size, self.num_train, self.num_val = batch_size, num_train, num_val
+
+    def train_dataloader(self):
+        return DataLoader(TinyCineDataset(self.num_train, seed=1), batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(TinyCineDataset(self.num_val, seed=2), batch_size=1, shuffle=False)
+
+
+# ---------------------------------------------------------------------- W&B offline files
+def read_wandb_history(path: Path) -> dict[str, list[str]]:
+    """Keys -> JSON values of the history records in an offline ``run-*.wandb`` file.
+
+    The file is a LevelDB-style log (header ``:W&B``, 32 KiB blocks, records split into
+    FULL/FIRST/MIDDLE/LAST chunks) of protobuf ``Record`` messages; W&B offline keeps the
+    history only there (``wandb-summary.json`` is written at sync time).
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    ident, _magic, _version = struct.unpack("<4sHB", data[:7])
+    assert ident == b":W&B", f"{path} is not a W&B run file"
+    block, pos, buf, chunks = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer too small for a header: zero padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            chunks.append(chunk)
+        elif kind == 2:
+            buf = chunk
+        elif kind == 3:
+            buf += chunk
+        elif kind == 4:
+            chunks.append(buf + chunk)
+    history: dict[str, list[str]] = {}
+    for c in chunks:
+        rec = pb.Record()
+        rec.ParseFromString(c)
+        if rec.WhichOneof("record_type") == "history":
+            for item in rec.history.item:
+                history.setdefault(item.key or "/".join(item.nested_key), []).append(item.value_json)
+    return history

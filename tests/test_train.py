@@ -1,0 +1,142 @@
+"""The training application end to end on the tiny synthetic presets (real data, model, module)."""
+
+import csv
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONF, TINY, TINY_DATA, TINY_MODEL, read_wandb_history, run_train
+
+from melrecon.lit import app
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+VAL_KEYS = ("val/psnr", "val/ssim", "val/nmse")
+MEM_KEY = "train/peak_mem_gib"
+
+
+def read_csv_rows(folder: Path) -> list[dict]:
+    path = next(Path(folder).rglob("metrics.csv"))
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def logged(rows, key):
+    return [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+
+
+def shrink_network(cfg) -> None:
+    """CPU-size whatever network an experiment names (paper sizes take minutes per step)."""
+    from omegaconf import OmegaConf, open_dict
+
+    with open_dict(cfg):
+        for key in ("model.regularizer.width", "model.hidden_channels"):
+            if OmegaConf.select(cfg, key) is not None:
+                OmegaConf.update(cfg, key, 4)
+
+
+def test_default_run_fast_dev_run(compose_cfg):
+    cfg = compose_cfg(*TINY, *TINY_MODEL, "logger=none", "trainer.fast_dev_run=true", "test=true")
+    metrics = app.run(cfg)
+    assert {"train/loss", *VAL_KEYS, "test/psnr", "test/ssim", "test/nmse"} <= set(metrics)
+    assert app.metric_value(metrics, "val/ssim") == metrics["val/ssim"]
+    with pytest.raises(app.UserError, match="was not logged"):
+        app.metric_value(metrics, "val/nope")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) for n in EXPERIMENTS])
+def test_experiment_fast_dev_run(compose_cfg, name):
+    """One smoke run per experiment file (found by glob), on the tiny synthetic preset."""
+    cfg = compose_cfg(f"+experiment={name}", *TINY, "logger=none", "trainer.fast_dev_run=true")
+    shrink_network(cfg)
+    metrics = app.run(cfg)
+    for k in ("train/loss", *VAL_KEYS):
+        assert k in metrics and metrics[k] == metrics[k], f"{name}: {k} missing or NaN"
+
+
+def test_wandb_offline_and_csv_hold_metrics(compose_cfg, monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose_cfg(*TINY, *TINY_MODEL, "logger=wandb_csv")
+    try:
+        app.run(cfg)
+    finally:
+        app.finish_wandb()
+    run_dir = Path(cfg.paths.output_dir)
+    files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    # wandb-core may still be flushing the file when finish() returns on a busy machine
+    for _ in range(40):
+        history = read_wandb_history(files[0])
+        if set(VAL_KEYS) <= set(history):
+            break
+        time.sleep(0.5)
+    for key in (*VAL_KEYS, "val/psnr_zf", MEM_KEY, "train/step_time_s", "train/loss", "dc/lam"):
+        assert key in history, f"{key} not in the W&B history (has {sorted(history)})"
+    assert all(float(v) > 0 for v in history[MEM_KEY])
+    # fixed validation items as images, and (cine) as a GIF video
+    for media in ("val_images/item0", "val_video/item0"):
+        assert any(k.startswith(media + "/") for k in history), f"{media} not logged: {sorted(history)}"
+    rows = read_csv_rows(run_dir / "csv")
+    for key in (*VAL_KEYS, MEM_KEY):
+        assert logged(rows, key), f"{key} not in the csv"
+    # last and best checkpoints in the run folder; images of the fixed items
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert any(p.name.startswith("epoch_") for p in (run_dir / "checkpoints").iterdir())
+    assert list((run_dir / "images").glob("*.png"))
+
+
+def test_resume_continues_step_and_wandb_run(compose_cfg, monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    first = compose_cfg(*TINY, *TINY_MODEL, "logger=wandb_csv")
+    try:
+        app.run(first)
+    finally:
+        app.finish_wandb()
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    ck = torch.load(last, map_location="cpu", weights_only=False)
+    assert ck["global_step"] == 2 and ck["melrecon"]["wandb_id"]
+
+    second = compose_cfg(*TINY, *TINY_MODEL, "logger=wandb_csv", "trainer.max_epochs=2", f"ckpt_path={last}")
+    second.paths.output_dir = str(tmp_path / "run2")
+    try:
+        app.run(second)
+    finally:
+        app.finish_wandb()
+    ck2 = torch.load(tmp_path / "run2" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ck2["global_step"] == 4  # continued from step 2, not restarted
+    assert ck2["epoch"] == 1
+    assert ck2["melrecon"]["wandb_id"] == ck["melrecon"]["wandb_id"]  # same W&B run
+    rows = read_csv_rows(tmp_path / "run2" / "csv")
+    steps = sorted({int(r["step"]) for r in rows if r.get("train/loss")})
+    assert steps[0] >= 2, steps  # no step of the first epoch was repeated
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_score_each_volume_once(tmp_path, data_dir):
+    """2-process DDP on CPU (gloo): validation metrics equal the single-process ones."""
+    common = [*TINY_DATA, "+data.synthetic.num_val=3", f"data.root={tmp_path / 'ddpdata'}",
+              *TINY_MODEL, "train=false", "validate=true", "logger=csv", "callbacks=none",
+              "trainer.enable_progress_bar=false"]
+    single = run_train([*common, f"hydra.run.dir={tmp_path / 'single'}"], tmp_path, data_dir)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = run_train([*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                     f"hydra.run.dir={tmp_path / 'ddp'}"], tmp_path, data_dir, timeout=400)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = read_csv_rows(tmp_path / "single"), read_csv_rows(tmp_path / "ddp")
+    assert logged(a, "val/num_volumes")[-1] == logged(b, "val/num_volumes")[-1] == 3.0
+    for key in (*VAL_KEYS, "val/psnr_zf"):
+        assert logged(b, key)[-1] == pytest.approx(logged(a, key)[-1], rel=1e-4), key
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["no_such_key=1"], "no_such_key"),
+    (["data.root=/nonexistent/melrecon", "data.synthetic=null"], "/nonexistent/melrecon"),
+    (["model.memory=bogus"], "memory"),
+])
+def test_cli_errors_are_one_clear_message(tmp_path, data_dir, args, expect):
+    res = run_train([*args, "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, data_dir, timeout=120)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr + res.stdout, res.stderr[-3000:]
+    # one message naming the culprit: ours ("melrecon: error: ...") or Hydra's override error
+    msg = [ln for ln in res.stderr.splitlines() if ln.startswith(("melrecon: error:", "Could not override"))]
+    assert len(msg) == 1 and expect in res.stderr, res.stderr[-3000:]
