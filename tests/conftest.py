@@ -22,6 +22,18 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: the tests use tiny tensors, where extra threads only add contention
+    (one gradient test took 79 s with two threads on a loaded 2-core machine, 4.8 s with one)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 CONF = ROOT / "conf"
 os.environ.setdefault("MELRECON_ROOT", str(ROOT))
 os.environ.setdefault("WANDB_SILENT", "true")

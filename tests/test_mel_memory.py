@@ -17,15 +17,6 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors on a shared 2-core machine: intra-op threads only add contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_probe_counts_saved_tensors_once_per_storage():
     x = torch.randn(1000, requires_grad=True)  # float32: 4000 bytes
     with MemoryProbe() as probe:

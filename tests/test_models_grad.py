@@ -17,15 +17,6 @@ import torch
 from melrecon.models import ProximalDC, ResidualCNN, UnrolledNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors on a shared 2-core machine: intra-op threads only add contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "benchmarks" / "memory.py")
 bench = importlib.util.module_from_spec(_spec)

@@ -13,16 +13,6 @@ from melrecon.models import BoundedConv, GradientStepDC, ProximalDC, ResidualCNN
 from melrecon.physics.sense import SenseOperator
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors on a shared 2-core machine: intra-op threads only add contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 def small_problem(dtype=torch.complex128, seed=0, shape=(1, 3, 2, 6, 8)):
     g = torch.Generator().manual_seed(seed)
     b, c, x, y, z = shape

@@ -64,6 +64,14 @@ from melrecon.mel.invertible import State, as_tuple, has_fused_backward, like, r
 MEMORY_MODES = ("standard", "checkpoint", "mel")
 
 
+def check_depth_and_memory(num_unrolls: Any, memory: Any) -> None:
+    """Validate the two options every unrolled network takes, naming the one at fault."""
+    if isinstance(num_unrolls, bool) or not isinstance(num_unrolls, int) or num_unrolls < 1:
+        raise ValueError(f"num_unrolls must be an integer >= 1, got {num_unrolls!r}")
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+
+
 @dataclass
 class ChainStats:
     """What the last forward/backward step did (for logging).

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from melrecon.mel.function import MEMORY_MODES, InvertibleChain
+from melrecon.mel.function import InvertibleChain, check_depth_and_memory
 from melrecon.mel.invertible import FusedResult, InvertibleLayer, InvertResult
 from melrecon.models.dc import ProximalDC, SenseData
 from melrecon.models.regularizers import BoundedConv
@@ -358,10 +358,7 @@ class ReversibleUnrolledNet(nn.Module):
         fft_dims: Sequence[int] = (-2, -1),
     ) -> None:
         super().__init__()
-        if isinstance(num_unrolls, bool) or not isinstance(num_unrolls, int) or num_unrolls < 1:
-            raise ValueError(f"num_unrolls must be an integer >= 1, got {num_unrolls!r}")
-        if memory not in MEMORY_MODES:
-            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+        check_depth_and_memory(num_unrolls, memory)
         if latent_channels < 2:
             raise ValueError(f"latent_channels must be >= 2, got {latent_channels}")
         for name, val in (("eta_init", eta_init), ("gamma_init", gamma_init), ("gamma_decay", gamma_decay)):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from melrecon.mel.function import MEMORY_MODES, InvertibleChain
+from melrecon.mel.function import InvertibleChain, check_depth_and_memory
 from melrecon.mel.invertible import SequentialInvertible
 from melrecon.models.dc import SenseData
 from melrecon.physics.sense import SenseOperator
@@ -58,10 +58,7 @@ class UnrolledNet(nn.Module):
         fft_dims: Sequence[int] = (-2, -1),
     ) -> None:
         super().__init__()
-        if isinstance(num_unrolls, bool) or not isinstance(num_unrolls, int) or num_unrolls < 1:
-            raise ValueError(f"num_unrolls must be an integer >= 1, got {num_unrolls!r}")
-        if memory not in MEMORY_MODES:
-            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+        check_depth_and_memory(num_unrolls, memory)
         if memory == "mel":
             c = getattr(regularizer, "lipschitz", None)
             if not callable(getattr(regularizer, "inverse", None)):
