@@ -200,24 +200,6 @@ def test_bad_options_are_named(data) -> None:
         CineDataset(find_files(data["cine"] / "train"), train=True, crop=(10,), **CINE)
 
 
-@pytest.mark.parametrize("shape", [(3, 2, 8, 6), (3, 2, 7, 6), (3, 2, 8, 5), (4, 3, 9, 11)])
-def test_x0_equals_sense_adjoint(shape) -> None:
-    """The loader's A^H y (fast path for even sizes) equals the network's SenseOperator."""
-    from melrecon.data.datasets import _x0
-    from melrecon.physics.sense import SenseOperator
-
-    g = torch.Generator().manual_seed(0)
-    k = torch.randn(shape, dtype=torch.complex64, generator=g)
-    maps = torch.randn(shape, dtype=torch.complex64, generator=g)
-    mask = (torch.rand((1, 1) + shape[-2:], generator=g) > 0.5).float()
-    y = k * mask
-    ref = SenseOperator(maps[None], mask[None]).adjoint(y[None])[0]
-    assert (_x0(y, maps, mask) - ref).abs().max() < 1e-6 * ref.abs().max()
-    cine_maps = maps[:, :1]  # (C, 1, X, Y) broadcast over frames
-    ref = SenseOperator(cine_maps[None], mask[None]).adjoint(y[None])[0]
-    assert (_x0(y, cine_maps, mask) - ref).abs().max() < 1e-6 * ref.abs().max()
-
-
 @pytest.mark.timeout(120)
 def test_poisson_seeds_that_hang_sigpy_are_skipped() -> None:
     """SigPy's bisection never ends for 16x16, R=4, 4x4 box, seed 1: the loader moves to seed 2."""
