@@ -81,6 +81,33 @@ def test_training_beats_zero_filled(tmp_path):
     assert float(m["val/psnr"]) > float(m["val/psnr_zf"]) + 1.0
 
 
+class _NaNAfter(TinyNet):
+    """TinyNet whose output turns NaN from the third call on (a diverging network)."""
+
+    calls = 0
+
+    def forward(self, x0, kspace, maps, mask):
+        type(self).calls += 1
+        out = super().forward(x0, kspace, maps, mask)
+        return out * float("nan") if type(self).calls > 2 else out
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
+    pl.seed_everything(0)
+    module = ReconModule(_NaNAfter(), functools.partial(torch.optim.SGD, lr=1e-2))
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_val_batches=0)
+    with pytest.raises(FloatingPointError, match="non-finite training loss .* global step 2"):
+        trainer.fit(module, datamodule=TinyCineDataModule(num_train=8, batch_size=1))
+    assert all(torch.isfinite(p).all() for p in module.parameters())  # nothing NaN was applied
+
+
+def test_non_finite_gradient_is_refused():
+    module = make_module()
+    module.net.lam.grad = torch.tensor(float("inf"))
+    with pytest.raises(FloatingPointError, match="net.lam"):
+        module.on_before_optimizer_step(None)
+
+
 def test_resume_restores_step_and_optimizer(tmp_path):
     from pytorch_lightning.callbacks import ModelCheckpoint
 

@@ -80,6 +80,14 @@ class ReconModule(pl.LightningModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         pred = self(batch)
         terms = self.loss_fn(pred, batch["target"], batch["max"])
+        if not torch.isfinite(terms["loss"]):
+            # stop before the optimizer sees it: a NaN step silently ruins every weight
+            raise FloatingPointError(
+                f"non-finite training loss {float(terms['loss'])} at global step {self.global_step} "
+                f"(files {list(batch['file'])}); the last checkpoint is intact: lower "
+                "module.optimizer.lr, set trainer.gradient_clip_val, or check these files with "
+                "python -m melrecon.data.validate"
+            )
         bs = pred.shape[0]
         self.log("train/loss", terms["loss"], prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
         for k, v in terms.items():
@@ -90,6 +98,14 @@ class ReconModule(pl.LightningModule):
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True,
                      on_epoch=False, batch_size=bs)
         return terms["loss"]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        bad = [n for n, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite gradients at global step {self.global_step} in {bad[:5]}"
+                f"{' ...' if len(bad) > 5 else ''}; the optimizer step was not taken"
+            )
 
     def _eval_step(self, stage: str, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         pred = self(batch)
