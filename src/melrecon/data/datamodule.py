@@ -181,16 +181,19 @@ class KspaceDataModule(pl.LightningDataModule):
                 f"for {wanted}: delete the folder to regenerate, or point data.root elsewhere"
             )
 
-    def _dataset(self, split: str) -> Dataset:
-        train = split == "train"
+    def dataset(self, files: Sequence[str | os.PathLike], train: bool) -> Dataset:
+        """The dataset this module builds over ``files``: training (random slabs and masks) or
+        evaluation (tiling, masks fixed per file), with this module's options."""
         common = dict(
             train=train, accelerations=self.accelerations, calib=self.calib, mask_type=self.mask_type,
             mask_pool=self.mask_pool, eval_acceleration=self.eval_acceleration, normalize=self.normalize,
         )
-        files = self.split_files(split)
         if self.kind == "volume3d":
             return SlabDataset(files, slab_size=self.slab_size, **common)
         return CineDataset(files, crop=self.crop, **common)
+
+    def _dataset(self, split: str) -> Dataset:
+        return self.dataset(self.split_files(split), train=split == "train")
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
