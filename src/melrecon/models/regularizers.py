@@ -81,11 +81,18 @@ class BoundedConv(nn.Module):
         self.step_iters = int(step_iters)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *([kernel_size] * conv_dim)))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
-        # non-persistent: the estimate is rebuilt for the loaded weights on first use, and a
-        # probe whose shape follows the data must not break load_state_dict
+        # u is not saved: its shape follows the data, and it is rebuilt on first use. sigma is
+        # saved (0 = not estimated yet), so a loaded network computes exactly the function it
+        # computed when it was saved, until the next training step refreshes the estimate.
         self.register_buffer("u", torch.zeros(0), persistent=False)  # (1, in, *probe_shape)
-        self.register_buffer("sigma", torch.ones(()), persistent=False)
+        self.register_buffer("sigma", torch.zeros(()))
+        self._keep_loaded_sigma = False
         self.reset_parameters()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.u = torch.zeros(0, dtype=self.weight.dtype, device=self.weight.device)
+        self._keep_loaded_sigma = bool(self.sigma > 0)
 
     def reset_parameters(self) -> None:
         """nn.ConvNd's default initialisation; forgets the power-iteration state."""
@@ -95,7 +102,8 @@ class BoundedConv(nn.Module):
             bnd = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(self.bias, -bnd, bnd)
         self.u = torch.zeros(0, dtype=self.weight.dtype, device=self.weight.device)
-        self.sigma = torch.ones((), dtype=self.weight.dtype, device=self.weight.device)
+        self.sigma = torch.zeros((), dtype=self.weight.dtype, device=self.weight.device)
+        self._keep_loaded_sigma = False
 
     # -------------------------------------------------------------- linear part and adjoint
     def _conv(self, x: Tensor, w: Tensor) -> Tensor:
@@ -150,8 +158,11 @@ class BoundedConv(nn.Module):
         evals, evecs = torch.linalg.eigh(t.double())
         coeff = evecs[:, -1].to(w.dtype)
         self.u = sum(c * b for c, b in zip(coeff, basis[:k]))
+        loaded = self.sigma.to(w.dtype) if self._keep_loaded_sigma else None
         self.sigma = evals[-1].clamp_min(0).sqrt().to(w.dtype)
         self.power_iteration(1)  # sigma = ||W v|| for the unit Ritz vector v (consistent update)
+        if loaded is not None:  # a loaded network keeps the scale it was saved with
+            self.sigma, self._keep_loaded_sigma = loaded, False
 
     def refresh_(self) -> None:
         """One step-level update of the norm estimate (called once per training step)."""
