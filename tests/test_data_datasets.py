@@ -211,3 +211,20 @@ def test_poisson_seeds_that_hang_sigpy_are_skipped() -> None:
     mask = volume_mask((16, 16), 4.0, 4, "poisson", seed=1)
     assert torch.equal(mask, volume_mask((16, 16), 4.0, 4, "poisson", seed=2))
     assert 16 * 16 / mask.sum().item() == pytest.approx(4.0, rel=0.05)
+
+
+def test_cine_volume_is_the_file_data_range_and_acceleration(tmp_path: Path) -> None:
+    """Every slice of a cine file is scored with the file's data range (after the crop) and
+    sampled at one acceleration, each slice with its own mask."""
+    generate_dataset(tmp_path, "cine", "tiny", seed=1, progress=False, shape=(16, 12), slices=3,
+                     num_train=1, num_val=1, num_test=1)
+    files = find_files(tmp_path / "val")
+    ds = CineDataset(files, train=False, crop=(10, 8), accelerations=[2.0, 3.0], calib=2, mask_type="vd_kt")
+    items = [ds[i] for i in range(len(ds)) if ds.file_index(i) == 0]
+    assert len(items) == 3
+    with h5py.File(files[0], "r") as f:
+        expected = np.abs(f["target"][()][..., 3:13, 2:10]).max() / f.attrs["max"]
+    for it in items:
+        assert float(it["max"]) == pytest.approx(expected, rel=1e-6)
+    assert len({round(float(it["acceleration"]), 6) for it in items}) == 1
+    assert not torch.equal(items[0]["mask"], items[1]["mask"])

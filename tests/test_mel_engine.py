@@ -292,3 +292,41 @@ def test_chain_rejects_non_invertible_layer_and_grad_data():
     x = torch.randn(2, 6, dtype=D, requires_grad=True)
     with pytest.raises(ValueError, match="data"):
         chain(x, {"b": torch.ones(2, requires_grad=True)})
+
+
+def _contractive_chain(memory, n_layers=4, **kw):
+    torch.manual_seed(0)
+    return InvertibleChain([Contractive() for _ in range(n_layers)], memory=memory, **kw)
+
+
+@pytest.mark.parametrize("memory", ["standard", "checkpoint", "mel"])
+def test_retained_graph_backpropagates_twice(memory):
+    chain = _contractive_chain(memory, anchor_every=None)
+    x = torch.randn(3, 6, dtype=D, requires_grad=True)
+    loss = chain(x).pow(2).sum()
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(x.grad, g1, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("memory", ["checkpoint", "mel"])
+def test_double_backward_is_refused_not_silently_wrong(memory):
+    chain = _contractive_chain(memory, anchor_every=None)
+    x = torch.randn(3, 6, dtype=D, requires_grad=True)
+    (g,) = torch.autograd.grad(chain(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|differentiable"):
+        (g.pow(2).sum() + x.sum()).backward()
+
+
+@pytest.mark.parametrize("memory", ["checkpoint", "mel"])
+def test_requires_grad_toggled_between_forward_and_backward(memory):
+    ref, chain = _contractive_chain("standard"), _contractive_chain(memory, anchor_every=None)
+    x = torch.randn(3, 6, dtype=D, requires_grad=True)
+    grads = []
+    for net in (ref, chain):
+        out = net(x).pow(2).sum()
+        net.layers[0].w.requires_grad_(False)  # e.g. a callback freezing a layer mid-step
+        (gx,) = torch.autograd.grad(out, x)
+        grads.append(gx)
+        net.layers[0].w.requires_grad_(True)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-12)

@@ -257,3 +257,28 @@ def test_loaded_network_computes_what_it_computed_when_saved():
     blank.load_state_dict(ResidualCNN(3, width=4, depth=3, lipschitz=0.9).state_dict())
     blank(x)
     assert all(float(m.sigma) > 0 for m in blank.modules() if isinstance(m, BoundedConv))
+
+
+def test_unconverged_cg_is_reported_and_triggers_the_mel_fallback():
+    data = small_problem()
+    dc = ProximalDC(lam_init=0.01, cg_max_iter=2).double()
+    z = torch.randn(data.aty.shape, dtype=torch.complex128, requires_grad=True)
+    with pytest.warns(UserWarning, match="cg_max_iter=2"):
+        y = dc(z, data)
+    y.abs().pow(2).sum().backward()
+    assert dc.stats["cg_converged"] is False and dc.stats["cg_residual"] > 1e-6
+    assert not dc.inverse(y.detach(), data).converged  # the engine recomputes instead of trusting it
+    net = UnrolledNet(ResidualCNN(3, width=4, depth=3), ProximalDC(0.01, cg_max_iter=2), 2, True, "mel", None).double()
+    with pytest.warns(UserWarning):
+        net(data.aty, data.kspace, data.op.maps, data.op.mask).abs().sum().backward()
+    stats = net.log_stats()
+    assert stats["dc/cg_converged"] == 0.0 and stats["mel/fallbacks"] >= 1
+
+
+def test_proximal_dc_refuses_double_backward():
+    data = small_problem()
+    dc = ProximalDC(lam_init=0.3).double()
+    z = torch.randn(data.aty.shape, dtype=torch.complex128, requires_grad=True)
+    (g,) = torch.autograd.grad(dc(z, data).abs().pow(2).sum(), z, create_graph=True)
+    with pytest.raises(RuntimeError):
+        (g.abs().pow(2).sum() + dc.raw_lam).backward()

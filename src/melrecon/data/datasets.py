@@ -253,6 +253,15 @@ class CineDataset(_H5Dataset):
                 raise ValueError(f"crop must be null or two positive sizes (X, Y), got {crop}")
         self.crop = crop
         self.items = [(i, s) for i, info in enumerate(self.infos) for s in range(info.positions)]
+        self._crop_max: dict[int, float] = {}
+
+    def _volume_max(self, fi: int, f: h5py.File) -> float:
+        """Data range of the file: max |target| over all its slices, after the crop if any."""
+        if self.crop is None:
+            return self.infos[fi].max
+        if fi not in self._crop_max:
+            self._crop_max[fi] = float(np.abs(_center_crop(f["target"][()], self.crop)).max())
+        return self._crop_max[fi]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -268,14 +277,13 @@ class CineDataset(_H5Dataset):
         kspace = f["kspace"][sel]  # (C, T, X, Y)
         maps = f["maps"][sel][:, None]  # (C, 1, X, Y)
         target = f["target"][sel]  # (T, X, Y)
-        vmax = info.max
+        vmax = self._volume_max(fi, f)
         if self.crop is not None:
             kspace = fftc_np(_center_crop(ifftc_np(kspace), self.crop)).astype(np.complex64)
             maps = _center_crop(maps, self.crop)
             target = _center_crop(target, self.crop)
-            vmax = float(np.abs(target).max())
         name = Path(info.path).name
-        accel, seed = self.masks(f"{name}#{s}")
+        accel, seed = self.masks(name, f"#{s}")
         mask = cine_mask(kspace.shape[1], kspace.shape[-1], accel, self.calib, self.mask_type, seed)
         scale = 1.0 / info.max if self.normalize else 1.0
         return self._item(kspace, maps, target, mask, vmax, scale, info.path, s)

@@ -111,14 +111,17 @@ class MaskSampler:
         self.mask_pool = None if mask_pool is None else int(mask_pool)
         self.eval_acceleration = None if eval_acceleration is None else float(eval_acceleration)
 
-    def __call__(self, file_name: str) -> tuple[float, int]:
-        """(acceleration, seed) for one sample of ``file_name`` (basename is used in eval)."""
+    def __call__(self, file_name: str, part: str = "") -> tuple[float, int]:
+        """(acceleration, seed) for one sample of ``file_name`` (basename is used in eval).
+
+        In evaluation the acceleration depends on the file only and the seed on the file and
+        ``part`` (e.g. the cine slice), so every slice of a file has the same R and its own mask.
+        """
         if self.train:
             i = int(torch.randint(len(self.accelerations), ()).item())
             high = self.mask_pool if self.mask_pool is not None else 2**31 - 1
             return self.accelerations[i], int(torch.randint(high, ()).item())
-        seed = stable_seed(file_name)
         accel = self.eval_acceleration
         if accel is None:
-            accel = self.accelerations[seed % len(self.accelerations)]
-        return accel, seed
+            accel = self.accelerations[stable_seed(file_name) % len(self.accelerations)]
+        return accel, stable_seed(file_name + part) if part else stable_seed(file_name)

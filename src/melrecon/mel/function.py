@@ -412,6 +412,9 @@ class _MELFunction(torch.autograd.Function):
                 x = layer(x, data)
         out = tuple(t.clone() if any(t is p for p in tensors) else t for t in as_tuple(x))
         ctx.chain, ctx.data, ctx.is_tuple, ctx.n_state = chain, data, is_tuple, n_state
+        # the parameters autograd routes gradients to are those of this call, even if a
+        # requires_grad flag changes before backward
+        ctx.layer_params = chain._layer_params()
         ctx.autocast = _autocast_state(parts[0].device.type)
         ctx.positions = positions
         ctx.keep_output = chain.memory == "mel"
@@ -429,6 +432,7 @@ class _MELFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the per-layer VJPs build no graph: refuse double backward
     def backward(ctx, *grad_out: Tensor | None):
         chain: InvertibleChain = ctx.chain
         data, n_state, is_tuple = ctx.data, ctx.n_state, ctx.is_tuple
@@ -444,13 +448,22 @@ class _MELFunction(torch.autograd.Function):
         g: State = mk(
             [torch.zeros_like(t) if gg is None else gg for t, gg in zip(as_tuple(template), grad_out)]
         )
-        with _autocast_like(ctx.autocast):
-            grads_x, grads_p = _MELFunction._backward(ctx, chain, data, n_state, out, anchors, positions, g)
+        params = ctx.layer_params[0]
+        flags = [p.requires_grad for p in params]
+        try:
+            # parameters of the forward call get their gradients even if a flag changed since
+            for p in params:
+                p.requires_grad_(True)
+            with _autocast_like(ctx.autocast):
+                grads_x, grads_p = _MELFunction._backward(ctx, chain, data, n_state, out, anchors, positions, g)
+        finally:
+            for p, f in zip(params, flags):
+                p.requires_grad_(f)
         return (None, None, None, None, *grads_x, *grads_p)
 
     @staticmethod
     def _backward(ctx, chain, data, n_state, out, anchors, positions, g):
-        params, per_layer = chain._layer_params()
+        params, per_layer = ctx.layer_params
         n_layers = len(chain.layers)
         stats = chain.stats
         acc: dict[int, Tensor] = {}
@@ -495,5 +508,4 @@ class _MELFunction(torch.autograd.Function):
                 acc[k] = v if k not in acc else acc[k] + v
         if chain.memory == "mel":
             chain._update_spacing(n_layers, ctx.dtype, stats)
-        del ctx.data
         return as_tuple(g), [acc.get(id(p)) for p in params]

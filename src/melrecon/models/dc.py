@@ -23,6 +23,7 @@ the data (k-space, maps) are not computed by these layers.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,26 @@ def _inverse_positive(value: float, kind: str) -> float:
     return math.log(value)
 
 
+def _record_cg(stats: dict, res: Any) -> None:
+    """Accumulate CG iterations, convergence and the worst final residual of this step."""
+    stats["cg_iters"] = stats.get("cg_iters", 0) + res.iterations
+    stats["cg_converged"] = stats.get("cg_converged", True) and res.converged
+    stats["cg_residual"] = max(stats.get("cg_residual", 0.0), float(res.residuals[-1].max()))
+
+
+def dc_log_stats(dcs: Any) -> dict[str, float]:
+    """``dc/cg_iters`` (forward + implicit backward solves of the last step), ``dc/cg_converged``
+    (1 if every solve reached its tolerance) and ``dc/cg_residual`` (worst final residual)."""
+    stats = [d.stats for d in dcs if getattr(d, "stats", None)]
+    if not any("cg_iters" in st for st in stats):
+        return {}
+    return {
+        "dc/cg_iters": float(sum(st.get("cg_iters", 0) for st in stats)),
+        "dc/cg_converged": float(all(st.get("cg_converged", True) for st in stats)),
+        "dc/cg_residual": max(st.get("cg_residual", 0.0) for st in stats),
+    }
+
+
 class _ProxSolve(torch.autograd.Function):
     """y = (A^H A + lam I)^{-1}(aty + lam z) by CG, with implicit (adjoint-solve) backward.
 
@@ -72,18 +93,20 @@ class _ProxSolve(torch.autograd.Function):
     def forward(ctx, z: Tensor, lam: Tensor, op: SenseOperator, aty: Tensor, tol: float, max_iter: int, stats: dict):
         lam_c = lam.detach().to(z.dtype)
         res = conjugate_gradient(lambda v: op.normal(v) + lam_c * v, aty + lam_c * z, x0=z, tol=tol, max_iter=max_iter)
-        stats["cg_iters"] = stats.get("cg_iters", 0) + res.iterations
-        stats["cg_converged"] = stats.get("cg_converged", True) and res.converged
+        _record_cg(stats, res)
         ctx.save_for_backward(z, res.x, lam)
-        ctx.op, ctx.tol, ctx.max_iter = op, tol, max_iter
+        ctx.op, ctx.tol, ctx.max_iter, ctx.stats = op, tol, max_iter, stats
         return res.x
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the adjoint solve is not itself differentiated
     def backward(ctx, g: Tensor):
         z, y, lam = ctx.saved_tensors
         op = ctx.op
         lam_c = lam.detach().to(g.dtype)
-        w = conjugate_gradient(lambda v: op.normal(v) + lam_c * v, g, tol=ctx.tol, max_iter=ctx.max_iter).x
+        res = conjugate_gradient(lambda v: op.normal(v) + lam_c * v, g, tol=ctx.tol, max_iter=ctx.max_iter)
+        _record_cg(ctx.stats, res)
+        w = res.x
         grad_z = lam_c * w if ctx.needs_input_grad[0] else None
         grad_lam = None
         if ctx.needs_input_grad[1]:
@@ -109,7 +132,7 @@ class ProximalDC(InvertibleLayer):
         learn_lam: bool = True,
         positivity: str = "softplus",
         cg_tol: float | None = None,
-        cg_max_iter: int = 50,
+        cg_max_iter: int = 100,
     ) -> None:
         super().__init__()
         if not (isinstance(lam_init, (int, float)) and lam_init > 0):
@@ -127,6 +150,7 @@ class ProximalDC(InvertibleLayer):
         raw = torch.tensor(_inverse_positive(self.lam_init, positivity))
         self.raw_lam = nn.Parameter(raw, requires_grad=learn_lam)
         self.stats: dict[str, Any] = {}
+        self._warned = False
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -141,13 +165,24 @@ class ProximalDC(InvertibleLayer):
         return self.cg_tol if self.cg_tol is not None else cg_tolerance(dtype)
 
     def forward(self, z: Tensor, data: SenseData) -> Tensor:
-        return _ProxSolve.apply(z, self.lam, data.op, data.aty, self._tol(z.dtype), self.cg_max_iter, self.stats)
+        y = _ProxSolve.apply(z, self.lam, data.op, data.aty, self._tol(z.dtype), self.cg_max_iter, self.stats)
+        if not self.stats.get("cg_converged", True) and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"ProximalDC: CG stopped at dc.cg_max_iter={self.cg_max_iter} with relative residual "
+                f"{self.stats.get('cg_residual', float('nan')):.3g} > dc.cg_tol={self._tol(z.dtype):.3g} "
+                f"(lam={float(self.lam):.3g}); raise model.dc.cg_max_iter (logged as dc/cg_converged)",
+                stacklevel=2,
+            )
+        return y
 
     def inverse(self, y: Tensor, data: SenseData) -> InvertResult:
         with torch.no_grad():
             lam = self.lam.to(y.dtype)
             z = (data.op.normal(y) + lam * y - data.aty) / lam
-        return InvertResult(z, 0.0, 0, True)
+        # the closed form inverts the exact solve: after an unconverged CG the engine must
+        # recompute from an anchor instead
+        return InvertResult(z, 0.0, 0, bool(self.stats.get("cg_converged", True)))
 
 
 class GradientStepDC(InvertibleLayer):

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from melrecon.mel.function import InvertibleChain, check_depth_and_memory
 from melrecon.mel.invertible import FusedResult, InvertibleLayer, InvertResult
-from melrecon.models.dc import ProximalDC, SenseData
+from melrecon.models.dc import ProximalDC, SenseData, dc_log_stats
 from melrecon.models.regularizers import BoundedConv
 from melrecon.physics.sense import SenseOperator
 
@@ -456,7 +456,5 @@ class ReversibleUnrolledNet(nn.Module):
         if dcs:
             with torch.no_grad():
                 out["dc/lam"] = float(torch.stack([d.lam.reshape(()) for d in dcs]).mean())
-            cg = [d.stats.get("cg_iters") for d in dcs if d.stats.get("cg_iters") is not None]
-            if cg:
-                out["dc/cg_iters"] = float(sum(cg))
+            out.update(dc_log_stats(dcs))
         return out

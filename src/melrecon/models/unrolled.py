@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from melrecon.mel.function import InvertibleChain, check_depth_and_memory
 from melrecon.mel.invertible import SequentialInvertible
-from melrecon.models.dc import SenseData
+from melrecon.models.dc import SenseData, dc_log_stats
 from melrecon.physics.sense import SenseOperator
 
 
@@ -124,7 +124,5 @@ class UnrolledNet(nn.Module):
         if len(lams) > 1:
             out["dc/lam_min"] = float(lams.min())
             out["dc/lam_max"] = float(lams.max())
-        cg = [d.stats.get("cg_iters") for d in self.dcs if getattr(d, "stats", None)]
-        if cg:
-            out["dc/cg_iters"] = float(sum(cg))
+        out.update(dc_log_stats(self.dcs))
         return out
