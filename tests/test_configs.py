@@ -1,6 +1,5 @@
 """Every config group option composes and instantiates; paths, launchers and sweeps are valid."""
 
-import os
 from pathlib import Path
 
 import hydra

@@ -176,7 +176,6 @@ def test_cmrxrecon_exact_with_known_maps(tmp_path: Path, odd: bool) -> None:
 def test_espirit_path_runs_and_cli(tmp_path: Path) -> None:
     """Without known maps the converters estimate ESPIRiT maps; the result validates and the
     coil combination recovers the image up to a per-pixel phase where the maps are supported."""
-    rng = np.random.default_rng(4)
     c, t, x, y = 4, 3, 24, 24
     yy, xx = np.mgrid[:x, :y] - 12
     obj = ((xx / 9.0) ** 2 + (yy / 7.0) ** 2 < 1).astype(np.complex64) * (1 + 0.2 * np.cos(xx / 3))

@@ -1,6 +1,5 @@
 """Masks (acceleration, calibration, determinism, errors), ESPIRiT, CG-SENSE."""
 
-import numpy as np
 import pytest
 import torch
 

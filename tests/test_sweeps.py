@@ -1,6 +1,5 @@
 """Multirun and Optuna sweeps through train.py (subprocesses, tiny synthetic preset)."""
 
-from pathlib import Path
 
 import pytest
 from conftest import TINY, run_train

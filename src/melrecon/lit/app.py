@@ -19,7 +19,7 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 log = logging.getLogger("melrecon")
@@ -182,4 +182,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 __all__ = ["run", "main", "metric_value", "UserError", "instantiate_callbacks", "instantiate_loggers",
-           "finish_wandb", "user_error_message", "open_dict"]
+           "finish_wandb", "user_error_message"]
