@@ -282,3 +282,20 @@ def test_proximal_dc_refuses_double_backward():
     (g,) = torch.autograd.grad(dc(z, data).abs().pow(2).sum(), z, create_graph=True)
     with pytest.raises(RuntimeError):
         (g.abs().pow(2).sum() + dc.raw_lam).backward()
+
+
+def test_shared_weights_are_saved_once_and_load_into_another_depth():
+    torch.manual_seed(0)
+    nets = {n: UnrolledNet(ResidualCNN(3, width=4, depth=3), ProximalDC(0.3), n, True, "mel", None).double()
+            for n in (2, 6)}
+    assert list(nets[2].state_dict()) == list(nets[6].state_dict())  # no per-unroll copies
+    data = small_problem()
+    nets[2](data.aty, data.kspace, data.op.maps, data.op.mask)  # estimates the spectral norms
+    nets[6].load_state_dict(nets[2].state_dict())  # strict: the aliases are restored on load
+    for a, b in zip(nets[2].parameters(), nets[6].parameters()):
+        assert torch.equal(a, b)
+    deep = nets[6].chain.layers[5].parts[0].convs[0]  # the shared CNN as the 6th unroll sees it
+    assert deep is nets[6].regularizers[0].convs[0] and torch.equal(deep.sigma, nets[2].regularizers[0].convs[0].sigma)
+    # separate weights keep one entry per unroll
+    sep = UnrolledNet(ResidualCNN(3, width=4, depth=3), ProximalDC(0.3), 3, False, "mel", None)
+    assert sum(k.endswith("raw_lam") for k in sep.state_dict()) == 3

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from melrecon.mel.function import InvertibleChain, check_depth_and_memory
+from melrecon.mel.shared_state import deduplicate_state_dict
 from melrecon.mel.invertible import FusedResult, InvertibleLayer, InvertResult
 from melrecon.models.dc import ProximalDC, SenseData, dc_log_stats
 from melrecon.models.regularizers import BoundedConv
@@ -400,6 +401,7 @@ class ReversibleUnrolledNet(nn.Module):
             g_n = gamma_init * gamma_decay**n
             unrolls.append(ReversibleUnroll(r_net, q_net, self.layout, eta_init, g_n, learn_steps, dc_n))
         self.chain = InvertibleChain(unrolls, memory=memory, anchor_every=anchor_every, drift_tol=drift_tol)
+        deduplicate_state_dict(self)  # shared weights: one checkpoint entry, any number of unrolls
 
     @property
     def dcs(self) -> list[ProximalDC]:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from melrecon.mel.function import InvertibleChain, check_depth_and_memory
+from melrecon.mel.shared_state import deduplicate_state_dict
 from melrecon.mel.invertible import SequentialInvertible
 from melrecon.models.dc import SenseData, dc_log_stats
 from melrecon.physics.sense import SenseOperator
@@ -93,6 +94,7 @@ class UnrolledNet(nn.Module):
         self.chain = InvertibleChain(
             unrolls, memory=memory, anchor_every=anchor_every, drift_tol=drift_tol, auto_start=auto_start
         )
+        deduplicate_state_dict(self)  # shared weights: one checkpoint entry, any number of unrolls
 
     def forward(self, x0: Tensor, kspace: Tensor, maps: Tensor, mask: Tensor) -> Tensor:
         """Reconstruct: x0 (B, *image) complex, kspace (B, C, ...), maps, mask -> image like x0."""
