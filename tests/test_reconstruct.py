@@ -391,3 +391,16 @@ def test_train_py_run_folder_then_command_line(tmp_path, data_dir):
     assert "cine_val_0000.h5" in out.stdout and "psnr" in out.stdout
     _, attrs = _read(tmp_path / "recon" / "cine_val_0000.h5")
     assert attrs["psnr"] > attrs["psnr_zf"]
+
+
+def test_num_unrolls_runs_a_shared_weight_network_at_another_depth(runs, env, tmp_path, capsys):
+    run = runs["cine"]
+    src = env / "synthetic_cine" / "val" / "cine_val_0000.h5"
+    trained = int(_run_cfg(run).model.num_unrolls)
+    assert _main(run, src, "--out", tmp_path / "a") == 0
+    assert _main(run, src, "--out", tmp_path / "b", "--num-unrolls", trained) == 0
+    assert _main(run, src, "--out", tmp_path / "c", "--num-unrolls", trained + 3) == 0
+    a, b, c = (_read(tmp_path / d / "cine_val_0000.h5")[0]["reconstruction"] for d in "abc")
+    assert np.array_equal(a, b) and not np.allclose(a, c)
+    assert _main(run, src, "--out", tmp_path / "d", "--num-unrolls", 0) == 2
+    assert "--num-unrolls 0" in capsys.readouterr().err

@@ -376,6 +376,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--slab-size", type=int, help="volume3d: readout positions per slab (default: the run's data.slab_size)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     p.add_argument("--batch-size", type=int, default=1, help="items (slabs / slices) per network call (default 1)")
+    p.add_argument("--num-unrolls", type=int,
+                   help="run the network with this many unrolls (shared-weight networks only; default: as trained)")
     return p
 
 
@@ -391,6 +393,12 @@ def _setup(args: argparse.Namespace) -> tuple[nn.Module, Any, Path, Path, torch.
         raise ReconstructError("--device cuda: no CUDA device is available (this torch build or machine)")
     ckpt_path, cfg_path = find_run(args.run, args.ckpt, args.config)
     cfg = OmegaConf.load(cfg_path)
+    if args.num_unrolls is not None:
+        if args.num_unrolls < 1 or "num_unrolls" not in cfg.get("model", {}):
+            raise ReconstructError(f"--num-unrolls {args.num_unrolls}: needs N >= 1 and a model with num_unrolls")
+        if not cfg.model.get("share_weights", False):
+            raise ReconstructError("--num-unrolls: the run's network has separate weights per unroll")
+        cfg.model.num_unrolls = args.num_unrolls
     dm = data_settings(cfg, eval_acceleration=args.accel, mask_type=args.mask_type, calib=args.calib,
                        slab_size=args.slab_size)
     net = load_network(cfg, ckpt_path).to(device)
