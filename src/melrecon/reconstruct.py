@@ -58,7 +58,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from melrecon.data.h5 import LayoutError, validate_file
+from melrecon.data.h5 import LayoutError, atomic_path, validate_file
 from melrecon.data.subsample import check_mask_options
 from melrecon.data.validate import collect
 
@@ -308,18 +308,12 @@ def write_result(path: str | os.PathLike, result: ScanResult, attrs: dict[str, A
     """Write one result atomically: a hidden temporary file in the same folder, then
     ``os.replace``; on any error the temporary file is removed and nothing is left."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("reconstruction", data=result.reconstruction.astype(np.complex64))
-            f.create_dataset("zero_filled", data=result.zero_filled.astype(np.complex64))
-            f.create_dataset("mask", data=result.mask.astype(np.float32))
-            for key, value in {**attrs, **result.metrics}.items():
-                f.attrs[key] = value
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("reconstruction", data=result.reconstruction.astype(np.complex64))
+        f.create_dataset("zero_filled", data=result.zero_filled.astype(np.complex64))
+        f.create_dataset("mask", data=result.mask.astype(np.float32))
+        for key, value in {**attrs, **result.metrics}.items():
+            f.attrs[key] = value
     return path
 
 
@@ -330,13 +324,8 @@ def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(buf.getvalue())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -17,7 +17,9 @@ half-written file. Readers check shapes, dtypes, finiteness and attributes and r
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +104,20 @@ def _chunks(axes: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
     return None
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary name beside ``path``; on success it replaces ``path`` in one step,
+    on any error it is removed, so a reader never sees a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def write_scan(
     path: str | os.PathLike,
     kspace: np.ndarray,
@@ -146,25 +162,19 @@ def write_scan(
         if not np.isfinite(arr).all():
             raise ValueError(f"{name} contains NaN or Inf; refusing to write {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("kspace", data=kspace, chunks=_chunks(axes, kspace.shape))
-            f.create_dataset("maps", data=maps, chunks=_chunks(axes, kspace.shape) if axes == "coil,x,y,z" else None)
-            f.create_dataset(
-                "target", data=target, chunks=(1,) + target.shape[1:] if axes != "coil,time,x,y" else None
-            )
-            f.attrs["kind"] = kind
-            f.attrs["axes"] = axes
-            f.attrs["max"] = float(np.abs(target).max())
-            f.attrs["source"] = source
-            f.attrs["layout_version"] = LAYOUT_VERSION
-            for key, value in (extra_attrs or {}).items():
-                f.attrs[key] = value
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("kspace", data=kspace, chunks=_chunks(axes, kspace.shape))
+        f.create_dataset("maps", data=maps, chunks=_chunks(axes, kspace.shape) if axes == "coil,x,y,z" else None)
+        f.create_dataset(
+            "target", data=target, chunks=(1,) + target.shape[1:] if axes != "coil,time,x,y" else None
+        )
+        f.attrs["kind"] = kind
+        f.attrs["axes"] = axes
+        f.attrs["max"] = float(np.abs(target).max())
+        f.attrs["source"] = source
+        f.attrs["layout_version"] = LAYOUT_VERSION
+        for key, value in (extra_attrs or {}).items():
+            f.attrs[key] = value
     return path
 
 
