@@ -255,9 +255,13 @@ class InvertibleChain(nn.Module):
         gx = tuple(torch.zeros_like(t) if gg is None else gg for t, gg in zip(xs, gx))
         return like(x, gx), list(grads[len(inputs) - len(params):])
 
-    def _invert(self, n: int, y: State, data: Any):
+    def _invert(self, n: int, y: State, data: Any, stats: ChainStats):
+        """Invert layer n and record its iterations and residual in ``stats``."""
         with torch.no_grad(), self._freezer.active(recompute=True):
-            return self.layers[n].inverse(y, data)
+            res = self.layers[n].inverse(y, data)
+        stats.inv_iters += int(res.iterations)
+        stats.inv_residual = max(stats.inv_residual, float(res.residual))
+        return res
 
     def _forward_states(self, a: int, b: int, x_a: State, data: Any) -> list[State]:
         """States x_a, ..., x_{b-1} recomputed by a forward pass from the anchor x_a."""
@@ -303,9 +307,7 @@ class InvertibleChain(nn.Module):
                     g = like(res.x, gx)
                 else:
                     with _memory.hold(as_tuple(x_next)):
-                        res = self._invert(n, x_next, data)
-                    stats.inv_iters += int(res.iterations)
-                    stats.inv_residual = max(stats.inv_residual, float(res.residual))
+                        res = self._invert(n, x_next, data, stats)
                     if not res.converged:
                         return g, False, math.inf, n
                     x_next = res.x  # the previous state is no longer needed: let it go
@@ -317,9 +319,7 @@ class InvertibleChain(nn.Module):
         # layer a: measure drift against the stored anchor, then backprop at the anchor
         with _memory.hold([t for t in as_tuple(g) if t is not None]):
             with _memory.hold(as_tuple(x_next)):
-                res = self._invert(a, x_next, data)
-                stats.inv_iters += int(res.iterations)
-                stats.inv_residual = max(stats.inv_residual, float(res.residual))
+                res = self._invert(a, x_next, data, stats)
                 if not res.converged:
                     return g, False, math.inf, a
                 with _memory.hold(as_tuple(res.x)):
