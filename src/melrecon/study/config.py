@@ -1,0 +1,222 @@
+"""Study configs: compose ``conf/study/NAME.yaml`` and turn it into training runs with one budget.
+
+A study config (Hydra, its own tree ``conf/study/``) has::
+
+    defaults: [_self_, preset: cpu, optional NAME@_here_: ${preset}]
+    name, kind (training | memory), description, out_dir
+    reference: a method name; comparisons: [[a, b], ...] (paired a - b on the test volumes)
+    select_on: the validation metric that picks each baseline's lam (networks: the checkpoint
+               callback's monitor, val/ssim)
+    budget: {seed, max_steps, val_every, lr, schedule: constant | cosine}
+    train: {override: value}           every run, Hydra override syntax (``+key`` / ``++key`` ok)
+    runs: {name: {label, experiment, overrides: {override: value}}}   (null drops a run)
+    baselines: {name: {method, lam: [grid], ...solver options}}     (null drops a baseline)
+    launcher: {name: basic | slurm | ..., overrides: {hydra.launcher.key: value}}
+    score: {device, batch_size, panel_index}, resume: last | restart, wandb: {enabled, project}
+
+``conf/study/preset/{tiny,cpu,paper}.yaml`` holds what every study shares at a preset (``train``
+overrides, e.g. the tiny synthetic data), ``conf/study/NAME/{preset}.yaml`` the study's sizes at
+that preset. A run's ``train.py`` overrides are, in this order: ``+experiment=...``, the study's
+``train``, the preset's ``train``, the run's ``overrides``, then the budget (so a run cannot
+change it) and the logger. :func:`check_same_budget` composes every run's training config and
+refuses a study whose runs differ in data, seed, steps, validation, optimizer, schedule or loss.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+class StudyError(Exception):
+    """A study configuration or state problem, reported as one line."""
+
+
+def repo_root() -> Path:
+    """The checkout holding ``train.py`` and ``conf/`` (``MELRECON_ROOT`` or above this package)."""
+    env = os.environ.get("MELRECON_ROOT")
+    root = Path(env) if env else Path(__file__).resolve().parents[3]
+    if not (root / "train.py").is_file() or not (root / "conf" / "study").is_dir():
+        raise StudyError(f"no train.py and conf/study/ in {root}: run from a melrecon checkout or set MELRECON_ROOT")
+    return root
+
+
+def study_names() -> list[str]:
+    return sorted(p.stem for p in (repo_root() / "conf" / "study").glob("*.yaml"))
+
+
+def compose_study(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose ``conf/study/NAME.yaml`` with ``overrides`` (e.g. ``preset=tiny``) and check it."""
+    from hydra import compose, initialize_config_dir
+
+    names = study_names()
+    if name not in names:
+        raise StudyError(f"unknown study {name!r}; the studies are {names} (conf/study/*.yaml)")
+    os.environ.setdefault("MELRECON_ROOT", str(repo_root()))
+    with initialize_config_dir(config_dir=str(repo_root() / "conf" / "study"), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=list(overrides))
+    check_study(cfg)
+    return cfg
+
+
+def _entries(node: Any) -> dict[str, Any]:
+    """A mapping of entries without the null (dropped) ones."""
+    return {k: v for k, v in (node or {}).items() if v is not None}
+
+
+def check_study(cfg: DictConfig) -> None:
+    """Errors that name the field at fault."""
+    for key in ("name", "kind", "out_dir"):
+        if cfg.get(key) in (None, ""):
+            raise StudyError(f"study config: field {key!r} is missing")
+    if cfg.kind not in ("training", "memory"):
+        raise StudyError(f"study {cfg.name}: kind must be 'training' or 'memory', got {cfg.kind!r}")
+    if cfg.kind == "memory":
+        return
+    runs, baselines = _entries(cfg.get("runs")), _entries(cfg.get("baselines"))
+    if not runs:
+        raise StudyError(f"study {cfg.name}: no training runs (field 'runs')")
+    clash = set(runs) & set(baselines)
+    if clash:
+        raise StudyError(f"study {cfg.name}: names used by both a run and a baseline: {sorted(clash)}")
+    methods = set(runs) | set(baselines)
+    if cfg.get("reference") not in methods:
+        raise StudyError(f"study {cfg.name}: reference {cfg.get('reference')!r} is not a run or baseline {sorted(methods)}")
+    for i, pair in enumerate(cfg.get("comparisons") or []):
+        if len(pair) != 2 or any(m not in methods for m in pair):
+            raise StudyError(f"study {cfg.name}: comparisons[{i}] = {list(pair)} must name two of {sorted(methods)}")
+    b = cfg.budget
+    for key in ("seed", "max_steps", "val_every", "lr"):
+        if b.get(key) is None:
+            raise StudyError(f"study {cfg.name}: budget.{key} is missing")
+    if int(b.max_steps) < 1 or int(b.val_every) < 1 or int(b.max_steps) % int(b.val_every):
+        raise StudyError(f"study {cfg.name}: budget.max_steps ({b.max_steps}) must be a positive multiple of "
+                         f"budget.val_every ({b.val_every}), so that the last step is validated")
+    if b.get("schedule", "constant") not in ("constant", "cosine"):
+        raise StudyError(f"study {cfg.name}: budget.schedule must be constant or cosine, got {b.schedule!r}")
+    if cfg.get("resume", "last") not in ("last", "restart"):
+        raise StudyError(f"study {cfg.name}: resume must be 'last' or 'restart', got {cfg.resume!r}")
+    for name, run in runs.items():
+        if not run.get("experiment"):
+            raise StudyError(f"study {cfg.name}: runs.{name}.experiment is missing")
+
+
+_PLAIN = re.compile(r"^[\w.\-+/:${}]*$")
+
+
+def format_value(value: Any) -> str:
+    """A Python/OmegaConf value in Hydra's override syntax (lists, null, booleans, quoted strings)."""
+    if isinstance(value, (ListConfig, DictConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{format_value(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    return text if _PLAIN.match(text) and text else "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def format_overrides(mapping: Mapping[str, Any] | None) -> list[str]:
+    return [f"{k}={format_value(v)}" for k, v in (mapping or {}).items()]
+
+
+def budget_overrides(budget: DictConfig) -> list[str]:
+    """The overrides that give every run one budget: seed, optimizer steps counted by
+    ``max_steps`` (epochs unbounded), validation every ``val_every`` steps, learning rate and
+    schedule (cosine: annealed per step over ``max_steps``)."""
+    steps, every = int(budget.max_steps), int(budget.val_every)
+    out = [f"seed={int(budget.seed)}", f"++trainer.max_steps={steps}", "trainer.max_epochs=-1",
+           "trainer.min_epochs=null", "trainer.check_val_every_n_epoch=null",
+           f"++trainer.val_check_interval={every}", f"module.optimizer.lr={format_value(float(budget.lr))}"]
+    if budget.get("schedule", "constant") == "cosine":
+        out += ["module=cosine", f"module.scheduler.T_max={steps}", "module.scheduler_interval=step"]
+    else:
+        out += ["module.scheduler=null"]
+    return out
+
+
+@dataclass
+class RunSpec:
+    """One training run of a study: its folder name, label and ``train.py`` overrides."""
+
+    name: str
+    label: str
+    overrides: list[str]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def run_specs(cfg: DictConfig, extra: Sequence[str] = ()) -> list[RunSpec]:
+    """The study's runs in config order; ``extra`` overrides go to every run (before the budget)."""
+    logger = "logger=wandb_csv" if cfg.get("wandb", {}).get("enabled") else "logger=csv"
+    preset_train = (cfg.get("preset") or {}).get("train")
+    specs = []
+    for name, run in _entries(cfg.runs).items():
+        overrides = [f"+experiment={run.experiment}", *format_overrides(cfg.get("train")),
+                     *format_overrides(preset_train), *format_overrides(run.get("overrides")), *extra,
+                     *budget_overrides(cfg.budget), logger]
+        specs.append(RunSpec(name=str(name), label=str(run.get("label") or name), overrides=overrides))
+    return specs
+
+
+def compose_train(overrides: Sequence[str]) -> DictConfig:
+    """``conf/train.yaml`` composed with ``overrides``, as ``train.py`` would (without running)."""
+    from hydra import compose, initialize_config_dir
+
+    os.environ.setdefault("MELRECON_ROOT", str(repo_root()))
+    with initialize_config_dir(config_dir=str(repo_root() / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+#: Training-config keys that must be equal across the runs of a study (the budget).
+BUDGET_KEYS = ("data", "seed", "trainer.max_steps", "trainer.max_epochs", "trainer.val_check_interval",
+               "trainer.check_val_every_n_epoch", "trainer.accumulate_grad_batches", "trainer.precision",
+               "trainer.gradient_clip_val", "trainer.limit_train_batches", "module.optimizer", "module.scheduler",
+               "module.scheduler_interval", "module.loss", "callbacks.model_checkpoint.monitor")
+
+
+def check_same_budget(train_cfgs: Mapping[str, DictConfig]) -> None:
+    """StudyError naming the runs and keys whose values differ (data, seed, steps, optimizer...)."""
+    def value(cfg: DictConfig, key: str) -> Any:
+        v = OmegaConf.select(cfg, key, default=None)
+        return OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
+
+    names = list(train_cfgs)
+    ref = names[0]
+    for key in BUDGET_KEYS:
+        base = value(train_cfgs[ref], key)
+        for other in names[1:]:
+            got = value(train_cfgs[other], key)
+            if got != base:
+                raise StudyError(f"runs {ref!r} and {other!r} differ in {key} ({base!r} vs {got!r}): every run of a "
+                                 "study must use the same data and budget")
+
+
+def run_settings(train_cfg: DictConfig) -> dict[str, Any]:
+    """What the summary says about a run: family, unrolls, memory mode, CNN size, slab size."""
+    m = train_cfg.model
+    family = "reversible" if "Reversible" in str(m._target_) else "MoDL"
+    reg = m.get("regularizer") or {}
+    return {"family": family, "num_unrolls": int(m.num_unrolls), "memory": str(m.memory),
+            "width": reg.get("width"), "depth": reg.get("depth"), "conv_dim": reg.get("conv_dim"),
+            "share_weights": bool(m.get("share_weights", True)), "slab_size": int(train_cfg.data.slab_size),
+            "kind": str(train_cfg.data.kind)}
+
+
+def count_parameters(train_cfg: DictConfig) -> int:
+    """Parameters of the run's network (shared weights counted once)."""
+    import hydra
+
+    net = hydra.utils.instantiate(train_cfg.model)
+    return int(sum(p.numel() for p in net.parameters()))

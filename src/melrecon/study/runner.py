@@ -1,0 +1,143 @@
+"""Run a study end to end: plan, train through Hydra's launcher, baselines, statistics, report.
+
+``run_study(name, overrides)`` (``python -m melrecon.study NAME [key=value ...] [-- train.py args]``):
+
+1. compose the study (:mod:`melrecon.study.config`), compose every run's training config,
+   refuse runs that differ in data or budget, print each network's parameter count;
+2. generate the (synthetic) data once, before any job starts (jobs may run in parallel);
+3. plan: a run whose ``study/done.json`` exists with the same overrides is skipped (other
+   overrides: an error, the folder belongs to another study config); an unfinished run
+   continues from its ``last.ckpt`` (``resume: last``) or is removed and restarted;
+4. launch the remaining runs as one Hydra multirun of ``train.py`` with the run-list sweeper
+   (``hydra/sweeper=melrecon_run_list``) and the study's launcher (``basic`` in this process, or
+   e.g. ``slurm``); each job trains and scores itself (:mod:`melrecon.study.job`);
+5. baselines (:mod:`melrecon.study.baseline_runs`), each resumable the same way;
+6. the report (:mod:`melrecon.study.report`): ``results.csv``, ``summary.md``, plots, W&B table.
+
+Folder ``out_dir``: ``study.yaml`` (the composed study), ``runs/<name>/`` (Hydra job folders),
+``baselines/<name>/``, ``results.csv``, ``summary.md``, ``*.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from omegaconf import DictConfig, OmegaConf
+
+from melrecon.study import job
+from melrecon.study.config import (
+    RunSpec, StudyError, check_same_budget, compose_study, compose_train, count_parameters, format_overrides,
+    repo_root, run_settings, run_specs,
+)
+from melrecon.study.files import read_json, write_json, write_text
+
+log = logging.getLogger("melrecon.study")
+
+
+def plan_runs(specs: Sequence[RunSpec], runs_dir: Path, resume: str) -> list[RunSpec]:
+    """The runs still to do, with ``ckpt_path=`` added where an unfinished run can continue.
+
+    Finished runs (done marker with the same overrides) are skipped; a marker with other
+    overrides is an error naming the folder; unfinished folders are resumed or removed.
+    """
+    pending = []
+    for spec in specs:
+        run_dir = runs_dir / spec.name
+        marker = job.study_dir(run_dir) / job.DONE
+        if marker.is_file():
+            made_with = read_json(marker).get("overrides")
+            if made_with != spec.overrides:
+                raise StudyError(f"{run_dir} holds a finished run made with other overrides ({made_with}); "
+                                 "delete it or choose another out_dir")
+            log.info("run %s: finished, skipped", spec.name)
+            continue
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if resume == "last" and last.is_file():
+            log.info("run %s: unfinished, continuing from %s", spec.name, last)
+            pending.append(RunSpec(spec.name, spec.label, [*spec.overrides, f"ckpt_path={last}"], spec.settings))
+            continue
+        if run_dir.exists():
+            log.info("run %s: unfinished, removing %s and starting again", spec.name, run_dir)
+            shutil.rmtree(run_dir)
+        pending.append(spec)
+    return pending
+
+
+def launch(pending: Sequence[RunSpec], out_dir: Path, cfg: DictConfig, hydra_args: Sequence[str]) -> None:
+    """One ``train.py`` multirun over ``pending`` through the run-list sweeper and the study's launcher."""
+    score = OmegaConf.to_container(cfg.get("score") or {}, resolve=True)
+    launch_file = out_dir / "launch.json"  # read by the sweeper and by each job (StudyJob)
+    write_json(launch_file, {"runs": [{"name": s.name, "overrides": s.overrides, "score": score} for s in pending]})
+    launcher = cfg.get("launcher") or {}
+    cmd = [sys.executable, str(repo_root() / "train.py"), "-m", "hydra/sweeper=melrecon_run_list",
+           f"hydra.sweeper.runs_file={launch_file}", f"hydra.sweep.dir={out_dir / 'runs'}"]
+    if launcher.get("name") and launcher.name != "basic":
+        cmd.append(f"hydra/launcher={launcher.name}")
+    cmd += format_overrides(launcher.get("overrides"))
+    cmd += list(hydra_args)
+    log.info("launching %d run(s): %s", len(pending), " ".join(cmd))
+    res = subprocess.run(cmd, cwd=repo_root())
+    failed = [s.name for s in pending if not job.is_done(out_dir / "runs" / s.name)]
+    if res.returncode != 0 or failed:
+        raise StudyError(f"training runs failed: {failed or 'see above'} (train.py exit status {res.returncode}); "
+                         f"logs in {out_dir / 'runs'}/<run>/; run the study again to continue")
+
+
+def split_extra(extra: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``--`` arguments: ``hydra...`` ones go to the multirun command, the rest to every run."""
+    hydra_args = [a for a in extra if a.lstrip("+~").startswith("hydra")]
+    return [a for a in extra if a not in hydra_args], hydra_args
+
+
+def run_study(name: str, overrides: Sequence[str] = (), extra: Sequence[str] = ()) -> Path:
+    """Run (or continue) study ``name``; return its folder."""
+    command = " ".join(["python -m melrecon.study", name, *overrides, *(["--", *extra] if extra else [])])
+    cfg = compose_study(name, overrides)
+    out_dir = Path(cfg.out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "study.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    log.info("study %s (preset %s) in %s", cfg.name, cfg.preset.name, out_dir)
+    if cfg.kind == "memory":
+        from melrecon.study import memory_study
+
+        memory_study.run(cfg, out_dir, command)
+        return out_dir
+
+    train_extra, hydra_args = split_extra(extra)
+    specs = run_specs(cfg, train_extra)
+    train_cfgs = {s.name: compose_train(s.overrides) for s in specs}
+    check_same_budget(train_cfgs)
+    for s in specs:
+        s.settings = {**run_settings(train_cfgs[s.name]), "n_params": count_parameters(train_cfgs[s.name])}
+        log.info("run %-12s %-24s %8d parameters  %s", s.name, s.label, s.settings["n_params"],
+                 ", ".join(f"{k}={v}" for k, v in s.settings.items() if k != "n_params"))
+    write_json(out_dir / "plan.json", {s.name: {"label": s.label, "overrides": s.overrides, **s.settings} for s in specs})
+
+    ref_cfg = train_cfgs[specs[0].name]
+    prepare_data(ref_cfg)
+    pending = plan_runs(specs, out_dir / "runs", str(cfg.get("resume", "last")))
+    if pending:
+        launch(pending, out_dir, cfg, hydra_args)
+
+    from melrecon.study import baseline_runs, report
+
+    baselines = baseline_runs.run_all(cfg, ref_cfg, out_dir)
+    report.write_report(cfg, out_dir, specs, baselines, command)
+    return out_dir
+
+
+def prepare_data(train_cfg: DictConfig) -> None:
+    """Generate the study's synthetic data once (checks an existing folder against the config)."""
+    import hydra
+
+    dm = hydra.utils.instantiate(train_cfg.data)
+    dm.prepare_data()
+
+
+__all__ = ["run_study", "plan_runs", "launch", "split_extra", "prepare_data"]
+
+
