@@ -1,0 +1,171 @@
+"""The ``memory_modes`` study: peak memory, step time and gradient agreement of the memory modes.
+
+For each network family (MoDL, reversible), data kind (3D slab, cine) and depth N, one training
+step per memory mode (standard, checkpoint, mel) on the same random problem, measured by
+``benchmarks/memory.py`` (its :func:`make_problem` and :func:`run_case`: autograd memory held
+for backward by :class:`melrecon.mel.MemoryProbe`, plus the CUDA allocator peak on a GPU; step
+time after ``warmup`` identical steps; gradients). The gradient of ``checkpoint`` and ``mel``
+is compared with ``standard``'s at the same N (largest relative error over the parameters).
+
+Outputs in the study folder: ``memory_modes.csv`` (one row per family, kind, N, mode),
+``memory_modes.png`` (memory and time against N), ``summary.md`` with the table and the checks
+the study exists for: reversible ``mel`` flat in N (max / min of its peak over N within
+``flat_tol``), ``standard`` linear in N (least-squares line, R^2), and MoDL ``mel``'s anchor
+count (the stored images that keep its inversion error below ``drift_tol``).
+Each (family, kind, N) group is stored in ``groups/`` when measured, so an interrupted study
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from melrecon.study import plots
+from melrecon.study.config import StudyError, repo_root
+from melrecon.study.files import read_json, write_csv, write_json, write_text
+from melrecon.study.report import machine_text
+
+log = logging.getLogger("melrecon.study")
+
+COLUMNS = ("family", "kind", "N", "mode", "probe_peak_MB", "cuda_peak_MB", "time_s", "grad_rel_err", "drift",
+           "anchors", "anchor_every", "fallbacks", "loss")
+MODES = ("standard", "checkpoint", "mel")
+
+
+def load_benchmark() -> ModuleType:
+    """``benchmarks/memory.py`` of the checkout (the one implementation of these measurements)."""
+    path = repo_root() / "benchmarks" / "memory.py"
+    if not path.is_file():
+        raise StudyError(f"the memory_modes study needs {path} (a melrecon checkout)")
+    if "melrecon_benchmark_memory" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("melrecon_benchmark_memory", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["melrecon_benchmark_memory"]
+
+
+def grad_rel_err(grads: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    """Largest relative error over parameters, ``||g - r|| / ||r||`` (as benchmarks/memory.py)."""
+    return max(float((g - r).norm()) / (float(r.norm()) or 1.0) for g, r in zip(grads, ref))
+
+
+def measure_group(bench: ModuleType, family: str, kind: str, n: int, m: DictConfig,
+                  problem: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """All memory modes of one (family, kind, N); gradients compared with ``standard``."""
+    ae = m.get("anchor_every", "auto")
+    opts = dict(width=int(m.width), depth=int(m.depth), lam=float(m.lam),
+                anchor_every=math.inf if ae is None else ae, drift_tol=float(m.drift_tol), share_weights=True)
+    rows, ref = [], None
+    for mode in m.modes:
+        row, grads = bench.run_case(family, kind, n, mode, problem, opts, int(m.warmup))
+        if mode == "standard":
+            ref = grads
+        row["grad_rel_err"] = 0.0 if mode == "standard" else (grad_rel_err(grads, ref) if ref else math.nan)
+        rows.append({k: row.get(k, math.nan) for k in COLUMNS})
+    return rows
+
+
+def linear_fit(n: list[float], y: list[float]) -> tuple[float, float, float]:
+    """Least-squares line ``y = a + b n``: (a, b, R^2)."""
+    b, a = np.polyfit(np.asarray(n, float), np.asarray(y, float), 1)
+    pred = a + b * np.asarray(n, float)
+    ss_res = float(((np.asarray(y) - pred) ** 2).sum())
+    ss_tot = float(((np.asarray(y) - np.mean(y)) ** 2).sum())
+    return float(a), float(b), 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+
+
+def checks(rows: list[dict[str, Any]], flat_tol: float) -> list[str]:
+    """The study's claims, each as a sentence saying whether it held."""
+    out = []
+    for family, kind in sorted({(r["family"], r["kind"]) for r in rows}):
+        sel = {mode: sorted((r for r in rows if (r["family"], r["kind"], r["mode"]) == (family, kind, mode)),
+                            key=lambda r: r["N"]) for mode in MODES}
+        if sel["standard"] and len(sel["standard"]) > 1:
+            a, b, r2 = linear_fit([r["N"] for r in sel["standard"]], [r["probe_peak_MB"] for r in sel["standard"]])
+            out.append(f"{family} {kind} standard: peak = {a:.3f} + {b:.4f} N MiB, R^2 = {r2:.5f} "
+                       f"({'linear' if r2 > 0.99 else 'NOT linear'} in N)")
+        mel = sel["mel"]
+        if mel and len(mel) > 1:
+            peaks = [r["probe_peak_MB"] for r in mel]
+            ratio = max(peaks) / min(peaks)
+            n0, n1 = mel[0]["N"], mel[-1]["N"]
+            if family == "rev":
+                ok = ratio <= 1 + flat_tol
+                out.append(f"{family} {kind} mel: peak {min(peaks):.3f}-{max(peaks):.3f} MiB for N = {n0}..{n1}, "
+                           f"max/min = {ratio:.3f}: {'flat' if ok else 'NOT flat'} within {flat_tol:.0%}, "
+                           f"{int(mel[-1]['anchors'])} anchors")
+            else:
+                out.append(f"{family} {kind} mel: {int(mel[-1]['anchors'])} anchors stored at N = {n1} "
+                           f"(spacing {mel[-1]['anchor_every']:.0f}); peak {peaks[0]:.3f} MiB at N = {n0}, "
+                           f"{peaks[-1]:.3f} MiB at N = {n1} (max/min {ratio:.2f}): the drift controller keeps "
+                           "an anchor every few unrolls, so MoDL mel memory grows with N/spacing, not flat")
+        errs = [r["grad_rel_err"] for mode in ("checkpoint", "mel") for r in sel[mode] if math.isfinite(r["grad_rel_err"])]
+        if errs:
+            out.append(f"{family} {kind}: largest gradient error of checkpoint/mel vs standard {max(errs):.1e}")
+    return out
+
+
+def markdown(cfg: DictConfig, rows: list[dict[str, Any]], lines: list[str], command: str) -> str:
+    m = cfg.memory
+    head = [f"# Study `{cfg.name}` (preset `{cfg.preset.name}`)", "", str(cfg.get("description") or "").strip(), "",
+            f"- Command: `{command}`", f"- Date: {time.strftime('%Y-%m-%d %H:%M')}", f"- Machine: {machine_text()}",
+            f"- Problem: slab {list(m.slab)} (X, Y, Z), cine {list(m.cine)} (T, X, Y), {m.coils} coils, {m.dtype}; "
+            f"CNNs width {m.width}, depth {m.depth}; lam {m.lam}; MoDL anchors `{m.anchor_every}` "
+            f"(drift_tol {m.drift_tol}); reversible: pure MEL, no anchors; {m.warmup} warm-up step(s); "
+            f"device {m.device or 'auto'}", "", "## Checks", ""] + [f"- {ln}" for ln in lines]
+    table = ["", "## Table", "", "peak MiB: bytes autograd held for backward (MemoryProbe); CUDA MiB: allocator peak "
+             "(GPU only); time: one training step (forward, loss, backward); grad err: largest relative gradient "
+             "error against `standard` at the same N; anchors: images MEL stored.", "",
+             "| family | kind | N | mode | peak MiB | CUDA MiB | time s | grad err | anchors |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        table.append(f"| {r['family']} | {r['kind']} | {r['N']} | {r['mode']} | {r['probe_peak_MB']:.3f} | "
+                     f"{r['cuda_peak_MB']:.1f} | {r['time_s']:.3f} | {r['grad_rel_err']:.1e} | "
+                     f"{r['anchors']:.0f} |".replace("nan", "n/a"))
+    return "\n".join(head + table + ["", "![memory_modes](memory_modes.png)", ""])
+
+
+def run(cfg: DictConfig, out_dir: Path, command: str = "") -> list[dict[str, Any]]:
+    m = cfg.memory
+    bench = load_benchmark()
+    device = str(m.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, str(m.dtype))
+    groups = out_dir / "groups"
+    rows: list[dict[str, Any]] = []
+    setup = OmegaConf.to_container(m, resolve=True)
+    for family in m.families:
+        for kind in m.kinds:
+            problem = None
+            for n in m.unrolls:
+                path = groups / f"{family}_{kind}_N{int(n):04d}.json"
+                if path.is_file() and read_json(path).get("setup") == setup:
+                    rows += read_json(path)["rows"]
+                    continue
+                if problem is None:
+                    sizes = m.slab if kind == "slab" else m.cine
+                    problem = bench.make_problem(kind, list(sizes), int(m.coils), dtype, device)
+                group = measure_group(bench, str(family), str(kind), int(n), m, problem)
+                for r in group:
+                    log.info("%s %s N=%d %-10s peak %.3f MiB, %.3f s, grad err %.1e, anchors %s", family, kind, n,
+                             r["mode"], r["probe_peak_MB"], r["time_s"], r["grad_rel_err"], r["anchors"])
+                write_json(path, {"setup": setup, "rows": group})
+                rows += group
+    write_csv(out_dir / "memory_modes.csv", rows, COLUMNS)
+    plots.memory_modes(rows, out_dir / "memory_modes.png")
+    lines = checks(rows, float(cfg.get("flat_tol", 0.05)))
+    write_text(out_dir / "summary.md", markdown(cfg, rows, lines, command))
+    for ln in lines:
+        log.info("%s", ln)
+    return rows
