@@ -22,6 +22,13 @@ data range.
   the app uses (``sigpy.app.LinearLeastSquares``: primal-dual hybrid gradient for TV,
   accelerated proximal gradient for wavelets).
 
+Both compressed-sensing solvers start from the least-squares (SENSE) solution after
+``init_iters`` conjugate-gradient iterations rather than from zero: with SigPy's step sizes
+the primal-dual solver moves slowly (its step is 1 / ||[A; G]||^2, and ||G||^2 is about 4 per
+differenced axis against ||A||^2 <= 1), so from zero it stops far from the minimiser within a
+practical iteration count (tiny synthetic cine, 200 iterations: 18.6 dB from zero, 20.3 dB
+from the SENSE start, CG-SENSE alone 19.4 dB). The start does not change the minimiser.
+
 Images are in the dataset's normalised units (targets O(1), data range 1), so one ``lam``
 grid serves every file; a study picks ``lam`` on the validation split.
 """
@@ -84,11 +91,22 @@ def cine_sense_linop(maps: np.ndarray, mask: np.ndarray, frames: int) -> sp.lino
 class _SigPyBaseline(nn.Module):
     """Shared loop: one SigPy problem per batch item, numpy complex64 in and out."""
 
-    def __init__(self, kind: str, lam: float, max_iter: int) -> None:
+    def __init__(self, kind: str, lam: float, max_iter: int = 100, init_iters: int = 20) -> None:
         super().__init__()
-        if lam < 0 or max_iter < 1:
-            raise ValueError(f"{type(self).__name__}: lam must be >= 0 and max_iter >= 1, got {lam}, {max_iter}")
+        if lam < 0 or max_iter < 1 or init_iters < 0:
+            raise ValueError(f"{type(self).__name__}: lam must be >= 0, max_iter >= 1 and init_iters >= 0, "
+                             f"got {lam}, {max_iter}, {init_iters}")
         self.kind, self.lam, self.max_iter = _check_kind(kind), float(lam), int(max_iter)
+        self.init_iters = int(init_iters)
+
+    def start(self, A: sp.linop.Linop | None, y: np.ndarray, maps: np.ndarray,
+              weights: np.ndarray | None = None) -> np.ndarray | None:
+        """The SENSE least-squares solution after ``init_iters`` CG iterations (None: start at 0)."""
+        if self.init_iters == 0:
+            return None
+        if A is None:  # volume3d: SigPy's SENSE app on the 3D k-space
+            return sigpy.mri.app.SenseRecon(y, maps, weights=weights, max_iter=self.init_iters, show_pbar=False).run()
+        return sp.app.LinearLeastSquares(A, y, max_iter=self.init_iters, show_pbar=False).run()
 
     def forward(self, x0: Tensor, kspace: Tensor, maps: Tensor, mask: Tensor) -> Tensor:
         out = [self.solve_item(*(t[b].detach().cpu().numpy() for t in (kspace, maps, mask)))
@@ -108,38 +126,40 @@ def _volume_problem(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray) -> t
 class L1Wavelet(_SigPyBaseline):
     """L1-wavelet compressed sensing (see the module doc), ``wave_name`` a PyWavelets name."""
 
-    def __init__(self, kind: str, lam: float, max_iter: int = 100, wave_name: str = "db4") -> None:
-        super().__init__(kind, lam, max_iter)
+    def __init__(self, kind: str, lam: float, max_iter: int = 100, init_iters: int = 20,
+                 wave_name: str = "db4") -> None:
+        super().__init__(kind, lam, max_iter, init_iters)
         self.wave_name = wave_name
 
     def solve_item(self, kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
         if self.kind == "volume3d":
             y, weights = _volume_problem(kspace, maps, mask)
             app = sigpy.mri.app.L1WaveletRecon(y, maps, self.lam, weights=weights, wave_name=self.wave_name,
-                                               max_iter=self.max_iter, show_pbar=False)
+                                               x=self.start(None, y, maps, weights), max_iter=self.max_iter,
+                                               show_pbar=False)
             return app.run()
         A = cine_sense_linop(maps, mask, kspace.shape[1])
         W = sp.linop.Wavelet(A.ishape, wave_name=self.wave_name)
         proxg = sp.prox.UnitaryTransform(sp.prox.L1Reg(W.oshape, self.lam), W)
-        return sp.app.LinearLeastSquares(A, kspace, proxg=proxg, max_iter=self.max_iter, show_pbar=False).run()
+        return sp.app.LinearLeastSquares(A, kspace, x=self.start(A, kspace, maps), proxg=proxg,
+                                         max_iter=self.max_iter, show_pbar=False).run()
 
 
 class TotalVariation(_SigPyBaseline):
     """Total-variation compressed sensing: over (x, y, z) for volumes, (t, x, y) for cine."""
 
-    def __init__(self, kind: str, lam: float, max_iter: int = 100) -> None:
-        super().__init__(kind, lam, max_iter)
-
     def solve_item(self, kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
         if self.kind == "volume3d":
             y, weights = _volume_problem(kspace, maps, mask)
-            app = sigpy.mri.app.TotalVariationRecon(y, maps, self.lam, weights=weights, max_iter=self.max_iter,
+            app = sigpy.mri.app.TotalVariationRecon(y, maps, self.lam, weights=weights,
+                                                    x=self.start(None, y, maps, weights), max_iter=self.max_iter,
                                                     show_pbar=False)
             return app.run()
         A = cine_sense_linop(maps, mask, kspace.shape[1])
         G = sp.linop.FiniteDifference(A.ishape, axes=(0, 1, 2))
         proxg = sp.prox.L1Reg(G.oshape, self.lam)
-        return sp.app.LinearLeastSquares(A, kspace, proxg=proxg, G=G, max_iter=self.max_iter, show_pbar=False).run()
+        return sp.app.LinearLeastSquares(A, kspace, x=self.start(A, kspace, maps), proxg=proxg, G=G,
+                                         max_iter=self.max_iter, show_pbar=False).run()
 
 
 #: Baseline name in a study config -> constructor of (kind, **options without the lam grid).
