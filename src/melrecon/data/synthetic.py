@@ -67,10 +67,11 @@ def _add_noise(kspace: np.ndarray, image: np.ndarray, snr: float, rng: np.random
     return kspace + noise * (sigma / np.sqrt(2))
 
 
-def make_knee_case(shape: tuple[int, int, int], coils: int, snr: float, seed: int | np.random.SeedSequence) -> dict[str, np.ndarray]:
+def make_knee_case(shape: tuple[int, int, int], coils: int, snr: float, seed: int | np.random.SeedSequence,
+                   phantom_version: int = 1) -> dict[str, np.ndarray]:
     """One knee3d scan: ``kspace``/``maps`` (C, X, Y, Z) hybrid x-ky-kz, ``target`` (X, Y, Z)."""
     rng = np.random.default_rng(seed)
-    image = knee_volume(tuple(shape), rng)
+    image = knee_volume(tuple(shape), rng, version=phantom_version)
     maps = birdcage_maps((coils, *shape), r=rng.uniform(1.2, 1.8)).numpy().astype(np.complex128)
     kspace = fftc_np(maps * image[None], axes=(-2, -1))  # X stays in image space (hybrid)
     kspace = _add_noise(kspace, image, snr, rng)
@@ -80,11 +81,12 @@ def make_knee_case(shape: tuple[int, int, int], coils: int, snr: float, seed: in
 
 def make_cine_case(
     shape: tuple[int, int], frames: int, slices: int, coils: int, snr: float, respiration: float,
-    seed: int | np.random.SeedSequence,
+    seed: int | np.random.SeedSequence, phantom_version: int = 1,
 ) -> dict[str, np.ndarray]:
     """One cine scan: ``kspace`` (S, C, T, X, Y), ``maps`` (S, C, X, Y), ``target`` (S, T, X, Y)."""
     rng = np.random.default_rng(seed)
-    images = np.stack([cine_series(frames, tuple(shape), rng, respiration) for _ in range(slices)])
+    images = np.stack([cine_series(frames, tuple(shape), rng, respiration, version=phantom_version)
+                       for _ in range(slices)])
     maps = np.stack(
         [birdcage_maps((coils, *shape), r=rng.uniform(1.2, 1.8)).numpy() for _ in range(slices)]
     ).astype(np.complex128)
@@ -102,6 +104,11 @@ def describe(kind: str, preset: str, seed: int, params: dict[str, Any]) -> dict[
     return json.loads(json.dumps({"kind": kind, "preset": preset, "seed": int(seed), "params": params}))
 
 
+#: Options that no preset sets; they join a dataset's parameters (and its ``synthetic.json``
+#: identity) only when given, so datasets generated before the option existed stay valid.
+OPTIONAL = {"phantom_version": (1, 2)}  # phantoms.py: 2 adds fine through-plane / textured structure
+
+
 def resolve_preset(kind: str, preset: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The preset's parameters with ``overrides`` (None values ignored) applied."""
     if kind not in PRESETS:
@@ -112,8 +119,11 @@ def resolve_preset(kind: str, preset: str, overrides: dict[str, Any] | None = No
     for key, value in (overrides or {}).items():
         if value is None:
             continue
-        if key not in params:
-            raise ValueError(f"unknown synthetic option {key!r} for {kind}; known: {sorted(params)}")
+        if key in OPTIONAL:
+            if value not in OPTIONAL[key]:
+                raise ValueError(f"synthetic option {key} must be one of {OPTIONAL[key]}, got {value!r}")
+        elif key not in params:
+            raise ValueError(f"unknown synthetic option {key!r} for {kind}; known: {sorted([*params, *OPTIONAL])}")
         params[key] = tuple(value) if key == "shape" else value
     return params
 
@@ -153,11 +163,12 @@ def generate_dataset(
             source = f"melrecon.data.synthetic kind={kind} preset={preset} seed={seed} split={split} case={i} params={params}"
             name = f"{kind}_{split}_{i:04d}.h5"
             if kind == "knee3d":
-                case = make_knee_case(params["shape"], params["coils"], params["snr"], ss)
+                case = make_knee_case(params["shape"], params["coils"], params["snr"], ss,
+                                      params.get("phantom_version", 1))
                 write_scan(tmp / split / name, **case, kind="volume3d", source=source)
             else:
                 case = make_cine_case(params["shape"], params["frames"], params["slices"], params["coils"],
-                                      params["snr"], params["respiration"], ss)
+                                      params["snr"], params["respiration"], ss, params.get("phantom_version", 1))
                 write_scan(tmp / split / name, **case, kind="cine", source=source)
             files[split].append(root / split / name)
         for split in SPLITS:
@@ -185,9 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--snr", type=float, help="mean object magnitude / noise std (0 = no noise)")
     parser.add_argument("--shape", type=int, nargs="+", help="(X Y Z) for knee3d, (X Y) for cine")
     parser.add_argument("--frames", type=int, help="cine frames")
+    parser.add_argument("--phantom-version", type=int, choices=(1, 2),
+                        help="2: fine through-plane structures and textures (melrecon.data.phantoms)")
     args = parser.parse_args(argv)
     overrides = dict(num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
-                     coils=args.coils, snr=args.snr, shape=args.shape)
+                     coils=args.coils, snr=args.snr, shape=args.shape, phantom_version=args.phantom_version)
     if args.kind == "cine":
         overrides["frames"] = args.frames
     try:
