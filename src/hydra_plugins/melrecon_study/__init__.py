@@ -1,0 +1,1 @@
+"""melrecon's Hydra plugins: the study run-list sweeper (run_list_sweeper.py)."""

@@ -31,10 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s", datefmt="%H:%M:%S")
     from melrecon.study.runner import run_study
 
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         out = run_study(name, overrides, extra)
-    except StudyError as err:
-        print(f"melrecon.study: error: {err}", file=sys.stderr)
+    except (StudyError, HydraException, OmegaConfBaseException) as err:  # config mistakes: one line
+        print(f"melrecon.study: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     print(f"study {name}: {out / 'summary.md'}")
     return 0

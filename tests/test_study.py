@@ -1,0 +1,289 @@
+"""Studies (melrecon.study): statistics against SciPy, overrides, budget checks, resume planning,
+baselines on tiny problems (same masks as the networks, better than zero-filled), and every
+shipped study end to end at the tiny preset."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from conftest import CONF
+
+from melrecon.data.subsample import MaskSampler, cine_mask, volume_mask
+from melrecon.data.synthetic import generate_dataset
+from melrecon.physics.sense import SenseOperator
+from melrecon.study import adapter, stats
+from melrecon.study.baseline_runs import WHOLE_VOLUME, choose_lam
+from melrecon.study.baselines import CGSense, L1Wavelet, TotalVariation, ZeroFilled, build_baseline, cine_sense_linop
+from melrecon.study.config import (
+    RunSpec, StudyError, check_same_budget, compose_study, compose_train, format_overrides, run_specs,
+)
+from melrecon.study.runner import plan_runs
+
+STUDIES = sorted(p.stem for p in (CONF / "study").glob("*.yaml"))
+
+
+# ---------------------------------------------------------------------- statistics
+def test_paired_t_interval_matches_scipy():
+    rng = np.random.default_rng(0)
+    a = rng.normal(30, 2, 12)
+    b = a - rng.normal(0.5, 0.4, 12)
+    d = stats.paired_difference(a, b)
+    ref = scipy.stats.ttest_rel(a, b)
+    ci = ref.confidence_interval(0.95)
+    assert d.n == 12 and d.mean == pytest.approx(np.mean(a - b), rel=1e-12)
+    assert (d.t_low, d.t_high) == pytest.approx((ci.low, ci.high), rel=1e-10)
+    assert d.p_value == pytest.approx(ref.pvalue, rel=1e-10)
+    lo, hi = scipy.stats.t.interval(0.9, 11, loc=np.mean(a - b), scale=scipy.stats.sem(a - b))
+    assert stats.t_interval(a - b, 0.9) == pytest.approx((lo, hi), rel=1e-10)
+
+
+def test_bootstrap_interval_is_seeded_and_near_t_for_large_normal_samples():
+    d = np.random.default_rng(1).normal(0.3, 1.0, 400)
+    boot = stats.bootstrap_interval(d, seed=3)
+    assert boot == stats.bootstrap_interval(d, seed=3)  # reproducible
+    t = stats.t_interval(d)
+    assert boot[0] < d.mean() < boot[1]
+    assert (boot[1] - boot[0]) == pytest.approx(t[1] - t[0], rel=0.1)  # CLT: both ~ 3.92 sd / sqrt(n)
+    assert stats.bootstrap_interval([0.2, 0.2, 0.2]) == (0.2, 0.2)
+
+
+def test_no_interval_below_two_volumes_and_summary_uses_sample_std():
+    d = stats.paired_difference([1.0], [0.5])
+    assert d.n == 1 and d.mean == 0.5 and math.isnan(d.t_low) and math.isnan(d.boot_high)
+    assert "no CI" in d.fmt()
+    s = stats.summarize([1.0, 2.0, 4.0])
+    assert s.std == pytest.approx(np.std([1, 2, 4], ddof=1)) and s.n == 3
+    assert math.isnan(stats.summarize([3.0]).std)
+    with pytest.raises(ValueError, match="equal length"):
+        stats.paired_difference([1.0, 2.0], [1.0])
+
+
+# ---------------------------------------------------------------------- configs
+def test_overrides_round_trip_through_hydras_parser():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    values = {"a.b": [4, 6], "c": None, "d": "two words", "e": True, "f": 1.0e-4, "g": "${paths.data_dir}/x",
+              "+h": "plain"}
+    parsed = OverridesParser.create().parse_overrides(format_overrides(values))
+    got = {("+" if o.is_add() else "") + o.key_or_group: o.value() for o in parsed}
+    assert got == {"a.b": [4, 6], "c": None, "d": "two words", "e": True, "f": 1.0e-4,
+                   "g": "${paths.data_dir}/x", "+h": "plain"}
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_every_study_composes_at_every_preset(name):
+    for preset in ("tiny", "cpu", "paper"):
+        cfg = compose_study(name, [f"preset={preset}"])
+        assert cfg.preset.name == preset
+        if cfg.kind == "training":
+            specs = run_specs(cfg)
+            assert specs and all(any(o.startswith("++trainer.max_steps=") for o in s.overrides) for s in specs)
+
+
+def test_runs_must_share_data_and_budget():
+    cfg = compose_study("knee3d_vs_2d", ["preset=tiny"])
+    specs = run_specs(cfg)
+    good = {s.name: compose_train(s.overrides) for s in specs}
+    check_same_budget(good)
+    bad = dict(good)
+    bad["slice2d"] = compose_train([*specs[1].overrides, "data.calib=3"])
+    with pytest.raises(StudyError, match="differ in data"):
+        check_same_budget(bad)
+    bad["slice2d"] = compose_train([*specs[1].overrides, "module.optimizer.lr=0.5"])
+    with pytest.raises(StudyError, match="module.optimizer"):
+        check_same_budget(bad)
+
+
+def test_study_config_errors_name_the_field():
+    with pytest.raises(StudyError, match="unknown study 'nope'"):
+        compose_study("nope")
+    with pytest.raises(StudyError, match="max_steps"):
+        compose_study("knee3d_vs_2d", ["preset=tiny", "budget.max_steps=5", "budget.val_every=2"])
+    with pytest.raises(StudyError, match="reference"):
+        compose_study("knee3d_vs_2d", ["preset=tiny", "reference=nothing"])
+    from melrecon.study.__main__ import main
+
+    assert main(["nope"]) == 2
+
+
+def test_plan_skips_finished_resumes_unfinished_and_refuses_foreign_runs(tmp_path):
+    specs = [RunSpec(n, n, [f"x={n}"]) for n in ("done", "ckpt", "broken", "fresh")]
+    (tmp_path / "done" / "study").mkdir(parents=True)
+    (tmp_path / "done" / "study" / "done.json").write_text(json.dumps({"overrides": ["x=done"]}))
+    (tmp_path / "ckpt" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "ckpt" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "partial.log").write_text("killed")
+    pending = {s.name: s.overrides for s in plan_runs(specs, tmp_path, "last")}
+    assert set(pending) == {"ckpt", "broken", "fresh"}
+    assert pending["ckpt"][-1] == f"ckpt_path={tmp_path / 'ckpt' / 'checkpoints' / 'last.ckpt'}"
+    assert pending["broken"] == ["x=broken"] and not (tmp_path / "broken").exists()  # removed, restarts clean
+    restart = {s.name: s.overrides for s in plan_runs(specs, tmp_path, "restart")}
+    assert restart["ckpt"] == ["x=ckpt"] and not (tmp_path / "ckpt").exists()
+    (tmp_path / "done" / "study" / "done.json").write_text(json.dumps({"overrides": ["x=other"]}))
+    with pytest.raises(StudyError, match="other overrides"):
+        plan_runs(specs, tmp_path, "last")
+
+
+def test_run_list_sweeper_rejects_bad_lists(tmp_path):
+    from hydra_plugins.melrecon_study.run_list_sweeper import read_runs
+
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps({"runs": [{"name": "a", "overrides": []}, {"name": "a", "overrides": []}]}))
+    with pytest.raises(ValueError, match="repeated"):
+        read_runs(path)
+    path.write_text(json.dumps({"runs": [{"name": "a/b", "overrides": []}]}))
+    with pytest.raises(ValueError, match="folder name"):
+        read_runs(path)
+
+
+# ---------------------------------------------------------------------- baselines
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("baseline_data")
+    files = {}
+    for kind, folder in (("knee3d", "knee"), ("cine", "cine")):
+        generate_dataset(root / folder, kind, preset="tiny", progress=False)
+        files[kind] = sorted((root / folder / "test").glob("*.h5"))[0]
+    return files
+
+
+def _settings(kind: str, **over):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"data": {"_target_": "melrecon.data.datamodule.KspaceDataModule",
+                                     "kind": "volume3d" if kind == "knee3d" else "cine", "root": ".",
+                                     "slab_size": 4, "accelerations": [4], "eval_acceleration": 4, "calib": 4}})
+    return adapter.eval_settings(cfg, **over)
+
+
+def test_cine_linop_equals_the_networks_operator(tiny_files):
+    item = _settings("cine").dataset([tiny_files["cine"]], train=False)[0]
+    A = cine_sense_linop(item["maps"].numpy(), item["mask"].numpy(), item["kspace"].shape[1])
+    op = SenseOperator(item["maps"][None], item["mask"][None])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(item["target"].shape, dtype=torch.complex64, generator=g)
+    y = torch.randn(item["kspace"].shape, dtype=torch.complex64, generator=g)
+    np.testing.assert_allclose(A(x.numpy()), op.forward(x[None])[0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(A.H(y.numpy()), op.adjoint(y[None])[0].numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["knee3d", "cine"])
+def test_baselines_see_the_networks_masks(tiny_files, kind):
+    """Baselines (whole volumes) and networks (slabs) get the mask the data layer draws from the
+    file name's seed."""
+    path = tiny_files[kind]
+    whole = adapter.reconstruct_file(ZeroFilled(), _settings(kind, slab_size=WHOLE_VOLUME), path)
+    slabs = adapter.reconstruct_file(ZeroFilled(), _settings(kind), path)
+    np.testing.assert_array_equal(whole.mask, slabs.mask)
+    np.testing.assert_array_equal(whole.zero_filled, slabs.zero_filled)
+    accel, seed = MaskSampler([4.0], train=False, eval_acceleration=4)(path.name, "" if kind == "knee3d" else "#0")
+    if kind == "knee3d":
+        expected = volume_mask(whole.target.shape[1:], accel, 4, "poisson", seed)[0, 0]  # (Y, Z)
+    else:  # file with a slice axis: mask (S, T, Y); slice 0
+        expected = cine_mask(whole.target.shape[-3], whole.target.shape[-1], accel, 4, "vd_kt", seed)[0, :, 0]
+    np.testing.assert_array_equal(whole.mask.reshape(-1, *expected.shape)[0], expected.numpy())
+
+
+@pytest.mark.parametrize("kind", ["knee3d", "cine"])
+def test_cg_sense_and_compressed_sensing_beat_zero_filled(tiny_files, kind):
+    settings = _settings(kind, slab_size=WHOLE_VOLUME)
+    data_kind = "volume3d" if kind == "knee3d" else "cine"
+    psnr = {}
+    for name, model in {"zf": ZeroFilled(), "cg": CGSense(0.0, max_iter=10),
+                        "l1": L1Wavelet(data_kind, 1e-3, max_iter=30), "tv": TotalVariation(data_kind, 1e-3, max_iter=30)}.items():
+        res = adapter.reconstruct_file(model, settings, tiny_files[kind])
+        psnr[name] = adapter.volume_metrics(res.reconstruction, res.target, res.data_range)["psnr"]
+    assert psnr["cg"] > psnr["zf"] + 1.0, psnr
+    assert psnr["l1"] > psnr["zf"] + 1.0 and psnr["tv"] > psnr["zf"] + 1.0, psnr
+
+
+def test_volume_metrics_equal_reconstructs_metrics(tiny_files):
+    from melrecon.reconstruct import scan_metrics
+
+    res = adapter.reconstruct_file(CGSense(0.0, max_iter=5), _settings("knee3d"), tiny_files["knee3d"])
+    ours = adapter.volume_metrics(res.reconstruction, res.target, res.data_range)
+    theirs = scan_metrics(res.reconstruction, res.zero_filled, res.target, res.data_range)
+    assert ours == pytest.approx({k: theirs[k] for k in ("psnr", "ssim", "nmse")}, rel=1e-12)
+
+
+def test_choose_lam_and_bad_baselines():
+    rows = [{"lam": 0.1, "ssim": 0.8, "nmse": 0.2}, {"lam": 0.1, "ssim": 0.9, "nmse": 0.1},
+            {"lam": 1.0, "ssim": 0.7, "nmse": 0.05}, {"lam": 1.0, "ssim": 0.7, "nmse": 0.05}]
+    assert choose_lam(rows, "ssim")[0] == 0.1
+    assert choose_lam(rows, "nmse")[0] == 1.0
+    with pytest.raises(ValueError, match="unknown baseline"):
+        build_baseline("magic", "cine", 1.0)
+    with pytest.raises(ValueError, match="kind"):
+        build_baseline("tv", "radial", 1.0)
+
+
+# ---------------------------------------------------------------------- studies end to end
+@pytest.fixture
+def study_env(monkeypatch, data_dir):
+    monkeypatch.setenv("MELRECON_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONWARNINGS", "ignore")
+
+
+def _check_training_outputs(out: Path, methods: set[str]) -> None:
+    import csv
+
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    volumes = {r["volume"] for r in rows}
+    assert {r["method"] for r in rows} == methods
+    assert len(rows) == len(methods) * len(volumes) * 3  # method x volume x metric
+    assert all(math.isfinite(float(r["value"])) for r in rows)
+    text = (out / "summary.md").read_text()
+    assert "## Comparisons" in text and "Δ PSNR" in text
+    for png in ("metrics_by_method.png", "panel.png"):
+        assert (out / png).stat().st_size > 1000, png
+
+
+@pytest.mark.slow
+def test_knee3d_vs_2d_tiny_end_to_end_and_rerun_skips(study_env, tmp_path, caplog):
+    from melrecon.study.runner import run_study
+
+    out = run_study("knee3d_vs_2d", ["preset=tiny", f"out_dir={tmp_path / 'knee'}"])
+    _check_training_outputs(out, {"slab3d", "slice2d", "zero_filled", "cg_sense", "l1_wavelet", "tv"})
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["slab3d"]["n_params"] > 0 and plan["slice2d"]["n_params"] > 0
+    assert "| 3D slab MoDL | MoDL, N=2, 3D CNN 4x3" in (out / "summary.md").read_text()
+    markers = {p: p.stat().st_mtime_ns for p in out.rglob("done.json")}
+    assert len(markers) == 6
+    results = (out / "results.csv").read_text()
+    with caplog.at_level("INFO", logger="melrecon.study"):
+        run_study("knee3d_vs_2d", ["preset=tiny", f"out_dir={tmp_path / 'knee'}"])
+    assert "launching" not in caplog.text and caplog.text.count("finished, skipped") == 6
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("done.json")} == markers
+    assert (out / "results.csv").read_text() == results
+
+
+@pytest.mark.slow
+def test_cine_depth_tiny_end_to_end(study_env, tmp_path):
+    from melrecon.study.runner import run_study
+
+    out = run_study("cine_depth", ["preset=tiny", f"out_dir={tmp_path / 'cine'}"])
+    _check_training_outputs(out, {"modl2", "modl5", "modl10", "modl20", "rev10", "rev20", "rev50",
+                                  "zero_filled", "cg_sense", "tv"})
+    for png in ("psnr_vs_unrolls.png", "cost_vs_unrolls.png"):
+        assert (out / png).stat().st_size > 1000, png
+
+
+@pytest.mark.slow
+def test_memory_modes_tiny_shows_flat_reversible_mel_and_linear_standard(study_env, tmp_path):
+    from melrecon.study.runner import run_study
+
+    out = run_study("memory_modes", ["preset=tiny", f"out_dir={tmp_path / 'mem'}", "memory.unrolls=[1,100]"])
+    text = (out / "summary.md").read_text()
+    assert "rev cine mel:" in text and "flat within 5%" in text and "NOT flat" not in text
+    assert "rev cine standard:" in text and "(linear in N)" in text and "NOT linear" not in text
+    assert "modl cine mel:" in text and "anchors stored at N = 100" in text
+    assert (out / "memory_modes.png").stat().st_size > 1000
