@@ -88,9 +88,16 @@ def check_study(cfg: DictConfig) -> None:
     methods = set(runs) | set(baselines)
     if cfg.get("reference") not in methods:
         raise StudyError(f"study {cfg.name}: reference {cfg.get('reference')!r} is not a run or baseline {sorted(methods)}")
+    named = set(cfg.get("runs") or {}) | set(cfg.get("baselines") or {})  # including dropped (null) ones
     for i, pair in enumerate(cfg.get("comparisons") or []):
-        if len(pair) != 2 or any(m not in methods for m in pair):
+        if len(pair) != 2 or any(m not in named for m in pair):
             raise StudyError(f"study {cfg.name}: comparisons[{i}] = {list(pair)} must name two of {sorted(methods)}")
+
+
+def comparisons(cfg: DictConfig) -> list[tuple[str, str]]:
+    """The study's comparisons between methods it runs (those naming a dropped method are left out)."""
+    active = set(_entries(cfg.get("runs"))) | set(_entries(cfg.get("baselines")))
+    return [(str(a), str(b)) for a, b in cfg.get("comparisons") or [] if a in active and b in active]
     b = cfg.budget
     for key in ("seed", "max_steps", "val_every", "lr"):
         if b.get(key) is None:

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from melrecon.study import plots
-from melrecon.study.config import RunSpec, StudyError
+from melrecon.study.config import RunSpec, StudyError, comparisons
 from melrecon.study.files import write_csv, write_text
 from melrecon.study.results import METRICS, MethodResult, load_run
 from melrecon.study.stats import PairedDifference, paired_difference, summarize
@@ -130,7 +130,7 @@ def markdown(cfg: DictConfig, methods: Sequence[MethodResult], rows: Sequence[di
               "(CUDA allocator peak on a GPU; on a CPU the process's resident memory, which includes "
               "Python and the data). step s: median training step time. recon s/vol: test reconstruction "
               "time per volume (baselines: on the CPU, one volume at a time).", ""]
-    comps = [tuple(p) for p in cfg.get("comparisons") or []]
+    comps = comparisons(cfg)
     if comps:
         lines += ["## Comparisons (paired per-volume differences a - b on the test split)", "",
                   "| a - b | Δ PSNR dB [t 95% CI] | bootstrap 95% CI | p | PSNR verdict | Δ SSIM [t 95% CI] | "
