@@ -92,12 +92,6 @@ def check_study(cfg: DictConfig) -> None:
     for i, pair in enumerate(cfg.get("comparisons") or []):
         if len(pair) != 2 or any(m not in named for m in pair):
             raise StudyError(f"study {cfg.name}: comparisons[{i}] = {list(pair)} must name two of {sorted(methods)}")
-
-
-def comparisons(cfg: DictConfig) -> list[tuple[str, str]]:
-    """The study's comparisons between methods it runs (those naming a dropped method are left out)."""
-    active = set(_entries(cfg.get("runs"))) | set(_entries(cfg.get("baselines")))
-    return [(str(a), str(b)) for a, b in cfg.get("comparisons") or [] if a in active and b in active]
     b = cfg.budget
     for key in ("seed", "max_steps", "val_every", "lr"):
         if b.get(key) is None:
@@ -112,6 +106,12 @@ def comparisons(cfg: DictConfig) -> list[tuple[str, str]]:
     for name, run in runs.items():
         if not run.get("experiment"):
             raise StudyError(f"study {cfg.name}: runs.{name}.experiment is missing")
+
+
+def comparisons(cfg: DictConfig) -> list[tuple[str, str]]:
+    """The study's comparisons between methods it runs (those naming a dropped method are left out)."""
+    active = set(_entries(cfg.get("runs"))) | set(_entries(cfg.get("baselines")))
+    return [(str(a), str(b)) for a, b in cfg.get("comparisons") or [] if a in active and b in active]
 
 
 _PLAIN = re.compile(r"^[\w.\-+/:${}]*$")
