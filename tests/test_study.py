@@ -248,7 +248,7 @@ def _check_training_outputs(out: Path, methods: set[str]) -> None:
 
 
 @pytest.mark.slow
-def test_knee3d_vs_2d_tiny_end_to_end_and_rerun_skips(study_env, tmp_path, caplog):
+def test_knee3d_vs_2d_tiny_end_to_end_and_rerun_skips(study_env, tmp_path, caplog, monkeypatch):
     from melrecon.study.runner import run_study
 
     out = run_study("knee3d_vs_2d", ["preset=tiny", f"out_dir={tmp_path / 'knee'}"])
@@ -259,11 +259,18 @@ def test_knee3d_vs_2d_tiny_end_to_end_and_rerun_skips(study_env, tmp_path, caplo
     markers = {p: p.stat().st_mtime_ns for p in out.rglob("done.json")}
     assert len(markers) == 6
     results = (out / "results.csv").read_text()
+    # rerun with W&B on (offline): nothing is retrained (the logger is not part of a run's
+    # identity), the report is rebuilt and its tables go to W&B
+    monkeypatch.setenv("WANDB_MODE", "offline")
     with caplog.at_level("INFO", logger="melrecon.study"):
-        run_study("knee3d_vs_2d", ["preset=tiny", f"out_dir={tmp_path / 'knee'}"])
+        run_study("knee3d_vs_2d", ["preset=tiny", f"out_dir={tmp_path / 'knee'}", "wandb.enabled=true"])
     assert "launching" not in caplog.text and caplog.text.count("finished, skipped") == 6
     assert {p: p.stat().st_mtime_ns for p in out.rglob("done.json")} == markers
     assert (out / "results.csv").read_text() == results
+    tables = sorted(out.glob("wandb/offline-run-*/files/media/table/study/summary_*.table.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    assert table["columns"][:2] == ["method", "label"] and len(table["data"]) == 6
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed (clusters, CI)
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from melrecon.study.results import MethodResult  # noqa: E402
@@ -45,6 +46,9 @@ def psnr_vs_unrolls(methods: Sequence[MethodResult], path: Path, metric: str = "
     for i, m in enumerate(b for b in methods if b.group == "baseline"):
         ax.axhline(summarize(_values(m, metric)).mean, ls="--", lw=1, color=f"C{i + 3}", label=m.label)
     ax.set_xscale("log")
+    depths = sorted({m.settings["num_unrolls"] for m in nets})
+    ax.set_xticks(depths, [str(n) for n in depths])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel("unrolls N")
     ax.set_ylabel(f"test {metric.upper()}" + (" (dB)" if metric == "psnr" else ""))
     ax.set_title(f"{metric.upper()} vs depth (mean, 95% CI over test volumes)", fontsize=9)

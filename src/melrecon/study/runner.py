@@ -38,6 +38,12 @@ from melrecon.study.files import read_json, write_json, write_text
 log = logging.getLogger("melrecon.study")
 
 
+def run_identity(overrides: Sequence[str]) -> list[str]:
+    """The overrides that define what a run computes: all but the logger (switching W&B on for
+    a finished study must not retrain it) and the ckpt_path of a resumed run."""
+    return [o for o in overrides if not o.startswith(("logger=", "ckpt_path="))]
+
+
 def plan_runs(specs: Sequence[RunSpec], runs_dir: Path, resume: str) -> list[RunSpec]:
     """The runs still to do, with ``ckpt_path=`` added where an unfinished run can continue.
 
@@ -50,7 +56,7 @@ def plan_runs(specs: Sequence[RunSpec], runs_dir: Path, resume: str) -> list[Run
         marker = job.study_dir(run_dir) / job.DONE
         if marker.is_file():
             made_with = read_json(marker).get("overrides")
-            if made_with != spec.overrides:
+            if run_identity(made_with or []) != run_identity(spec.overrides):
                 raise StudyError(f"{run_dir} holds a finished run made with other overrides ({made_with}); "
                                  "delete it or choose another out_dir")
             log.info("run %s: finished, skipped", spec.name)
