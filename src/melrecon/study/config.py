@@ -15,10 +15,11 @@ A study config (Hydra, its own tree ``conf/study/``) has::
     score: {device, batch_size, panel_index}, resume: last | restart, wandb: {enabled, project}
 
 ``conf/study/preset/{tiny,cpu,paper}.yaml`` holds what every study shares at a preset (``train``
-overrides, e.g. the tiny synthetic data), ``conf/study/NAME/{preset}.yaml`` the study's sizes at
-that preset. A run's ``train.py`` overrides are, in this order: ``+experiment=...``, the study's
-``train``, the preset's ``train``, the run's ``overrides``, then the budget (so a run cannot
-change it) and the logger. :func:`check_same_budget` composes every run's training config and
+overrides, e.g. the tiny data settings, and ``synthetic``: the synthetic dataset's options, merged
+into ``data.synthetic``; ``preset.synthetic=null`` for real data), ``conf/study/NAME/{preset}.yaml``
+the study's sizes at that preset. A run's ``train.py`` overrides are, in this order:
+``+experiment=...``, the study's ``train``, the preset's ``train`` and ``synthetic``, the run's
+``overrides``, the ``--`` arguments, then the budget (so a run cannot change it) and the logger. :func:`check_same_budget` composes every run's training config and
 refuses a study whose runs differ in data, seed, steps, validation, optimizer, schedule or loss.
 """
 
@@ -167,11 +168,13 @@ class RunSpec:
 def run_specs(cfg: DictConfig, extra: Sequence[str] = ()) -> list[RunSpec]:
     """The study's runs in config order; ``extra`` overrides go to every run (before the budget)."""
     logger = "logger=wandb_csv" if cfg.get("wandb", {}).get("enabled") else "logger=csv"
-    preset_train = (cfg.get("preset") or {}).get("train")
+    preset = cfg.get("preset") or {}
+    synthetic = preset.get("synthetic")
+    data = [f"++data.synthetic={format_value(synthetic)}"] if synthetic else []
     specs = []
     for name, run in _entries(cfg.runs).items():
         overrides = [f"+experiment={run.experiment}", *format_overrides(cfg.get("train")),
-                     *format_overrides(preset_train), *format_overrides(run.get("overrides")), *extra,
+                     *format_overrides(preset.get("train")), *data, *format_overrides(run.get("overrides")), *extra,
                      *budget_overrides(cfg.budget), logger]
         specs.append(RunSpec(name=str(name), label=str(run.get("label") or name), overrides=overrides))
     return specs
