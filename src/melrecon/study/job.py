@@ -118,7 +118,8 @@ def score_run(cfg: Any, run_dir: Path, record: dict[str, Any]) -> dict[str, Any]
                      "acceleration": res.acceleration, "recon_time_s": dt})
         if i == panel_index:
             out.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(out / "panel.npz", reconstruction=res.reconstruction, volume=Path(path).name)
+            np.savez_compressed(out / "panel.npz", reconstruction=res.reconstruction, target=res.target,
+                                zero_filled=res.zero_filled, volume=Path(path).name)
 
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))

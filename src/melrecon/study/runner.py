@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from melrecon.study import job
 from melrecon.study.config import (
     RunSpec, StudyError, check_same_budget, compose_study, compose_train, count_parameters, format_overrides,
+    format_value,
     repo_root, run_settings, run_specs,
 )
 from melrecon.study.files import read_json, write_json, write_text
@@ -64,7 +65,8 @@ def plan_runs(specs: Sequence[RunSpec], runs_dir: Path, resume: str) -> list[Run
         last = run_dir / "checkpoints" / "last.ckpt"
         if resume == "last" and last.is_file():
             log.info("run %s: unfinished, continuing from %s", spec.name, last)
-            pending.append(RunSpec(spec.name, spec.label, [*spec.overrides, f"ckpt_path={last}"], spec.settings))
+            pending.append(RunSpec(spec.name, spec.label, [*spec.overrides, f"ckpt_path={format_value(str(last))}"],
+                                   spec.settings))
             continue
         if run_dir.exists():
             log.info("run %s: unfinished, removing %s and starting again", spec.name, run_dir)
