@@ -38,8 +38,8 @@ from melrecon.study.report import machine_text
 
 log = logging.getLogger("melrecon.study")
 
-COLUMNS = ("family", "kind", "N", "mode", "probe_peak_MB", "cuda_peak_MB", "time_s", "grad_rel_err", "drift",
-           "anchors", "anchor_every", "fallbacks", "loss")
+COLUMNS = ("family", "kind", "N", "mode", "status", "probe_peak_MB", "cuda_peak_MB", "time_s", "grad_rel_err",
+           "drift", "anchors", "anchor_every", "fallbacks", "loss")
 MODES = ("standard", "checkpoint", "mel")
 
 
@@ -69,10 +69,17 @@ def measure_group(bench: ModuleType, family: str, kind: str, n: int, m: DictConf
                 anchor_every=math.inf if ae is None else ae, drift_tol=float(m.drift_tol), share_weights=True)
     rows, ref = [], None
     for mode in m.modes:
-        row, grads = bench.run_case(family, kind, n, mode, problem, opts, int(m.warmup))
+        try:
+            row, grads = bench.run_case(family, kind, n, mode, problem, opts, int(m.warmup))
+            row["status"] = "ok"
+        except torch.cuda.OutOfMemoryError:  # paper sizes: standard backprop may not fit at large N
+            torch.cuda.empty_cache()
+            row, grads = {"family": family, "kind": kind, "N": n, "mode": mode, "status": "out of memory",
+                          "cuda_peak_MB": math.inf}, None
         if mode == "standard":
             ref = grads
-        row["grad_rel_err"] = 0.0 if mode == "standard" else (grad_rel_err(grads, ref) if ref else math.nan)
+        row["grad_rel_err"] = (0.0 if mode == "standard" and grads is not None
+                               else grad_rel_err(grads, ref) if grads is not None and ref is not None else math.nan)
         rows.append({k: row.get(k, math.nan) for k in COLUMNS})
     return rows
 
@@ -89,6 +96,10 @@ def linear_fit(n: list[float], y: list[float]) -> tuple[float, float, float]:
 def checks(rows: list[dict[str, Any]], flat_tol: float) -> list[str]:
     """The study's claims, each as a sentence saying whether it held."""
     out = []
+    oom = [r for r in rows if r.get("status", "ok") != "ok"]
+    if oom:
+        out.append("out of memory: " + ", ".join(f"{r['family']} {r['kind']} {r['mode']} N = {r['N']}" for r in oom))
+    rows = [r for r in rows if r.get("status", "ok") == "ok"]
     for family, kind in sorted({(r["family"], r["kind"]) for r in rows}):
         sel = {mode: sorted((r for r in rows if (r["family"], r["kind"], r["mode"]) == (family, kind, mode)),
                             key=lambda r: r["N"]) for mode in MODES}
@@ -163,7 +174,7 @@ def run(cfg: DictConfig, out_dir: Path, command: str = "") -> list[dict[str, Any
                 write_json(path, {"setup": setup, "rows": group})
                 rows += group
     write_csv(out_dir / "memory_modes.csv", rows, COLUMNS)
-    plots.memory_modes(rows, out_dir / "memory_modes.png")
+    plots.memory_modes([r for r in rows if r.get("status", "ok") == "ok"], out_dir / "memory_modes.png")
     lines = checks(rows, float(cfg.get("flat_tol", 0.05)))
     write_text(out_dir / "summary.md", markdown(cfg, rows, lines, command))
     for ln in lines:
