@@ -135,13 +135,15 @@ def image_panel(methods: Sequence[MethodResult], kind: str, path: Path, error_ga
     for r, (label, vol) in enumerate(rows):
         views, _ = _views(vol, kind)
         for c, (img, timg) in enumerate(zip(views, tviews)):
-            axes[r, 2 * c].imshow(img, cmap="gray", vmin=0, vmax=vmax)
+            # the x-t profile has few frames: stretch it to the panel's width
+            aspect = "auto" if kind == "cine" and c == 1 else "equal"
+            axes[r, 2 * c].imshow(img, cmap="gray", vmin=0, vmax=vmax, aspect=aspect)
             if r == 0:  # the target: no error map
                 axes[r, 2 * c].set_title(names[c], fontsize=8)
                 axes[r, 2 * c + 1].set_title(f"error x{error_gain:g} (rows below)", fontsize=8)
                 axes[r, 2 * c + 1].axis("off")
                 continue
-            axes[r, 2 * c + 1].imshow(np.abs(img - timg) * error_gain, cmap="gray", vmin=0, vmax=vmax)
+            axes[r, 2 * c + 1].imshow(np.abs(img - timg) * error_gain, cmap="gray", vmin=0, vmax=vmax, aspect=aspect)
         axes[r, 0].set_ylabel(label, fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
