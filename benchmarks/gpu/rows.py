@@ -4,7 +4,6 @@ and a reader that turns the numbers back into floats."""
 from __future__ import annotations
 
 import csv
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,11 +60,11 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def number(cell: str | None) -> float | None:
-    """A CSV cell as a float; None for an empty or non-numeric cell."""
+    """A CSV cell as a float (NaN and inf included: a NaN loss must be seen); None for an empty
+    or non-numeric cell."""
     if cell is None or cell == "":
         return None
     try:
-        v = float(cell)
+        return float(cell)
     except ValueError:
         return None
-    return v if not math.isnan(v) else None

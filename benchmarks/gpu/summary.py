@@ -111,60 +111,67 @@ def env_lines(env: dict[str, Any]) -> list[str]:
 def bench_pivot(rows: Sequence[dict[str, str]]) -> list[str]:
     """Peak memory and step time per (family, kind, N) x mode; CUDA figures where measured."""
     cuda = any(number(r.get("cuda_peak_MiB")) is not None for r in rows)
-    key, unit = ("cuda_peak_MiB", "CUDA peak") if cuda else ("probe_peak_MiB", "probe peak")
+    key, unit, spec = ("cuda_peak_MiB", "CUDA peak", ".0f") if cuda else ("probe_peak_MiB", "probe peak", ".2f")
     cells: dict[tuple[str, str, int], dict[str, str]] = {}
     for r in rows:
-        k = (r["family"], r["kind"], int(r["N"]))
+        cell = cells.setdefault((r["family"], r["kind"], int(r["N"])), {})
         if r["status"] == "ok":
-            cells.setdefault(k, {})[r["mode"]] = f"{_num(r.get(key), '.0f' if cuda else '.2f')} / {_num(r.get('step_ms'), '.0f')}"
+            cell[r["mode"]] = f"{_num(r.get(key), spec)} / {_num(r.get('step_ms'), '.0f')}"
         else:
-            cells.setdefault(k, {})[r["mode"]] = r["status"].upper() if r["status"] == "oom" else r["status"]
-    body = [(f, k, n, *(cells[(f, k, n)].get(m, "-") for m in MODES)) for (f, k, n) in sorted(cells)]
+            cell[r["mode"]] = "OOM" if r["status"] == "oom" else r["status"]
+    body = [(f, k, n, *(cells[f, k, n].get(m, "-") for m in MODES)) for (f, k, n) in sorted(cells)]
     return [f"{unit} MiB / median step ms (grad errors, anchors and the rest: results.csv)", "",
             *table(("family", "kind", "N", *MODES), body)]
 
 
+def steps_section(steps: Path | None) -> list[str]:
+    kit = read_rows(steps) if steps else []
+    body = [(r["step"], r["status"], r["rc"], r["wall_s"], r["limit_s"]) for r in kit]
+    return ["## Steps", "", *table(("step", "status", "exit", "s", "limit s"), body), ""]
+
+
+def tests_section(out: Path) -> list[str]:
+    tests = read_tests(out / "tests.xml")
+    if not tests:
+        return ["## CUDA tests (`pytest -m cuda`)", "", "(no tests.xml)", ""]
+    counts = ", ".join(f"{sum(t['status'] == s for t in tests)} {s}" for s in ("passed", "failed", "error", "skipped"))
+    body = [(t["case"], t["status"], _num(t["wall_s"], ".2f"), t["note"]) for t in tests]
+    return ["## CUDA tests (`pytest -m cuda`)", "", counts, "", *table(("test", "outcome", "s", "message"), body), ""]
+
+
+def bench_section(out: Path) -> list[str]:
+    rows = read_rows(out / "bench.csv")
+    if not rows:
+        return ["## Memory benchmark (one training step)", "", "(no bench.csv)", ""]
+    header = ("family", "kind", "N", "mode", "status", "CUDA peak MiB", "max alloc MiB", "probe MiB", "step ms",
+              "steps", "grad rel err", "anchors", "fallbacks", "note")
+    body = [(r["family"], r["kind"], r["N"], r["mode"], r["status"], _num(r["cuda_peak_MiB"], ".0f"),
+             _num(r["cuda_max_alloc_MiB"], ".0f"), _num(r["probe_peak_MiB"], ".2f"), _num(r["step_ms"], ".1f"),
+             r["timed_steps"], _num(r["grad_rel_err"], ".1e"), _num(r["anchors"], ".0f"), _num(r["fallbacks"], ".0f"),
+             r["note"]) for r in rows]
+    return ["## Memory benchmark (one training step)", "", *bench_pivot(rows), "", *table(header, body), ""]
+
+
+def train_section(out: Path) -> list[str]:
+    rows = read_rows(out / "train.csv")
+    title = "## Training runs (`train.py +experiment=... trainer=gpu`, a few steps)"
+    if not rows:
+        return [title, "", "(no train.csv)", ""]
+    header = ("experiment", "precision", "status", "steps", "peak_mem_gib", "source", "reserved GiB", "mem check",
+              "loss check", "step s", "loss first / last", "val psnr", "MEL fallbacks", "W&B offline", "wall s", "note")
+    body = [(r["experiment"], r["precision"], r["status"], r["train_steps"], _num(r["peak_mem_gib"], ".3f"),
+             r["peak_mem_source"], _num(r["peak_mem_reserved_gib"], ".3f"), r["mem_check"], r["loss_check"],
+             _num(r["step_time_s"], ".3f"), f"{_num(r['loss_first'], '.4g')} / {_num(r['loss_last'], '.4g')}",
+             _num(r["val_psnr"], ".2f"), _num(r["mel_fallbacks"], ".0f"), r["wandb_offline"], _num(r["wall_s"], ".0f"),
+             r["note"]) for r in rows]
+    return [title, "", *table(header, body), ""]
+
+
 def summary_md(out: Path, steps: Path | None) -> str:
     env = json.loads((out / "env.json").read_text()) if (out / "env.json").is_file() else {}
-    lines = [f"# melrecon GPU kit: {env.get('card', 'unknown device')}", "", *env_lines(env), ""]
-
-    kit = read_rows(steps) if steps else []
-    lines += ["## Steps", "", *table(("step", "status", "exit", "s", "limit s"),
-                                     [(r["step"], r["status"], r["rc"], r["wall_s"], r["limit_s"]) for r in kit]), ""]
-
-    tests = read_tests(out / "tests.xml")
-    counts = {s: sum(t["status"] == s for t in tests) for s in ("passed", "failed", "error", "skipped")}
-    lines += ["## CUDA tests (`pytest -m cuda`)", "",
-              ", ".join(f"{v} {k}" for k, v in counts.items()) if tests else "(no tests.xml)", ""]
-    lines += [*table(("test", "outcome", "s", "message"),
-                     [(t["case"], t["status"], _num(t["wall_s"], ".2f"), t["note"]) for t in tests]), ""]
-
-    bench = read_rows(out / "bench.csv")
-    lines += ["## Memory benchmark (one training step)", ""]
-    if bench:
-        lines += [*bench_pivot(bench), "",
-                  *table(("family", "kind", "N", "mode", "status", "CUDA peak MiB", "max alloc MiB", "probe MiB",
-                          "step ms", "steps", "grad rel err", "anchors", "fallbacks", "note"),
-                         [(r["family"], r["kind"], r["N"], r["mode"], r["status"], _num(r["cuda_peak_MiB"], ".0f"),
-                           _num(r["cuda_max_alloc_MiB"], ".0f"), _num(r["probe_peak_MiB"], ".2f"),
-                           _num(r["step_ms"], ".1f"), r["timed_steps"], _num(r["grad_rel_err"], ".1e"),
-                           _num(r["anchors"], ".0f"), _num(r["fallbacks"], ".0f"), r["note"]) for r in bench]), ""]
-    else:
-        lines += ["(no bench.csv)", ""]
-
-    train = read_rows(out / "train.csv")
-    lines += ["## Training runs (`train.py +experiment=... trainer=gpu`, a few steps)", ""]
-    if train:
-        lines += table(("experiment", "precision", "status", "steps", "peak_mem_gib", "source", "reserved GiB",
-                        "check", "step s", "loss first / last", "val psnr", "W&B offline", "wall s", "note"),
-                       [(r["experiment"], r["precision"], r["status"], r["train_steps"], _num(r["peak_mem_gib"], ".3f"),
-                         r["peak_mem_source"], _num(r["peak_mem_reserved_gib"], ".3f"), r["mem_check"],
-                         _num(r["step_time_s"], ".3f"),
-                         f"{_num(r['loss_first'], '.4g')} / {_num(r['loss_last'], '.4g')}", _num(r["val_psnr"], ".2f"),
-                         r["wandb_offline"], _num(r["wall_s"], ".0f"), r["note"]) for r in train])
-    else:
-        lines += ["(no train.csv)"]
-    return "\n".join(lines) + "\n"
+    lines = [f"# melrecon GPU kit: {env.get('card', 'unknown device')}", "", *env_lines(env), "",
+             *steps_section(steps), *tests_section(out), *bench_section(out), *train_section(out)]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

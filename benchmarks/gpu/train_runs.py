@@ -4,8 +4,8 @@ device's own memory figure.
     python benchmarks/gpu/train_runs.py --device cuda --csv OUT/train.csv --work WORK
     python benchmarks/gpu/train_runs.py --device cuda --precision bf16-mixed --experiments bf16 ...
 
-Each experiment (``all``: every ``conf/experiment/*.yaml``; ``bf16``: profiles.BF16_EXPERIMENTS;
-or names) runs as ``train.py +experiment=NAME trainer=gpu|cpu trainer.precision=P`` plus the
+Each experiment (``all``: every ``conf/experiment/*.yaml``; ``bf16``: the profile's pair in
+profiles.BF16_EXPERIMENTS; or names) runs as ``train.py +experiment=NAME trainer=gpu|cpu trainer.precision=P`` plus the
 profile's overrides (profiles.TRAIN_OVERRIDES: one epoch of a few steps), in its own process
 with its own timeout, logging to CSV (and to W&B offline when wandb is importable). Its
 ``metrics.csv`` then gives one row:
@@ -17,7 +17,13 @@ with its own timeout, logging to CSV (and to W&B offline when wandb is importabl
 - ``mem_check``: ``pass`` when the source matches the device and, on CUDA, every step's
   allocated peak is positive and at most its reserved peak (the allocator's two statistics,
   which the RSS fallback cannot produce);
+- ``mel_fallbacks`` (sum over steps) and ``mel_drift`` (largest): MEL recomputing a segment by a
+  forward pass because the inverse missed its tolerance (e.g. a bf16 CNN), and the drift seen;
+- ``loss_check``: ``pass`` when at least one training loss was logged and all are finite;
 - ``wandb_offline``: whether the W&B offline run file was written.
+
+``status``: ``ok`` (both checks pass), ``check failed``, ``failed`` (non-zero exit), ``timeout``,
+``skipped`` (time budget spent).
 
 Synthetic data and the mask cache live under ``--work``. Runs that share a data folder run one
 after the other (the first generates the data); up to ``--jobs`` such lanes run side by side, so
@@ -50,8 +56,8 @@ from profiles import BF16_EXPERIMENTS, TRAIN_OVERRIDES  # noqa: E402
 from rows import RowWriter, number, read_rows  # noqa: E402
 
 COLUMNS = ("experiment", "precision", "status", "wall_s", "train_steps", "peak_mem_gib", "peak_mem_reserved_gib",
-           "peak_mem_source", "mem_check", "step_time_s", "loss_first", "loss_last", "val_psnr", "wandb_offline",
-           "note")
+           "peak_mem_source", "mem_check", "loss_check", "step_time_s", "loss_first", "loss_last", "val_psnr",
+           "mel_fallbacks", "mel_drift", "wandb_offline", "note")
 MIN_RUN_S = 10.0  # do not start a run with less time than this left
 
 
@@ -59,13 +65,13 @@ def all_experiments() -> list[str]:
     return sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 
 
-def resolve_experiments(names: Sequence[str]) -> list[str]:
-    """``all`` | ``bf16`` | experiment names (each checked against conf/experiment/)."""
+def resolve_experiments(names: Sequence[str], profile: str) -> list[str]:
+    """``all`` | ``bf16`` (the profile's bf16 pair) | experiment names (checked against conf/experiment/)."""
     known = all_experiments()
     if list(names) == ["all"]:
         return known
     if list(names) == ["bf16"]:
-        names = BF16_EXPERIMENTS
+        names = BF16_EXPERIMENTS[profile]
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(f"train_runs: unknown experiment(s) {unknown}; conf/experiment/ has {known}")
@@ -108,13 +114,15 @@ def metrics_of(run_dir: Path, device: str, gpu_total_gib: float | None) -> dict[
     """Row fields from the run's CSV-logger ``metrics.csv`` (see the module docstring)."""
     files = sorted(run_dir.glob("csv/*/metrics.csv"))
     if not files:
-        return {"mem_check": "fail", "note": f"no metrics.csv under {run_dir / 'csv'}"}
+        return {"mem_check": "fail", "loss_check": "fail", "note": f"no metrics.csv under {run_dir / 'csv'}"}
     rows = read_rows(files[-1])
     losses = [v for r in rows if (v := number(r.get("train/loss"))) is not None]
     pairs = [(number(r.get("train/peak_mem_gib")), number(r.get("train/peak_mem_reserved_gib"))) for r in rows
              if number(r.get("train/peak_mem_gib")) is not None]
     times = [v for r in rows if (v := number(r.get("train/step_time_s"))) is not None]
     psnr = [v for r in rows if (v := number(r.get("val/psnr"))) is not None]
+    fallbacks = [v for r in rows if (v := number(r.get("mel/fallbacks"))) is not None]
+    drift = [v for r in rows if (v := number(r.get("mel/drift"))) is not None]
     peaks = [p for p, _ in pairs]
     reserved = [q for _, q in pairs if q is not None]
     source = "cuda" if reserved else "rss"
@@ -123,26 +131,29 @@ def metrics_of(run_dir: Path, device: str, gpu_total_gib: float | None) -> dict[
         "loss_last": losses[-1] if losses else None, "step_time_s": statistics.median(times) if times else None,
         "val_psnr": psnr[-1] if psnr else None, "peak_mem_gib": max(peaks) if peaks else None,
         "peak_mem_reserved_gib": max(reserved) if reserved else None, "peak_mem_source": source if peaks else None,
+        "mel_fallbacks": sum(fallbacks) if fallbacks else None, "mel_drift": max(drift) if drift else None,
     }
-    problems = []
+    mem: list[str] = []
     if not peaks:
-        problems.append("train/peak_mem_gib was not logged")
+        mem.append("train/peak_mem_gib was not logged")
     elif device == "cuda":
         if source != "cuda":
-            problems.append("no train/peak_mem_reserved_gib: the monitor took the CPU (RSS) branch on a GPU run")
+            mem.append("no train/peak_mem_reserved_gib: the monitor took the CPU (RSS) branch on a GPU run")
         elif any(q is None or not 0 < p <= q for p, q in pairs):
-            problems.append("a step's allocated peak is not in (0, reserved peak]")
+            mem.append("a step's allocated peak is not in (0, reserved peak]")
         elif gpu_total_gib is not None and max(peaks) > gpu_total_gib:
-            problems.append(f"peak {max(peaks):.1f} GiB exceeds the card's {gpu_total_gib:.1f} GiB")
+            mem.append(f"peak {max(peaks):.1f} GiB exceeds the card's {gpu_total_gib:.1f} GiB")
     elif source != "rss" or min(peaks) <= 0:
-        problems.append("on CPU the peak must be the process RSS (> 0) and no reserved figure is logged")
+        mem.append("on CPU the peak must be the process RSS (> 0) and no reserved figure is logged")
+    loss: list[str] = []
     if not losses:
-        problems.append("no train/loss logged")
+        loss.append("no train/loss logged")
     elif not all(math.isfinite(v) for v in losses):
-        problems.append("non-finite training loss")
-    out["mem_check"] = "fail" if problems else "pass"
-    if problems:
-        out["note"] = "; ".join(problems)
+        loss.append("non-finite training loss")
+    out["mem_check"] = "fail" if mem else "pass"
+    out["loss_check"] = "fail" if loss else "pass"
+    if mem or loss:
+        out["note"] = "; ".join(mem + loss)
     return out
 
 
@@ -211,7 +222,7 @@ class Runner:
             row.update(status="failed", note=f"exit code {rc}: " + _tail(log, 1)[:200])
         else:
             row.update(metrics_of(run_dir, args.device, self.gpu_total))
-            row["status"] = "ok" if row["mem_check"] == "pass" else "check failed"
+            row["status"] = "ok" if row["mem_check"] == row["loss_check"] == "pass" else "check failed"
         if self.logger == "wandb_csv":
             row["wandb_offline"] = "yes" if any(run_dir.glob("wandb/offline-run-*/run-*.wandb")) else "no"
         if row["status"] != "ok":
@@ -238,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.jobs < 1:
         ap.error(f"--jobs must be >= 1, got {args.jobs}")
 
-    experiments = resolve_experiments(args.experiments)
+    experiments = resolve_experiments(args.experiments, args.profile)
     logger = "wandb_csv" if importlib.util.find_spec("wandb") is not None else "csv"
     gpu_total = None
     if args.device == "cuda":
