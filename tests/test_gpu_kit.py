@@ -83,6 +83,26 @@ def test_run_sh_cpu_tiny_writes_csv_log_and_table(tmp_path):
     assert (out / "env.json").is_file() and "=== bench: ok" in log
 
 
+@pytest.mark.slow
+def test_a_step_past_its_limit_is_cut_and_the_rest_still_run(tmp_path):
+    """bench gets 2 s (its imports alone take longer): it is killed, recorded as a timeout, and
+    train, bf16 and summary still run; the training budgets are too short to start a run."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path), KIT_T_BENCH="2",
+               KIT_T_TRAIN="20", KIT_T_BF16="20")
+    proc = subprocess.run(["bash", str(KIT / "run.sh"), str(out), "--device", "cpu", "--tiny", "--wheels", "none"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    kit = {r["case"]: r for r in read_csv(out / "results.csv") if r["step"] == "kit"}
+    assert kit["bench"]["status"] == "timeout" and kit["bench"]["rc"] == "124"
+    assert float(kit["bench"]["wall_s"]) < 2 + 15  # TERM at the limit, KILL 15 s later at most
+    assert kit["train"]["status"] == "ok" and kit["bf16"]["status"] == "ok"
+    train = read_csv(out / "train.csv")
+    assert len(train) == 6 + 2 and {r["status"] for r in train} == {"skipped"}
+    assert "| bench | timeout | 124 |" in (out / "summary.md").read_text()
+    assert "steps not ok: bench" in (out / "run.log").read_text()
+
+
 def test_run_sh_rejects_bad_arguments(tmp_path):
     def run(*args):
         return subprocess.run(["bash", str(KIT / "run.sh"), *args], capture_output=True, text=True, timeout=60)

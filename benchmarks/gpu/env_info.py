@@ -45,6 +45,17 @@ def _nvidia_smi() -> str | None:
     return out.stdout.strip() or out.stderr.strip()
 
 
+def _cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _git_commit(root: Path) -> str | None:
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -76,7 +87,7 @@ def collect(command: str | None = None) -> dict[str, Any]:
         info.update(card=p.name, capability=f"{p.major}.{p.minor}", gpu_memory_GiB=round(p.total_memory / 2**30, 1),
                     multiprocessors=p.multi_processor_count, device_count=torch.cuda.device_count())
     else:
-        info.update(card=f"CPU ({platform.processor() or platform.machine()})")
+        info.update(card=f"CPU ({_cpu_name()})")
     info["packages"] = {name: _version(name) for name in PACKAGES}
     return info
 

@@ -33,7 +33,7 @@ step times are those of a shared machine (bench.py's are the timing figures).
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import math
 import os
 import signal
@@ -59,6 +59,16 @@ COLUMNS = ("experiment", "precision", "status", "wall_s", "train_steps", "peak_m
            "peak_mem_source", "mem_check", "loss_check", "step_time_s", "loss_first", "loss_last", "val_psnr",
            "mel_fallbacks", "mel_drift", "wandb_offline", "note")
 MIN_RUN_S = 10.0  # do not start a run with less time than this left
+
+
+def wandb_problem() -> str | None:
+    """None when ``import wandb`` works; else why not (the runs then log to CSV only, so that a
+    W&B problem on the machine does not hide the training checks)."""
+    try:
+        importlib.import_module("wandb")
+    except Exception as exc:  # noqa: BLE001 - any import failure means: no W&B here
+        return f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+    return None
 
 
 def all_experiments() -> list[str]:
@@ -250,7 +260,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"--jobs must be >= 1, got {args.jobs}")
 
     experiments = resolve_experiments(args.experiments, args.profile)
-    logger = "wandb_csv" if importlib.util.find_spec("wandb") is not None else "csv"
+    no_wandb = wandb_problem()
+    logger = "csv" if no_wandb else "wandb_csv"
+    if no_wandb:
+        print(f"train: W&B unusable here ({no_wandb}): logging to CSV only", flush=True)
     gpu_total = None
     if args.device == "cuda":
         import torch
