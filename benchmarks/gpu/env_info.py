@@ -57,6 +57,9 @@ def _cpu_name() -> str:
 
 
 def _git_commit(root: Path) -> str | None:
+    """KIT_COMMIT if set (a copied working tree has no .git), else ``git rev-parse``."""
+    if os.environ.get("KIT_COMMIT"):
+        return os.environ["KIT_COMMIT"]
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              timeout=10)
