@@ -18,50 +18,33 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import TinyCineDataModule
+from helpers import grads_of_step, max_rel_error
 from pytorch_lightning.loggers import CSVLogger
 
+from melrecon.bench import build_network
 from melrecon.lit import PeakMemoryMonitor, ReconModule
 from melrecon.mel import MemoryProbe
-from melrecon.models import ProximalDC, ResidualCNN, UnrolledNet
-from melrecon.models.reversible import ReversibleUnrolledNet
-from melrecon.physics import SenseOperator
+from melrecon.models import ConvStack, ReversibleUnrolledNet, UnrolledNet
+from melrecon.physics.problems import SenseProblem, random_sense_problem
 
 NO_CUDA = not torch.cuda.is_available()
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(NO_CUDA, reason="needs a CUDA device")])
 DEVICES = ["cpu", CUDA]
 
 
-def sense_problem(sizes: tuple[int, int, int], coils: int, dtype: torch.dtype, device: str, seed: int = 1):
-    """A random slab problem (x0 = A^H b, kspace b, maps, mask, target); image (1, X, Y, Z)."""
-    g = torch.Generator().manual_seed(seed)
-    x, y, z = sizes
-    maps = torch.randn(1, coils, x, y, z, dtype=dtype, generator=g)
-    maps = maps / maps.abs().pow(2).sum(1, keepdim=True).sqrt()
-    mask = (torch.rand(1, 1, 1, y, z, generator=g) < 0.4).to(maps.real.dtype)
-    target = torch.randn(1, x, y, z, dtype=dtype, generator=g)
-    maps, mask, target = maps.to(device), mask.to(device), target.to(device)
-    op = SenseOperator(maps, mask)
-    k = op.forward(target)
-    return op.adjoint(k), k, maps, mask, target
+def sense_problem(sizes: tuple[int, int, int], coils: int, dtype: torch.dtype, device: str) -> SenseProblem:
+    """A random slab problem on ``device``; image (1, X, Y, Z)."""
+    return random_sense_problem("slab", sizes, coils, dtype, device, seed=1)
 
 
-def modl(n: int, memory: str, anchor, width: int = 4, depth: int = 3, lam: float = 1.0) -> UnrolledNet:
-    torch.manual_seed(0)
-    return UnrolledNet(ResidualCNN(3, width=width, depth=depth, lipschitz=0.9), ProximalDC(lam_init=lam), n, True,
-                       memory, anchor)
+def modl(n: int, memory: str, anchor, width: int = 4, depth: int = 3) -> UnrolledNet:
+    """The benchmarks' MoDL (Lip(CNN) <= 0.9, proximal DC with lam 1) at a test size."""
+    return build_network("modl", "slab", n, memory, width=width, depth=depth, lam=1.0, anchor_every=anchor)
 
 
-def grads(net, prob) -> list[torch.Tensor]:
+def grads(net, prob: SenseProblem) -> list[torch.Tensor]:
     """[dL/dx0, *dL/dparams] of one step with L = ||net(x0) - target||^2."""
-    x0, k, maps, mask, target = prob
-    net.zero_grad(set_to_none=True)
-    x0 = x0.detach().clone().requires_grad_()
-    (net(x0, k, maps, mask) - target).abs().pow(2).sum().backward()
-    return [x0.grad] + [p.grad for p in net.parameters()]
-
-
-def rel_err(a, b) -> float:
-    return max(float((p - q).norm() / q.norm()) for p, q in zip(a, b))
+    return grads_of_step(net, prob)[0]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -71,7 +54,7 @@ def test_pure_mel_gradients_equal_backprop_float64(device):
     net = modl(8, "mel", None).double().to(device)
     got = grads(net, prob)
     assert net.chain.stats.anchors == 0 and net.chain.stats.fallbacks == 0  # nothing stored, nothing redone
-    assert rel_err(got, ref) <= 1e-8
+    assert max_rel_error(got, ref) <= 1e-8
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -79,7 +62,7 @@ def test_auto_mel_float32_within_drift_tolerance(device):
     """float32 (TF32 convolutions on a GPU by default): two steps in lockstep, as in training."""
     prob = sense_problem((2, 8, 8), 2, torch.complex64, device)
     ref_net, net = modl(10, "standard", None).to(device), modl(10, "mel", "auto").to(device)
-    errs = [rel_err(grads(net, prob), grads(ref_net, prob)) for _ in range(2)]
+    errs = [max_rel_error(grads(net, prob), grads(ref_net, prob)) for _ in range(2)]
     s = net.chain.stats
     assert max(errs) <= 1e-4, (errs, s)
     assert s.fallbacks == 0 and s.drift <= net.chain.drift_tol
@@ -89,12 +72,14 @@ def test_auto_mel_float32_within_drift_tolerance(device):
 def test_reversible_mel_gradients_equal_backprop_float32(device):
     prob = sense_problem((2, 8, 8), 2, torch.complex64, device)
     torch.manual_seed(1)
-    net = ReversibleUnrolledNet(20, regularizer=dict(width=4, depth=3, conv_dim=3), physics="gradient",
-                                gamma_init=0.5, gamma_decay=0.9, memory="standard").to(device)
+    r = ConvStack(4, 2, width=4, depth=3, conv_dim=3, out_scale=0.1)
+    q = ConvStack(2, 2, width=4, depth=3, conv_dim=3, out_scale=0.1)
+    # dc=None: gradient-direction physics, the cheap one for a 20-unroll chain
+    net = ReversibleUnrolledNet(r, q, None, 20, gamma_init=0.5, gamma_decay=0.9, memory="standard").to(device)
     ref = grads(net, prob)
     net.chain.memory = "mel"
     got = grads(net, prob)
-    assert rel_err(got, ref) <= 1e-4
+    assert max_rel_error(got, ref) <= 1e-4
     st = net.log_stats()
     assert st["mel/anchors"] == 0 and st["mel/fallbacks"] == 0
 
@@ -169,4 +154,4 @@ def test_mel_under_bf16_autocast_matches_standard():
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
             out[memory] = grads(net, prob)
         assert all(torch.isfinite(g).all() for g in out[memory]), memory
-    assert rel_err(out["mel"], out["standard"]) <= 5e-2
+    assert max_rel_error(out["mel"], out["standard"]) <= 5e-2

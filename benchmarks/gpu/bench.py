@@ -1,8 +1,8 @@
 """Memory and step time of one training step at paper scale, per family, kind, N and memory mode.
 
-The GPU kit's memory benchmark (run.sh's third step). It uses ``benchmarks/memory.py``'s problem,
-networks and training step (``make_problem``, ``build_network``, ``training_step``) and adds
-what a GPU figure needs:
+The GPU kit's memory benchmark (run.sh's third step). Its problems, networks and training step
+are those of ``benchmarks/memory.py`` (``melrecon.physics.problems.random_sense_problem``,
+``melrecon.bench.build_network`` and ``training_step``); it adds what a GPU figure needs:
 
 - ``cuda_max_alloc_MiB``: ``torch.cuda.max_memory_allocated()`` over one step (absolute: it
   includes the resident problems of both kinds, a few hundred MiB at paper scale, and the
@@ -39,14 +39,14 @@ from typing import Any
 
 import torch
 
-KIT = Path(__file__).resolve().parent
-for _p in (KIT, KIT.parent):  # profiles.py; benchmarks/memory.py (which puts src/ on the path)
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+SRC = Path(__file__).resolve().parents[2] / "src"
+if str(SRC) not in sys.path:  # a checkout without `pip install -e .` (run.sh also sets PYTHONPATH)
+    sys.path.insert(0, str(SRC))
 
-import memory as membench  # noqa: E402  benchmarks/memory.py
+from melrecon.bench import FAMILIES, build_network, training_step  # noqa: E402
 from melrecon.mel.memory import MemoryProbe  # noqa: E402
-from profiles import BENCH  # noqa: E402
+from melrecon.physics.problems import LAYOUTS, SenseProblem, random_sense_problem  # noqa: E402
+from profiles import BENCH  # noqa: E402  (benchmarks/gpu/, this script's folder)
 from rows import RowWriter  # noqa: E402
 
 MODES = ("standard", "checkpoint", "mel")
@@ -60,15 +60,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step(net: torch.nn.Module, problem: dict[str, torch.Tensor]) -> torch.Tensor:
+def _step(net: torch.nn.Module, problem: SenseProblem) -> torch.Tensor:
     net.zero_grad(set_to_none=True)  # as Lightning does: gradients are allocated by each backward
-    return membench.training_step(net, problem)
+    return training_step(net, problem)
 
 
-def timed_step(net: torch.nn.Module, problem: dict[str, torch.Tensor]) -> float:
+def timed_step(net: torch.nn.Module, problem: SenseProblem) -> float:
     """Seconds of one training step: CUDA events on a GPU (the device's own clock, launch gaps
     included), ``perf_counter`` on CPU."""
-    device = problem["x0"].device
+    device = problem.x0.device
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -81,17 +81,17 @@ def timed_step(net: torch.nn.Module, problem: dict[str, torch.Tensor]) -> float:
     return time.perf_counter() - t0
 
 
-def measure_case(family: str, kind: str, n: int, mode: str, problem: dict[str, torch.Tensor], opts: dict[str, Any],
+def measure_case(family: str, kind: str, n: int, mode: str, problem: SenseProblem, opts: dict[str, Any],
                  warmup: int, steps: int, case_cap_s: float) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """One case: warm-up steps, one measured step (memory, gradients), then timed steps.
 
     The number of timed steps is ``steps``, cut so that they take about ``case_cap_s`` seconds
     in all (at least one). Returns the CSV row and the parameter gradients of the measured step.
     """
-    device = problem["x0"].device
+    device = problem.x0.device
     cuda = device.type == "cuda"
-    net = membench.build_network(family, kind, n, mode, **opts).to(device)
-    if problem["x0"].dtype == torch.complex128:
+    net = build_network(family, kind, n, mode, **opts).to(device)
+    if problem.x0.dtype == torch.complex128:
         net = net.double()
     net.train()
     for _ in range(warmup):
@@ -100,7 +100,7 @@ def measure_case(family: str, kind: str, n: int, mode: str, problem: dict[str, t
     _sync(device)
     t0 = time.perf_counter()
     with MemoryProbe(cuda=cuda) as probe:  # resets the CUDA peak statistics on entry
-        loss = membench.training_step(net, problem)
+        loss = training_step(net, problem)
     _sync(device)
     first_s = time.perf_counter() - t0
     max_alloc = torch.cuda.max_memory_allocated(device) if cuda else None
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
           f"cine={prof['cine']} coils={prof['coils']} width={prof['width']} depth={prof['depth']} lam={args.lam} "
           f"unrolls={unrolls} modes={args.modes} warmup={args.warmup} steps<={args.steps} "
           f"budget={args.budget_s:g}s", flush=True)
-    problems = {k: membench.make_problem(k, prof[k], prof["coils"], dtype, device) for k in args.kinds}
+    problems = {k: random_sense_problem(k, prof[k], prof["coils"], dtype, device) for k in args.kinds}
     writer = RowWriter(Path(args.csv), COLUMNS)
     rows: list[dict[str, Any]] = []
     standard_oom_at: dict[tuple[str, str], int] = {}
@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def _run_case(base: dict[str, Any], problem: dict[str, torch.Tensor], opts: dict[str, Any], args: argparse.Namespace,
+def _run_case(base: dict[str, Any], problem: SenseProblem, opts: dict[str, Any], args: argparse.Namespace,
               standard_oom_at: dict[tuple[str, str], int]) -> tuple[dict[str, Any], list[torch.Tensor] | None]:
     """measure_case with out-of-memory and other failures turned into a row (the run goes on)."""
     try:
@@ -216,8 +216,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--profile", choices=sorted(BENCH), default="paper", help="sizes (benchmarks/gpu/profiles.py)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--csv", required=True, help="output CSV (rewritten)")
-    ap.add_argument("--families", nargs="+", default=list(membench.FAMILIES), choices=membench.FAMILIES)
-    ap.add_argument("--kinds", nargs="+", default=list(membench.KINDS), choices=membench.KINDS)
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    ap.add_argument("--kinds", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
                     help="standard first: it is the gradient reference")
     ap.add_argument("--lam", type=float, default=1.0, help="initial DC lam (as benchmarks/memory.py's default)")

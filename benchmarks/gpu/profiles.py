@@ -1,8 +1,7 @@
 """The kit's two size profiles in one place: ``paper`` (the GPU figures) and ``tiny`` (the CPU test).
 
 ``run.sh`` picks ``tiny`` with ``--tiny`` and ``paper`` otherwise; ``bench.py`` and
-``train_runs.py`` read everything size-related from here, so switching the tiny training runs to
-the Hydra ``debug=tiny`` group (issue 10) is one edit of ``TRAIN_OVERRIDES["tiny"]``.
+``train_runs.py`` read everything size-related from here.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ BENCH: dict[str, dict[str, Any]] = {
 }
 
 #: Training runs (train_runs.py): Hydra overrides added to ``+experiment=NAME trainer=...``.
-#: Both: one epoch of a few steps and one validation batch, logged every step.
+#: Both profiles: one epoch of a few steps and one validation batch, logged every step.
 _SHORT_RUN = [
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=3",
@@ -32,17 +31,10 @@ _SHORT_RUN = [
 TRAIN_OVERRIDES: dict[str, list[str]] = {
     # the experiment's own network and synthetic data (preset small): paper-width CNNs on GPU
     "paper": [*_SHORT_RUN],
-    # = tests/conftest.py TINY_DATA + TINY_MODEL; after issue 10: ["debug=tiny"]
-    "tiny": [
-        *_SHORT_RUN,
-        "data.synthetic.preset=tiny",
-        "data.calib=4",
-        "data.accelerations=[4]",
-        "data.eval_acceleration=4",
-        "data.batch_size=1",
-        "model.num_unrolls=2",
-        "model.regularizer.width=4",
-    ],
+    # the tests' run (conf/debug/tiny.yaml: tiny data, batches of one, one epoch of 2 batches,
+    # 4-channel CNNs), plus what it leaves open: one validation batch, and 2 unrolls, since an
+    # experiment's own num_unrolls (20, 50) wins over debug's and would dominate the CPU test
+    "tiny": ["debug=tiny", "trainer.limit_val_batches=1", "model.num_unrolls=2"],
 }
 
 #: The bf16-mixed runs: one MoDL and one reversible experiment. On GPU the MoDL one trains with
