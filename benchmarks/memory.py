@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
-from melrecon.bench import FAMILIES, build_network, training_step  # noqa: E402
+from melrecon.bench import FAMILIES, build_network, grad_rel_err, training_step  # noqa: E402
 from melrecon.mel.memory import MemoryProbe  # noqa: E402
 from melrecon.physics.problems import LAYOUTS as KINDS  # noqa: E402
 from melrecon.physics.problems import SenseProblem, random_sense_problem  # noqa: E402
@@ -136,9 +136,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                         ref = grads
                     net_err = float("nan")
                     if ref is not None and grads is not None and mode != "standard":
-                        net_err = max(
-                            float((g - r).norm()) / (float(r.norm()) or 1.0) for g, r in zip(grads, ref)
-                        )
+                        net_err = grad_rel_err(grads, ref)
                     row["grad_rel_err"] = net_err if mode != "standard" else 0.0
                     rows.append(row)
                     print(f"{family:6} {kind:5} {n:>3} {mode:10} {row['probe_peak_MB']:>9.3f} {row['cuda_peak_MB']:>8.1f} "

@@ -26,6 +26,8 @@ import depcheck  # noqa: E402
 import train_runs  # noqa: E402
 from profiles import BENCH, BF16_EXPERIMENTS  # noqa: E402
 
+from melrecon.bench import FAMILIES, build_network, grad_rel_err  # noqa: E402
+
 
 def read_csv(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as f:
@@ -193,6 +195,7 @@ def test_bench_records_oom_and_skips_standard_at_larger_n(tmp_path, monkeypatch)
         return {"family": family, "kind": kind, "N": n, "mode": mode, "status": "ok", "step_ms": 1.0}, g
 
     monkeypatch.setattr(bench, "measure_case", fake_case)
+    monkeypatch.setattr(bench, "_release", lambda device: None)  # nothing to free (its gc.collect: ~0.7 s a case)
     monkeypatch.setitem(bench.BENCH, "tiny", dict(BENCH["tiny"], unrolls={"modl": (1, 3, 5), "rev": (1,)}))
     out = tmp_path / "b.csv"
     rows = bench.run(bench.parse_args(["--device", "cpu", "--profile", "tiny", "--csv", str(out),
@@ -204,3 +207,39 @@ def test_bench_records_oom_and_skips_standard_at_larger_n(tmp_path, monkeypatch)
     csv_rows = read_csv(out)
     assert [r["status"] for r in csv_rows if r["mode"] == "standard"] == ["ok", "oom", "skipped"]
     assert "standard out of memory at N=3" in [r for r in csv_rows if r["N"] == "5"][0]["note"]
+
+
+# ------------------------------------------------------------------------------ bench for real
+def test_bench_measures_real_steps_on_cpu(tmp_path, monkeypatch):
+    """bench's own networks, problems and steps (no fakes) at N=2: MEL's gradients follow standard's
+    and a CPU run reports no allocator figure."""
+    monkeypatch.setitem(bench.BENCH, "tiny", dict(BENCH["tiny"], unrolls={"modl": (2,), "rev": (2,)}))
+    rows = bench.run(bench.parse_args(["--device", "cpu", "--profile", "tiny", "--csv", str(tmp_path / "b.csv"),
+                                       "--kinds", "cine", "--modes", "standard", "mel", "--warmup", "0",
+                                       "--steps", "1"]))
+    assert [(r["family"], r["mode"]) for r in rows] == [("modl", "standard"), ("modl", "mel"),
+                                                         ("rev", "standard"), ("rev", "mel")]
+    for r in rows:
+        assert r["status"] == "ok" and r["step_ms"] > 0 and r["probe_peak_MiB"] > 0, r
+        assert r["cuda_peak_MiB"] is None and r["cuda_max_alloc_MiB"] is None
+        assert r["grad_rel_err"] <= 1e-4, r
+
+
+def test_bench_networks_share_their_start_and_reject_unknown_names():
+    for family in FAMILIES:
+        nets = [build_network(family, "slab", 3, mode, width=4, depth=2) for mode in ("standard", "checkpoint", "mel")]
+        first = nets[0].state_dict()
+        for net in nets[1:]:  # one seed: every memory mode starts from the same weights
+            assert all(torch.equal(first[k], v) for k, v in net.state_dict().items())
+    with pytest.raises(ValueError, match=r"family must be one of \('modl', 'rev'\), got 'unet'"):
+        build_network("unet", "slab", 3, "mel")
+    with pytest.raises(ValueError, match=r"layout must be one of \('slab', 'cine'\), got '2d'"):
+        build_network("modl", "2d", 3, "mel")
+
+
+def test_grad_rel_err_is_the_worst_tensor_and_absolute_against_zero():
+    ref = [torch.tensor([3.0, 4.0]), torch.zeros(2)]
+    assert grad_rel_err([torch.tensor([3.0, 4.5]), torch.zeros(2)], ref) == pytest.approx(0.1)  # 0.5 / 5
+    assert grad_rel_err([torch.tensor([3.0, 4.0]), torch.tensor([0.0, 0.25])], ref) == pytest.approx(0.25)
+    with pytest.raises(ValueError):  # a missing gradient is an error, not a shorter comparison
+        grad_rel_err(ref[:1], ref)

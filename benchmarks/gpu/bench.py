@@ -43,7 +43,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 if str(SRC) not in sys.path:  # a checkout without `pip install -e .` (run.sh also sets PYTHONPATH)
     sys.path.insert(0, str(SRC))
 
-from melrecon.bench import FAMILIES, build_network, training_step  # noqa: E402
+from melrecon.bench import FAMILIES, build_network, grad_rel_err, training_step  # noqa: E402
 from melrecon.mel.memory import MemoryProbe  # noqa: E402
 from melrecon.physics.problems import LAYOUTS, SenseProblem, random_sense_problem  # noqa: E402
 from profiles import BENCH  # noqa: E402  (benchmarks/gpu/, this script's folder)
@@ -118,11 +118,6 @@ def measure_case(family: str, kind: str, n: int, mode: str, problem: SenseProble
         "fallbacks": stats.get("mel/fallbacks"), "inv_iters": stats.get("mel/inv_iters"),
     }
     return row, grads
-
-
-def grad_rel_err(grads: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
-    """Largest relative error over parameter tensors (as benchmarks/memory.py reports it)."""
-    return max(float((g - r).norm()) / (float(r.norm()) or 1.0) for g, r in zip(grads, ref))
 
 
 def _is_oom(exc: BaseException) -> bool:

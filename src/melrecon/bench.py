@@ -8,6 +8,7 @@ CPU table and the GPU figures measure the same networks. A new family is one mor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -67,3 +68,9 @@ def training_step(net: nn.Module, problem: SenseProblem) -> Tensor:
     loss = (out - problem.target).abs().pow(2).mean()
     loss.backward()
     return loss.detach()
+
+
+def grad_rel_err(grads: Sequence[Tensor], ref: Sequence[Tensor]) -> float:
+    """The largest relative error ``||g - r|| / ||r||`` over pairs of parameter gradients
+    (a zero reference counts as norm 1, so an untouched parameter gives an absolute error)."""
+    return max(float((g - r).norm()) / (float(r.norm()) or 1.0) for g, r in zip(grads, ref, strict=True))
