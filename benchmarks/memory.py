@@ -11,10 +11,10 @@ the MEL drift, anchors and fallbacks.  Results print as a table and go to a CSV.
     python benchmarks/memory.py --device cuda --slab 21 256 320 --cine 20 192 160 \
         --coils 8 --width 64 --csv benchmarks/paper_scale.csv     # paper scale on a GPU
 
-Networks are built by :func:`build_network` from (family, kind, N, mode, options); a new
-family (e.g. reversible unrolls) is one more branch there.  Every mode gets ``--warmup``
-identical steps first (so spectral-norm estimates and the ``auto`` anchor controller are in
-their steady state, and all modes still compute the same function).
+Networks and the step are :mod:`melrecon.bench`'s (``build_network``, ``training_step``),
+shared with the GPU kit's benchmarks/gpu/bench.py.  Every mode gets ``--warmup`` identical
+steps first (so spectral-norm estimates and the ``auto`` anchor controller are in their steady
+state, and all modes still compute the same function).
 """
 
 from __future__ import annotations
@@ -23,160 +23,24 @@ import argparse
 import csv
 import math
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
-from melrecon.mel.memory import MemoryProbe  # noqa: E402
-from melrecon.models import ProximalDC, ResidualCNN, UnrolledNet  # noqa: E402
-from melrecon.models.reversible import ReversibleUnrolledNet  # noqa: E402
-from melrecon.physics.sense import SenseOperator  # noqa: E402
-
-KINDS = ("slab", "cine")
-FAMILIES = ("modl", "rev")
-
-
-def make_problem(
-    kind: str,
-    sizes: Sequence[int],
-    coils: int,
-    dtype: torch.dtype = torch.complex64,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    sampled: float = 0.35,
-    batch: int = 1,
-) -> dict[str, torch.Tensor]:
-    """A random reconstruction problem in the layouts of DESIGN.md.
-
-    kind "slab": sizes (X, Y, Z); image (B, X, Y, Z), maps/kspace (B, C, X, Y, Z), mask (B, 1, 1, Y, Z).
-    kind "cine": sizes (T, X, Y); image (B, T, X, Y), kspace (B, C, T, X, Y), maps (B, C, 1, X, Y),
-    mask (B, 1, T, 1, Y).  Maps are normalised (sum_c |S_c|^2 = 1, so ||A|| <= 1); a fraction
-    ``sampled`` of k-space is kept at random plus a fully sampled centre.  Returns x0 = A^H b,
-    kspace, maps, mask and target.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if len(sizes) != 3:
-        raise ValueError(f"sizes must have 3 entries for kind {kind!r}, got {tuple(sizes)}")
-    g = torch.Generator().manual_seed(seed)
-    s0, s1, s2 = (int(s) for s in sizes)
-    rdt = torch.float64 if dtype == torch.complex128 else torch.float32
-    if kind == "slab":
-        maps = torch.randn(batch, coils, s0, s1, s2, dtype=dtype, generator=g)
-        mask = (torch.rand(batch, 1, 1, s1, s2, generator=g) < sampled).to(rdt)
-        mask[..., s1 // 2 - 1 : s1 // 2 + 1, s2 // 2 - 1 : s2 // 2 + 1] = 1
-    else:
-        maps = torch.randn(batch, coils, 1, s1, s2, dtype=dtype, generator=g)
-        mask = (torch.rand(batch, 1, s0, 1, s2, generator=g) < sampled).to(rdt)
-        mask[..., s2 // 2 - 1 : s2 // 2 + 1] = 1
-    maps = maps / maps.abs().pow(2).sum(dim=1, keepdim=True).sqrt()
-    # a smooth-ish target: low-pass filtered noise
-    target = torch.randn(batch, s0, s1, s2, dtype=dtype, generator=g)
-    target = torch.fft.ifftn(torch.fft.fftn(target, dim=(-3, -2, -1)) * _lowpass((s0, s1, s2), rdt), dim=(-3, -2, -1))
-    maps, mask, target = maps.to(device), mask.to(device), target.to(device)
-    op = SenseOperator(maps, mask)
-    kspace = op.forward(target)
-    return {"x0": op.adjoint(kspace), "kspace": kspace, "maps": maps, "mask": mask, "target": target}
-
-
-def _lowpass(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    grids = torch.meshgrid(*[torch.fft.fftfreq(n, dtype=dtype) for n in shape], indexing="ij")
-    r2 = sum(gr**2 for gr in grids)
-    return torch.exp(-r2 / (2 * 0.15**2))
-
-
-def build_network(
-    family: str,
-    kind: str,
-    num_unrolls: int,
-    memory: str,
-    *,
-    width: int = 8,
-    depth: int = 5,
-    lam: float = 0.05,
-    anchor_every: Any = "auto",
-    drift_tol: float = 1e-5,
-    share_weights: bool = True,
-    lipschitz: float = 0.9,
-    anderson: int = 0,
-    seed: int = 0,
-) -> nn.Module:
-    """A network with ``forward(x0, kspace, maps, mask)`` for (family, kind, N, mode).
-
-    family "modl": UnrolledNet of a 3D residual CNN (over (X, Y, Z) for slabs, (T, X, Y)
-    for cine) and a proximal DC layer.  The seed makes every mode start from one network.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    torch.manual_seed(seed)
-    if family == "modl":
-        reg = ResidualCNN(conv_dim=3, width=width, depth=depth, lipschitz=lipschitz, anderson=anderson)
-        return UnrolledNet(reg, ProximalDC(lam_init=lam), num_unrolls, share_weights, memory, anchor_every, drift_tol)
-    if family == "rev":  # reversible unrolls (models/reversible.py): closed-form inverse, pure MEL, no anchors
-        return ReversibleUnrolledNet(num_unrolls, share_weights, memory, None, drift_tol,
-                                     regularizer=dict(conv_dim=3, width=width, depth=depth), dc=dict(lam_init=lam))
-    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-
-
-def training_step(net: nn.Module, problem: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Forward, mean-squared loss against the target, backward; returns the loss."""
-    out = net(problem["x0"], problem["kspace"], problem["maps"], problem["mask"])
-    loss = (out - problem["target"]).abs().pow(2).mean()
-    loss.backward()
-    return loss.detach()
-
-
-def run_case(
-    family: str, kind: str, n: int, mode: str, problem: dict[str, torch.Tensor], opts: dict[str, Any], warmup: int
-) -> tuple[dict[str, Any], list[torch.Tensor]]:
-    device = problem["x0"].device
-    net = build_network(family, kind, n, mode, **opts).to(device)
-    if problem["x0"].dtype == torch.complex128:
-        net = net.double()
-    net.train()
-    for _ in range(warmup):
-        net.zero_grad(set_to_none=True)
-        training_step(net, problem)
-    net.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with MemoryProbe(cuda=device.type == "cuda") as probe:
-        loss = training_step(net, problem)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    stats = net.log_stats() if hasattr(net, "log_stats") else {}
-    row = {
-        "family": family,
-        "kind": kind,
-        "N": n,
-        "mode": mode,
-        "probe_peak_MB": probe.peak_bytes / 2**20,
-        "cuda_peak_MB": (probe.cuda_peak_bytes / 2**20) if probe.cuda_peak_bytes is not None else float("nan"),
-        "time_s": dt,
-        "loss": float(loss),
-        "drift": stats.get("mel/drift", float("nan")),
-        "anchors": stats.get("mel/anchors", float("nan")),
-        "anchor_every": stats.get("mel/anchor_every", float("nan")),
-        "fallbacks": stats.get("mel/fallbacks", float("nan")),
-        "inv_iters": stats.get("mel/inv_iters", float("nan")),
-    }
-    grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in net.parameters()]
-    return row, grads
+from melrecon.bench import FAMILIES, grad_rel_err, run_case  # noqa: E402
+from melrecon.physics.problems import LAYOUTS as KINDS  # noqa: E402
+from melrecon.physics.problems import random_sense_problem  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--families", nargs="+", default=["modl"])
+    ap.add_argument("--families", nargs="+", default=["modl"], choices=FAMILIES)
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     ap.add_argument("--modes", nargs="+", default=["standard", "checkpoint", "mel"], choices=["standard", "checkpoint", "mel"])
     ap.add_argument("--unrolls", nargs="+", type=int, default=[1, 2, 5, 10, 20, 50])
@@ -214,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for family in args.families:
         for kind in args.kinds:
             sizes = args.slab if kind == "slab" else args.cine
-            problem = make_problem(kind, sizes, args.coils, dtype, args.device)
+            problem = random_sense_problem(kind, sizes, args.coils, dtype, args.device)
             for n in args.unrolls:
                 ref = None
                 for mode in args.modes:
@@ -230,9 +94,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                         ref = grads
                     net_err = float("nan")
                     if ref is not None and grads is not None and mode != "standard":
-                        net_err = max(
-                            float((g - r).norm()) / (float(r.norm()) or 1.0) for g, r in zip(grads, ref)
-                        )
+                        net_err = grad_rel_err(grads, ref)
                     row["grad_rel_err"] = net_err if mode != "standard" else 0.0
                     rows.append(row)
                     print(f"{family:6} {kind:5} {n:>3} {mode:10} {row['probe_peak_MB']:>9.3f} {row['cuda_peak_MB']:>8.1f} "

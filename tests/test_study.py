@@ -165,11 +165,11 @@ def _settings(kind: str, **over):
 
 def test_cine_linop_equals_the_networks_operator(tiny_files):
     item = _settings("cine").dataset([tiny_files["cine"]], train=False)[0]
-    A = cine_sense_linop(item["maps"].numpy(), item["mask"].numpy(), item["kspace"].shape[1])
-    op = SenseOperator(item["maps"][None], item["mask"][None])
+    A = cine_sense_linop(item.maps.numpy(), item.mask.numpy(), item.kspace.shape[1])
+    op = SenseOperator(item.maps[None], item.mask[None])
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(item["target"].shape, dtype=torch.complex64, generator=g)
-    y = torch.randn(item["kspace"].shape, dtype=torch.complex64, generator=g)
+    x = torch.randn(item.target.shape, dtype=torch.complex64, generator=g)
+    y = torch.randn(item.kspace.shape, dtype=torch.complex64, generator=g)
     np.testing.assert_allclose(A(x.numpy()), op.forward(x[None])[0].numpy(), atol=1e-6)
     np.testing.assert_allclose(A.H(y.numpy()), op.adjoint(y[None])[0].numpy(), atol=1e-6)
 

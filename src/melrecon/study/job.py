@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from melrecon.data.batch import ReconBatch
 from melrecon.study import adapter
 from melrecon.study.files import read_csv, read_json, write_csv, write_json
 
@@ -76,14 +77,14 @@ def logged_training_stats(run_dir: Path) -> dict[str, float]:
             "peak_mem_gib": max(mems) if mems else math.nan}
 
 
-def probe_training_step(net: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> dict[str, float]:
+def probe_training_step(net: torch.nn.Module, batch: ReconBatch, device: torch.device) -> dict[str, float]:
     """Bytes autograd holds during one forward + backward on ``batch`` (MiB), and on CUDA the
     allocator's peak: the memory a training step needs, comparable across devices."""
     from melrecon.mel.memory import MemoryProbe
 
     net.train()
-    args = [batch[k].to(device) for k in ("x0", "kspace", "maps", "mask")]
-    target = batch["target"].to(device)
+    args = [t.to(device) for t in (batch.x0, batch.kspace, batch.maps, batch.mask)]
+    target = batch.target.to(device)
     with MemoryProbe(cuda=device.type == "cuda") as probe:
         loss = (net(*args) - target).abs().mean()
         loss.backward()

@@ -1,8 +1,9 @@
 """The ``memory_modes`` study: peak memory, step time and gradient agreement of the memory modes.
 
 For each network family (MoDL, reversible), data kind (3D slab, cine) and depth N, one training
-step per memory mode (standard, checkpoint, mel) on the same random problem, measured by
-``benchmarks/memory.py`` (its :func:`make_problem` and :func:`run_case`: autograd memory held
+step per memory mode (standard, checkpoint, mel) on the same random problem
+(:func:`melrecon.physics.problems.random_sense_problem`), measured as ``benchmarks/memory.py``
+measures it (:func:`melrecon.bench.run_case`: autograd memory held
 for backward by :class:`melrecon.mel.MemoryProbe`, plus the CUDA allocator peak on a GPU; step
 time after ``warmup`` identical steps; gradients). The gradient of ``checkpoint`` and ``mel``
 is compared with ``standard``'s at the same N (largest relative error over the parameters).
@@ -18,21 +19,19 @@ continues where it stopped.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
-import sys
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from melrecon.bench import grad_rel_err, run_case
+from melrecon.physics.problems import SenseProblem, random_sense_problem
 from melrecon.study import plots
-from melrecon.study.config import StudyError, repo_root
 from melrecon.study.files import read_json, write_csv, write_json, write_text
 from melrecon.study.report import machine_text
 
@@ -43,26 +42,7 @@ COLUMNS = ("family", "kind", "N", "mode", "status", "probe_peak_MB", "cuda_peak_
 MODES = ("standard", "checkpoint", "mel")
 
 
-def load_benchmark() -> ModuleType:
-    """``benchmarks/memory.py`` of the checkout (the one implementation of these measurements)."""
-    path = repo_root() / "benchmarks" / "memory.py"
-    if not path.is_file():
-        raise StudyError(f"the memory_modes study needs {path} (a melrecon checkout)")
-    if "melrecon_benchmark_memory" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("melrecon_benchmark_memory", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["melrecon_benchmark_memory"]
-
-
-def grad_rel_err(grads: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-    """Largest relative error over parameters, ``||g - r|| / ||r||`` (as benchmarks/memory.py)."""
-    return max(float((g - r).norm()) / (float(r.norm()) or 1.0) for g, r in zip(grads, ref))
-
-
-def measure_group(bench: ModuleType, family: str, kind: str, n: int, m: DictConfig,
-                  problem: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+def measure_group(family: str, kind: str, n: int, m: DictConfig, problem: SenseProblem) -> list[dict[str, Any]]:
     """All memory modes of one (family, kind, N); gradients compared with ``standard``."""
     ae = m.get("anchor_every", "auto")
     opts = dict(width=int(m.width), depth=int(m.depth), lam=float(m.lam),
@@ -70,7 +50,7 @@ def measure_group(bench: ModuleType, family: str, kind: str, n: int, m: DictConf
     rows, ref = [], None
     for mode in m.modes:
         try:
-            row, grads = bench.run_case(family, kind, n, mode, problem, opts, int(m.warmup))
+            row, grads = run_case(family, kind, n, mode, problem, opts, int(m.warmup))
             row["status"] = "ok"
         except torch.cuda.OutOfMemoryError:  # paper sizes: standard backprop may not fit at large N
             torch.cuda.empty_cache()
@@ -150,7 +130,6 @@ def markdown(cfg: DictConfig, rows: list[dict[str, Any]], lines: list[str], comm
 
 def run(cfg: DictConfig, out_dir: Path, command: str = "") -> list[dict[str, Any]]:
     m = cfg.memory
-    bench = load_benchmark()
     device = str(m.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, str(m.dtype))
     groups = out_dir / "groups"
@@ -166,8 +145,8 @@ def run(cfg: DictConfig, out_dir: Path, command: str = "") -> list[dict[str, Any
                     continue
                 if problem is None:
                     sizes = m.slab if kind == "slab" else m.cine
-                    problem = bench.make_problem(kind, list(sizes), int(m.coils), dtype, device)
-                group = measure_group(bench, str(family), str(kind), int(n), m, problem)
+                    problem = random_sense_problem(kind, list(sizes), int(m.coils), dtype, device)
+                group = measure_group(str(family), str(kind), int(n), m, problem)
                 for r in group:
                     log.info("%s %s N=%d %-10s peak %.3f MiB, %.3f s, grad err %.1e, anchors %s", family, kind, n,
                              r["mode"], r["probe_peak_MB"], r["time_s"], r["grad_rel_err"], r["anchors"])

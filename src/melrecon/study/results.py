@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from melrecon.metrics import METRICS
 from melrecon.study.files import read_csv, read_json
-
-METRICS = ("psnr", "ssim", "nmse")
 
 
 @dataclass
