@@ -148,6 +148,7 @@ class UnrolledBase(nn.Module):
             "mel/inv_iters": float(s.inv_iters),
             "mel/inv_residual": float(s.inv_residual),
             "mel/fallbacks": float(s.fallbacks),
+            "mel/fallback_spacing": float(s.fallback_spacing),  # sub-anchor spacing of a redo (0: none)
         }
         learned: dict[str, list[Tensor]] = {}
         for m in self.modules():  # each module once, however many unrolls share it
