@@ -404,10 +404,10 @@ class ReversibleUnrolledNet(UnrolledBase):
         with torch.no_grad():
             gammas = [float(u.gamma) for u in self.unrolls]
         scales, s, inv_gamma = fixed_point_grid(x0, gammas)
-        self._warn_coarse_grid(float(scales[1]), s, max(gammas))
+        self._warn_coarse_grid(float(scales[1]), s, max(gammas), inv_gamma)
         return _on_grid(xs, scales[0]), v0, scales
 
-    def _warn_coarse_grid(self, scale_v: float, s: float, gamma_max: float) -> None:
+    def _warn_coarse_grid(self, scale_v: float, s: float, gamma_max: float, inv_gamma: float) -> None:
         """Warn once if v's grid quantizes the largest-step updates coarser than float32."""
         rel = gamma_max / (scale_v * s)  # image-scale effect of one grid step of v, relative to S
         if rel > 2.0**-24 and not self._warned_grid:
@@ -415,7 +415,7 @@ class ReversibleUnrolledNet(UnrolledBase):
             warnings.warn(
                 f"state_precision='fixed': the latent grid quantizes the early unrolls' updates to {rel:.2g} of "
                 f"max|x0| (coarser than float32 rounding) because the step sizes gamma_n span "
-                f"{gamma_max * sum(1 / float(u.gamma) for u in self.unrolls):.3g} (damping gamma_decay^-N over "
+                f"{gamma_max * inv_gamma:.3g} (damping gamma_decay^-N over "
                 f"{self.num_unrolls} unrolls). The chain stays exactly invertible; a larger gamma_decay or fewer "
                 "unrolls restores the resolution",
                 RuntimeWarning,
