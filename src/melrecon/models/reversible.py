@@ -23,8 +23,11 @@ The inverse is closed form and costs one evaluation of each half:
 
     x = x' - G_n(v'),   v = v' - F_n(x)
 
-There is no fixed-point iteration and no division, so nothing amplifies rounding beyond the
-conditioning of the map itself (``det = 1``: the coupling preserves volume).
+There is no fixed-point iteration and no division. In floating point the sums still round
+(``(x + G) - G != x`` in general) and damping amplifies that rounding in the inverse; with
+fixed-point streams (``state_precision="fixed"``, the default: both streams on a power-of-two
+grid, every coupling term rounded to it before it is added, :func:`fixed_point_grid`) every
+sum is exact and the inverse is bit-exact at any depth and damping.
 
 The inverse and the backward pass are fused (RevNet): ``inverse_and_backward`` evaluates
 ``G_n(v')`` *with* its graph, uses the value to recover ``x`` and the graph to backpropagate,
@@ -331,9 +334,9 @@ class ReversibleUnrolledNet(UnrolledBase):
             the forward pass and its recompute, :mod:`melrecon.mel.backward`). Gradients
             pass through the rounding as the identity. Range: x up to ``2^17 S``
             (``S = max|x0|``), resolution ``~2^-36 S``; v up to ``2^7 S sum_n 1/gamma_n``,
-            resolution ``2^-46 S sum_n 1/gamma_n`` (about ``2.5e-8 S`` for
-            ``gamma_decay = 0.9`` at N = 100, ``6e-9 S`` for 0.8 at N = 50, but ``2e-3 S``
-            for 0.8 at N = 100: damping past ``gamma_decay^N ~ 1e-9`` makes the early
+            resolution ``~2^-46 S sum_n 1/gamma_n`` (with ``gamma_init = 1``: ``7.5e-9 S``
+            for ``gamma_decay = 0.9`` at N = 100 and for 0.8 at N = 50, but ``5e-4 S`` for
+            0.8 at N = 100: damping past ``gamma_decay^N ~ 1e-9`` makes the early
             updates coarser than float32 rounding, which warns; the chain stays exact). A
             stream reaching its limit raises :class:`FixedPointOverflow` naming the unroll.
             int64 streams would give 10 more bits but no autograd; this keeps autograd.
@@ -414,9 +417,9 @@ class ReversibleUnrolledNet(UnrolledBase):
             self._warned_grid = True
             warnings.warn(
                 f"state_precision='fixed': the latent grid quantizes the early unrolls' updates to {rel:.2g} of "
-                f"max|x0| (coarser than float32 rounding) because the step sizes gamma_n span "
+                f"max|x0| (coarser than float32 rounding) because sum_n gamma_max / gamma_n = "
                 f"{gamma_max * inv_gamma:.3g} (damping gamma_decay^-N over "
-                f"{self.num_unrolls} unrolls). The chain stays exactly invertible; a larger gamma_decay or fewer "
+                f"{self.num_unrolls} unrolls) sets the range of v. The chain stays exactly invertible; a larger gamma_decay or fewer "
                 "unrolls restores the resolution",
                 RuntimeWarning,
                 stacklevel=3,
