@@ -69,8 +69,8 @@ class _GridRound(torch.autograd.Function):
 
     ``scale`` is a power of two, so the product and the quotient are exact in float64: the
     result is the nearest multiple of ``1 / scale``. The gradient passes straight through
-    (the rounding is a ~1e-16 relative perturbation of the value, not of the function's
-    derivative), identically in every memory mode.
+    (the derivative of the unrounded term; the rounding moves the value by at most half a
+    grid step), identically in every memory mode, so the modes' gradients agree bitwise.
     """
 
     @staticmethod
