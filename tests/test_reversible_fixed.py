@@ -157,4 +157,5 @@ def test_forced_fallback_n100_holds_sqrt_n_states(monkeypatch):
     x = prob.x0
     state_bytes = x.numel() * 16 + math.prod(net.layout.latent_shape(x.shape, 2)) * 8  # complex128 x + float64 v
     assert ckpt - mel >= 90 * state_bytes  # checkpoint holds ~N states (sanity of the probe)
+    print(f"\nforced fallback at N = 100: +{(forced - mel) / state_bytes:.1f} states over pure MEL, checkpoint +{(ckpt - mel) / state_bytes:.1f}")
     assert forced - mel <= (2 * 10 + 2) * state_bytes, (forced - mel) / state_bytes
