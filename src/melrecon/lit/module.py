@@ -107,14 +107,29 @@ class ReconModule(pl.LightningModule):
             )
 
     def _eval_step(self, stage: str, batch: ReconBatch) -> dict[str, torch.Tensor]:
+        files = list(batch.file)
+        self._check_finite(stage, "input", batch, batch.x0, batch.kspace, batch.target, batch.max)
         pred = self(batch)
+        # a NaN volume must not drop out of the per-volume means (val/psnr over the others)
+        self._check_finite(stage, "reconstruction", batch, pred)
         terms = self.loss_fn(pred, batch.target, batch.max)
         self.log(f"{stage}/loss", terms["loss"], on_step=False, on_epoch=True, sync_dist=True,
                  batch_size=pred.shape[0])
-        files = list(batch.file)
         self._acc["recon"].update(pred, batch.target, batch.max, files, batch.position)
         self._acc["zf"].update(batch.x0, batch.target, batch.max, files, batch.position)
         return {"pred": pred.detach()}
+
+    def _check_finite(self, stage: str, what: str, batch: ReconBatch, *tensors: torch.Tensor) -> None:
+        """ValueError naming the files and positions of ``batch`` if any tensor is NaN/Inf."""
+        for t in tensors:
+            bad = ~torch.isfinite(t.reshape(t.shape[0], -1) if t.ndim else t.reshape(1, 1)).all(dim=1)
+            if bad.any():
+                where = [f"{f} (position {int(p)})" for f, p, b in zip(batch.file, batch.position, bad.tolist()) if b]
+                raise ValueError(
+                    f"{stage}: non-finite {what} for {', '.join(where)}"
+                    + (" (check the file with python -m melrecon.data.validate)" if what == "input"
+                       else f" at global step {self.global_step}: the network diverged on this volume")
+                )
 
     def validation_step(self, batch: ReconBatch, batch_idx: int) -> dict[str, torch.Tensor]:
         return self._eval_step("val", batch)
