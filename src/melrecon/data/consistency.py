@@ -43,7 +43,7 @@ BLOCK_BYTES = 64 * 2**20
 
 
 def _blocks(f: h5py.File, axes: str) -> Iterator[tuple[str, tuple, tuple, tuple]]:
-    """(label, kspace index, maps index, target index) per block; cine maps get a time axis."""
+    """(label, kspace index, maps index, target index) per block (``()``: the whole field)."""
     shape = f["kspace"].shape
     if axes == "coil,x,y,z":
         c, nx, ny, nz = shape
@@ -53,9 +53,9 @@ def _blocks(f: h5py.File, axes: str) -> Iterator[tuple[str, tuple, tuple, tuple]
             yield f"readout positions {sl.start}..{sl.stop - 1}", (slice(None), sl), (slice(None), sl), (sl,)
     elif axes == "slice,coil,time,x,y":
         for s in range(shape[0]):
-            yield f"slice {s}", (s,), (s, slice(None), None), (s,)
+            yield f"slice {s}", (s,), (s,), (s,)
     else:  # coil,time,x,y
-        yield "the series", (), (slice(None), None), ()
+        yield "the series", (), (), ()
 
 
 def _read(ds: h5py.Dataset, index: tuple, path: str | os.PathLike, name: str) -> np.ndarray:
@@ -90,11 +90,12 @@ def check_values(f: h5py.File, path: str | os.PathLike, axes: str, vmax: float) 
     diff_energy = ref_energy = 0.0
     worst_block = (0.0, "")  # largest relative target error of one block, where
     t_max = 0.0
+    cine = axes != "coil,x,y,z"
     for label, ki, mi, ti in _blocks(f, axes):
         k = _read(f["kspace"], ki, path, "kspace")
-        m = _read(f["maps"], mi[:-1] if mi and mi[-1] is None else mi, path, "maps")
+        m = _read(f["maps"], mi, path, "maps")
         t = _read(f["target"], ti, path, "target")
-        if mi and mi[-1] is None:  # cine maps (C, X, Y) serve every frame of (C, T, X, Y)
+        if cine:  # maps (C, X, Y) serve every frame of the k-space (C, T, X, Y)
             m = m[:, None]
         k_energy += float(np.sum(np.abs(k.astype(np.complex128)) ** 2))
         ssq = np.sum(np.abs(m.astype(np.complex128)) ** 2, axis=0)
