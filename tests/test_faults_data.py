@@ -387,3 +387,12 @@ def test_12_stale_temporary_folder_is_cleaned_and_umask_respected(tmp_path) -> N
         if d.is_dir():
             assert stat.S_IMODE(d.stat().st_mode) == 0o755, d
     assert stat.S_IMODE((tmp_path / "cine" / "train" / "cine_train_0000.h5").stat().st_mode) == 0o644
+
+
+def test_4_reconstruct_refuses_an_inconsistent_file(cine_run, tiny_sets, tmp_path, capsys) -> None:
+    root = _copy(tiny_sets["cine"], tmp_path / "cine")
+    bad = root / "test" / "cine_test_0000.h5"
+    _fault(bad, "target_other_file", root / "val" / "cine_val_0000.h5")
+    assert _recon(cine_run, bad, "--out", tmp_path / "out") == 1
+    assert f"FAILED {bad}: field 'target'" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "cine_test_0000.h5").exists()
