@@ -20,11 +20,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import CONF, TinyCineDataModule, TinyCineDataset, TinyNet, run_train
-from torch.utils.data import DataLoader
 
 import melrecon.data.synthetic as synthetic
 from melrecon.data.datamodule import KspaceDataModule
 from melrecon.data.h5 import LayoutError, read_scan, validate_file, write_scan
+from melrecon.data.npfft import ifftc_np, sense_combine_np
 from melrecon.data.validate import main as validate_main
 from melrecon.metrics import VolumeAccumulator
 
@@ -62,11 +62,11 @@ def test_2_nan_val_file_is_refused_at_setup_naming_file(tiny_sets, tmp_path) -> 
 def test_2_non_finite_prediction_or_input_in_validation_names_the_file() -> None:
     from melrecon.lit import ReconModule
 
-    class NaNAfterFirst(TinyNet):
+    class DivergedNet(TinyNet):
         def forward(self, x0, kspace, maps, mask):
             return super().forward(x0, kspace, maps, mask) * torch.nan
 
-    module = ReconModule(NaNAfterFirst(), optimizer=lambda params: torch.optim.Adam(params, 1e-3))
+    module = ReconModule(DivergedNet(), optimizer=lambda params: torch.optim.Adam(params, 1e-3))
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False)
     with pytest.raises(ValueError, match=r"non-finite.*vol0\.h5"):
@@ -79,7 +79,7 @@ def test_2_non_finite_prediction_or_input_in_validation_names_the_file() -> None
         acc.update(item.target[None] * torch.nan, item.target[None], item.max[None], [item.file])
 
 
-def test_2_num_volumes_equals_the_split(tiny_sets, tmp_path) -> None:
+def test_2_num_volumes_equals_the_split() -> None:
     from melrecon.lit import ReconModule
 
     module = ReconModule(TinyNet(), optimizer=lambda params: torch.optim.Adam(params, 1e-3))
@@ -295,7 +295,6 @@ def test_10_items_of_other_shapes_are_refused_at_setup(tiny_sets, tmp_path) -> N
     vbad = root / "val" / "cine_val_0000.h5"
     a, _ = read_scan(vbad)
     k = a["kspace"][..., 5:11, 5:11]
-    from melrecon.data.npfft import ifftc_np, sense_combine_np
     m = a["maps"][..., 5:11, 5:11]
     t = sense_combine_np(ifftc_np(k), m[:, :, None], coil_axis=1)
     write_scan(vbad, k, m / np.sqrt((np.abs(m) ** 2).sum(1, keepdims=True)), t, kind="cine", source="small")
