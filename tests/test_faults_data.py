@@ -89,6 +89,16 @@ def test_2_num_volumes_equals_the_split() -> None:
     out = trainer.validate(module, datamodule=dm)[0]
     assert out["val/num_volumes"] == 3.0
 
+    class Listed(TinyCineDataset):  # a split listing 3 files of which only 2 deliver items
+        files = ["vol0.h5", "vol1.h5", "vol2.h5"]
+
+    class DropsOne(TinyCineDataModule):
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(Listed(2, seed=2), batch_size=1)
+
+    with pytest.raises(ValueError, match="scored 2 of the 3 volumes"):
+        trainer.validate(module, datamodule=DropsOne())
+
 
 # ---------------------------------------------------------------------- 4: physically wrong files
 def _fault(path: Path, case: str, other: Path) -> str:

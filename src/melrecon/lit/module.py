@@ -166,6 +166,7 @@ class ReconModule(pl.LightningModule):
                 self.vol_count.reset()
                 self.vol_count.update(torch.tensor(float(len(vols)), device=self.device))
                 out[f"{stage}/num_volumes"] = float(self.vol_count.compute())
+                self._check_volume_count(stage, out[f"{stage}/num_volumes"])
         if stage == "val" and not self.trainer.sanity_checking:
             # NaN (no volume scored) is ignored by MaxMetric's default nan_strategy
             self.ssim_best.update(torch.tensor(out["val/ssim"], device=self.device))
@@ -174,6 +175,23 @@ class ReconModule(pl.LightningModule):
         # averages identical numbers (and keeps Lightning's DDP logging check quiet)
         self.log_dict(out, on_step=False, on_epoch=True, sync_dist=True)
         return out
+
+    def _check_volume_count(self, stage: str, scored: float) -> None:
+        """When the whole split was evaluated, every volume of it must have been scored: a
+        missing one would bias the means without a trace. Datasets that list their ``files``
+        (SlabDataset, CineDataset) are checked; partial epochs (``limit_*_batches``) are not."""
+        trainer = self.trainer
+        if trainer.sanity_checking:
+            return
+        limit = trainer.limit_val_batches if stage == "val" else trainer.limit_test_batches
+        if not (isinstance(limit, float) and limit == 1.0):
+            return
+        loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        files = {f for dl in loaders for f in getattr(getattr(dl, "dataset", None), "files", None) or ()}
+        if files and scored != len(files):
+            raise ValueError(f"{stage}: scored {scored:g} of the {len(files)} volumes of the split; "
+                             "every volume must be scored (is a sampler dropping items?)")
 
     def on_validation_epoch_end(self) -> None:
         self._log_volume_metrics("val")
