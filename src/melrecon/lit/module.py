@@ -9,7 +9,8 @@ Batches are :class:`melrecon.data.batch.ReconBatch` (fields, shapes and units th
 Logged keys: ``train/loss`` (+ ``train/l1`` ... per loss term), ``val/loss``, and per-volume
 fastMRI metrics (:mod:`melrecon.metrics`) of the reconstruction ``val/{psnr,ssim,nmse}`` and of
 the zero-filled input ``val/{psnr,ssim,nmse}_zf``, ``val/num_volumes`` (volumes scored, summed
-over ranks) and ``val/ssim_best`` (best ``val/ssim`` so far, torchmetrics ``MaxMetric``, kept in
+over ranks; equal to the split's volumes whenever the whole split is evaluated, and non-finite
+inputs, reconstructions or metrics are errors naming the file, so no volume drops out) and ``val/ssim_best`` (best ``val/ssim`` so far, torchmetrics ``MaxMetric``, kept in
 the checkpoint); the same under ``test/`` for ``trainer.test``. ``train/lr`` comes from the
 :class:`melrecon.lit.callbacks.LearningRateMonitor` callback.
 """
