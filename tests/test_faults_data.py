@@ -341,6 +341,7 @@ def test_10_check_is_cached_by_path_size_and_mtime(tiny_sets, tmp_path, monkeypa
     assert calls == ["cine_train_0001.h5"]
 
 
+@pytest.mark.slow  # a train.py subprocess: ~10 s alone, 20 s on a loaded machine
 def test_10_train_cli_prints_one_line_naming_the_file(tiny_sets, tmp_path, data_dir) -> None:
     root = _copy(tiny_sets["cine"], tmp_path / "cine")
     bad = root / "val" / "cine_val_0000.h5"
