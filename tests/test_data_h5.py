@@ -12,13 +12,20 @@ import numpy as np
 import pytest
 
 from melrecon.data.h5 import LayoutError, read_scan, validate_file, write_scan
+from melrecon.data.npfft import ifftc_np, sense_combine_np
 from melrecon.data.validate import main as validate_main
 
 
+def _unit_maps(m: np.ndarray, coil_axis: int) -> np.ndarray:
+    """Normalise maps to unit sum of squares over coils (what validate requires)."""
+    return (m / np.sqrt((np.abs(m) ** 2).sum(coil_axis, keepdims=True))).astype(np.complex64)
+
+
 def _volume(rng, c=3, x=5, y=6, z=4):
+    """Random k-space and maps with the consistent target S^H F^H k (validate checks it)."""
     k = (rng.standard_normal((c, x, y, z)) + 1j * rng.standard_normal((c, x, y, z))).astype(np.complex64)
-    m = (rng.standard_normal((c, x, y, z)) + 1j * rng.standard_normal((c, x, y, z))).astype(np.complex64)
-    t = (rng.standard_normal((x, y, z)) + 1j * rng.standard_normal((x, y, z))).astype(np.complex64)
+    m = _unit_maps(rng.standard_normal((c, x, y, z)) + 1j * rng.standard_normal((c, x, y, z)), 0)
+    t = sense_combine_np(ifftc_np(k), m).astype(np.complex64)
     return k, m, t
 
 
@@ -42,8 +49,8 @@ def test_round_trip_exact_volume_and_cine(tmp_path: Path) -> None:
         assert f.attrs["snr"] == 3.5 and f.attrs["layout_version"] == 1
 
     kc = rng.standard_normal((2, 3, 4, 6, 5)).astype(np.complex64)  # (S, C, T, X, Y)
-    mc = rng.standard_normal((2, 3, 6, 5)).astype(np.complex64)
-    tc = rng.standard_normal((2, 4, 6, 5)).astype(np.complex64) + 1j
+    mc = _unit_maps(rng.standard_normal((2, 3, 6, 5)) + 1j, 1)
+    tc = sense_combine_np(ifftc_np(kc), mc[:, :, None], coil_axis=1).astype(np.complex64)
     write_scan(tmp_path / "c.h5", kc, mc, tc, kind="cine", source="s")
     arrays, info = read_scan(tmp_path / "c.h5")
     assert info.axes == "slice,coil,time,x,y" and info.positions == 2 and info.num_coils == 3

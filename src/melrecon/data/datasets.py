@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from melrecon.data.batch import ReconBatch
-from melrecon.data.h5 import ScanInfo, read_info
+from melrecon.data.h5 import ScanInfo, open_scan, read_info
 from melrecon.data.npfft import fftc_np, ifftc_np
 from melrecon.data.subsample import MaskSampler, check_mask_options, cine_mask, volume_mask
 from melrecon.physics.sense import SenseOperator
@@ -62,7 +62,7 @@ class _H5Dataset(Dataset):
         self.masks = MaskSampler(accelerations, train, mask_pool, eval_acceleration, mask_per_position)
         self.infos: list[ScanInfo] = []
         for path in self.files:
-            with h5py.File(path, "r") as f:
+            with open_scan(path) as f:  # unreadable files and
                 info = read_info(f, path)  # shapes, dtypes, attributes: errors name file and field
             if info.kind != self.kind:
                 raise ValueError(f"{path}: field 'kind': {type(self).__name__} needs {self.kind!r}, file is {info.kind!r}")

@@ -11,8 +11,9 @@ Datasets (all complex64):
 ``target`` is the fully-sampled coil combination S^H F^H k. Attributes: ``kind``, ``axes``,
 ``max`` (max |target| over the file, the metric data range), ``source`` (free text provenance),
 ``layout_version``. Files are written to a temporary name and renamed, so a reader never sees a
-half-written file. Readers check shapes, dtypes, finiteness and attributes and raise
-:class:`LayoutError` (a ``ValueError``) naming the file and the field.
+half-written file. Readers check shapes, dtypes, finiteness, attributes and physical consistency
+(:mod:`melrecon.data.consistency`) and raise :class:`LayoutError` (a ``ValueError``) naming the
+file and the field.
 """
 
 from __future__ import annotations
@@ -232,20 +233,15 @@ def read_info(f: h5py.File, path: str | os.PathLike) -> ScanInfo:
     )
 
 
-def _check_finite(f: h5py.File, path: str | os.PathLike, name: str) -> None:
-    ds = f[name]
-    # one leading index at a time keeps memory at one slab/slice even for large volumes
-    axis = 1 if ds.ndim == 4 and name != "target" else 0
-    n = ds.shape[axis]
-    step = max(1, n // 16)
-    for i in range(0, n, step):
-        sl = (slice(None),) * axis + (slice(i, i + step),)
-        try:
-            block = ds[sl]
-        except (OSError, RuntimeError) as err:
-            raise LayoutError(path, name, f"cannot read data (truncated or corrupt file?): {err}") from None
-        if not np.isfinite(block).all():
-            raise LayoutError(path, name, "contains NaN or Inf")
+def open_scan(path: str | os.PathLike) -> h5py.File:
+    """Open ``path`` read-only; a missing, empty, truncated or non-HDF5 file is a
+    :class:`LayoutError` with field ``file`` (h5py's own message names neither)."""
+    try:
+        return h5py.File(path, "r")
+    except (OSError, RuntimeError) as err:
+        problem = "empty file (0 bytes)" if Path(path).is_file() and Path(path).stat().st_size == 0 else (
+            f"cannot open as HDF5 (truncated or not HDF5?): {' '.join(str(err).split())}")
+        raise LayoutError(path, "file", problem) from None
 
 
 def validate_file(path: str | os.PathLike, check_values: bool = True) -> ScanInfo:
@@ -253,21 +249,20 @@ def validate_file(path: str | os.PathLike, check_values: bool = True) -> ScanInf
 
     Args:
         path: an ``.h5`` file.
-        check_values: also read every value of every field and check finiteness (reads the
-            whole file, chunk by chunk; readers at training time skip this).
+        check_values: also read every value (block by block) and check finiteness and physical
+            consistency: target = S^H F^H k, unit-norm maps, ``max`` = max |target|, non-zero
+            k-space of plausible magnitude (:mod:`melrecon.data.consistency`). Readers at
+            training time get this once per file through :mod:`melrecon.data.check` (cached).
 
     Raises:
         LayoutError: naming the file and field (``field='file'`` when it is not readable HDF5).
     """
-    try:
-        f = h5py.File(path, "r")
-    except (OSError, RuntimeError) as err:
-        raise LayoutError(path, "file", f"cannot open as HDF5 (truncated or not HDF5?): {err}") from None
-    with f:
+    from melrecon.data.consistency import check_values as _check_values
+
+    with open_scan(path) as f:
         info = read_info(f, path)
         if check_values:
-            for name in FIELDS:
-                _check_finite(f, path, name)
+            _check_values(f, path, info.axes, info.max)
     return info
 
 

@@ -9,7 +9,8 @@ Batches are :class:`melrecon.data.batch.ReconBatch` (fields, shapes and units th
 Logged keys: ``train/loss`` (+ ``train/l1`` ... per loss term), ``val/loss``, and per-volume
 fastMRI metrics (:mod:`melrecon.metrics`) of the reconstruction ``val/{psnr,ssim,nmse}`` and of
 the zero-filled input ``val/{psnr,ssim,nmse}_zf``, ``val/num_volumes`` (volumes scored, summed
-over ranks) and ``val/ssim_best`` (best ``val/ssim`` so far, torchmetrics ``MaxMetric``, kept in
+over ranks; equal to the split's volumes whenever the whole split is evaluated, and non-finite
+inputs, reconstructions or metrics are errors naming the file, so no volume drops out) and ``val/ssim_best`` (best ``val/ssim`` so far, torchmetrics ``MaxMetric``, kept in
 the checkpoint); the same under ``test/`` for ``trainer.test``. ``train/lr`` comes from the
 :class:`melrecon.lit.callbacks.LearningRateMonitor` callback.
 """
@@ -107,14 +108,29 @@ class ReconModule(pl.LightningModule):
             )
 
     def _eval_step(self, stage: str, batch: ReconBatch) -> dict[str, torch.Tensor]:
+        files = list(batch.file)
+        self._check_finite(stage, "input", batch, batch.x0, batch.kspace, batch.target, batch.max)
         pred = self(batch)
+        # a NaN volume must not drop out of the per-volume means (val/psnr over the others)
+        self._check_finite(stage, "reconstruction", batch, pred)
         terms = self.loss_fn(pred, batch.target, batch.max)
         self.log(f"{stage}/loss", terms["loss"], on_step=False, on_epoch=True, sync_dist=True,
                  batch_size=pred.shape[0])
-        files = list(batch.file)
         self._acc["recon"].update(pred, batch.target, batch.max, files, batch.position)
         self._acc["zf"].update(batch.x0, batch.target, batch.max, files, batch.position)
         return {"pred": pred.detach()}
+
+    def _check_finite(self, stage: str, what: str, batch: ReconBatch, *tensors: torch.Tensor) -> None:
+        """ValueError naming the files and positions of ``batch`` if any tensor is NaN/Inf."""
+        for t in tensors:
+            bad = ~torch.isfinite(t.reshape(t.shape[0], -1) if t.ndim else t.reshape(1, 1)).all(dim=1)
+            if bad.any():
+                where = [f"{f} (position {int(p)})" for f, p, b in zip(batch.file, batch.position, bad.tolist()) if b]
+                raise ValueError(
+                    f"{stage}: non-finite {what} for {', '.join(where)}"
+                    + (" (check the file with python -m melrecon.data.validate)" if what == "input"
+                       else f" at global step {self.global_step}: the network diverged on this volume")
+                )
 
     def validation_step(self, batch: ReconBatch, batch_idx: int) -> dict[str, torch.Tensor]:
         return self._eval_step("val", batch)
@@ -151,6 +167,7 @@ class ReconModule(pl.LightningModule):
                 self.vol_count.reset()
                 self.vol_count.update(torch.tensor(float(len(vols)), device=self.device))
                 out[f"{stage}/num_volumes"] = float(self.vol_count.compute())
+                self._check_volume_count(stage, out[f"{stage}/num_volumes"])
         if stage == "val" and not self.trainer.sanity_checking:
             # NaN (no volume scored) is ignored by MaxMetric's default nan_strategy
             self.ssim_best.update(torch.tensor(out["val/ssim"], device=self.device))
@@ -159,6 +176,23 @@ class ReconModule(pl.LightningModule):
         # averages identical numbers (and keeps Lightning's DDP logging check quiet)
         self.log_dict(out, on_step=False, on_epoch=True, sync_dist=True)
         return out
+
+    def _check_volume_count(self, stage: str, scored: float) -> None:
+        """When the whole split was evaluated, every volume of it must have been scored: a
+        missing one would bias the means without a trace. Datasets that list their ``files``
+        (SlabDataset, CineDataset) are checked; partial epochs (``limit_*_batches``) are not."""
+        trainer = self.trainer
+        if trainer.sanity_checking:
+            return
+        limit = trainer.limit_val_batches if stage == "val" else trainer.limit_test_batches
+        if not (isinstance(limit, float) and limit == 1.0):
+            return
+        loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        files = {f for dl in loaders for f in getattr(getattr(dl, "dataset", None), "files", None) or ()}
+        if files and scored != len(files):
+            raise ValueError(f"{stage}: scored {scored:g} of the {len(files)} volumes of the split; "
+                             "every volume must be scored (is a sampler dropping items?)")
 
     def on_validation_epoch_end(self) -> None:
         self._log_volume_metrics("val")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from melrecon.data.h5 import LayoutError, validate_file
+from melrecon.data.locks import LockBusy, file_lock
 from melrecon.data.validate import collect
 from melrecon.reconstruct.checkpoint import (
     ReconstructError,
@@ -20,7 +22,15 @@ from melrecon.reconstruct.checkpoint import (
     load_network,
     set_num_unrolls,
 )
-from melrecon.reconstruct.output import print_table, write_csv, write_result
+from melrecon.reconstruct.output import (
+    LOCK_NAME,
+    csv_row,
+    file_sha256,
+    print_table,
+    results_in,
+    write_csv,
+    write_result,
+)
 from melrecon.reconstruct.stitch import ScanResult, reconstruct_scan
 
 
@@ -29,7 +39,10 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Reconstruct scans with a trained melrecon network.")
     p.add_argument("run", metavar="RUN_OR_CKPT", help="training run folder, or a .ckpt file inside one")
     p.add_argument("inputs", metavar="INPUT", nargs="+", help=".h5 files or folders of them (melrecon layout)")
-    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--out", required=True,
+                   help="output folder (created); it holds the results of one checkpoint, written by one run at a time")
+    p.add_argument("--overwrite", action="store_true",
+                   help="remove results of another checkpoint found in --out (default: refuse)")
     p.add_argument("--ckpt", help="checkpoint in the run folder (path or name under checkpoints/; default last.ckpt)")
     p.add_argument("--config", help="run config to use instead of <run>/.hydra/config.yaml")
     p.add_argument("--accel", type=float, help="acceleration R of the evaluation mask (default: the run's data.eval_acceleration)")
@@ -92,6 +105,24 @@ def _reconstruct_file(path: Path, out_path: Path, net: nn.Module, dm: Any, devic
     return info.kind, result
 
 
+def _claim_out(out_dir: Path, ckpt_sha: str, overwrite: bool) -> None:
+    """Make ``out_dir`` hold results of this checkpoint only: results of another checkpoint are
+    refused (ReconstructError) or, with ``--overwrite``, removed. The caller holds the lock."""
+    others = {p: a for p, a in results_in(out_dir).items() if a.get("checkpoint_sha256") != ckpt_sha}
+    if not others:
+        return
+    first, attrs = next(iter(others.items()))
+    if not overwrite:
+        raise ReconstructError(
+            f"--out {out_dir} holds {len(others)} result(s) of another checkpoint ({attrs['checkpoint']}, e.g. "
+            f"{first.name}); mixing checkpoints in one folder is refused: choose another --out, or pass "
+            "--overwrite to remove them"
+        )
+    for p in others:
+        p.unlink()
+    print(f"removed {len(others)} result(s) of checkpoint {attrs['checkpoint']} from {out_dir} (--overwrite)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -109,7 +140,25 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"melrecon: error: cannot create the output folder --out {out_dir}: {err}", file=sys.stderr)
         return 2
-    provenance = {"checkpoint": str(ckpt_path), "config": str(cfg_path)}
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(out_dir / LOCK_NAME, blocking=False))
+            provenance = {"checkpoint": str(ckpt_path), "checkpoint_sha256": file_sha256(ckpt_path),
+                          "config": str(cfg_path)}
+            _claim_out(out_dir, provenance["checkpoint_sha256"], args.overwrite)
+        except LockBusy:
+            print(f"melrecon: error: another reconstruct is writing to --out {out_dir} (lock "
+                  f"{out_dir / LOCK_NAME} is held): wait for it, or choose another --out", file=sys.stderr)
+            return 2
+        except (ReconstructError, OSError) as err:
+            print(f"melrecon: error: {' '.join(str(err).split())}", file=sys.stderr)
+            return 2
+        return _run(files, out_dir, net, dm, device, args.batch_size, provenance, ckpt_path)
+
+
+def _run(files: list[Path], out_dir: Path, net: nn.Module, dm: Any, device: torch.device, batch_size: int,
+         provenance: dict[str, str], ckpt_path: Path) -> int:
+    """Reconstruct every file into ``out_dir`` (locked and claimed); write metrics.csv."""
     failed: list[tuple[Path, str]] = []
     rows: list[dict[str, Any]] = []
     taken: dict[str, Path] = {}
@@ -119,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if out_path.name in taken:
                 raise ValueError(f"output {out_path} would overwrite the result of {taken[out_path.name]} (same file stem)")
-            kind, result = _reconstruct_file(path, out_path, net, dm, device, args.batch_size, provenance)
+            kind, result = _reconstruct_file(path, out_path, net, dm, device, batch_size, provenance)
         except (LayoutError, ValueError, OSError, RuntimeError) as err:
             msg = " ".join(str(err).split())
             if str(path) not in msg:
@@ -131,9 +180,19 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"file": str(path), "name": path.name, "output": str(out_path), "kind": kind,
                      "acceleration": result.acceleration, **result.metrics})
         print(f"ok     {path} -> {out_path} (R = {result.acceleration:.2f})")
+    # metrics.csv from every result in the folder (earlier runs of this checkpoint included),
+    # so that it never disagrees with the files beside it
+    everything = [csv_row(p, a) for p, a in results_in(out_dir).items()]
+    csv_path = out_dir / "metrics.csv"
+    if everything:
+        try:
+            write_csv(csv_path, everything)
+        except OSError as err:
+            print(f"melrecon: error: cannot write {csv_path}: {' '.join(str(err).split())}", file=sys.stderr)
+            return 2
     if rows:
-        write_csv(out_dir / "metrics.csv", rows)
         print_table(rows)
-    print(f"{len(rows)} reconstructed, {len(failed)} failed" + (f"; metrics in {out_dir / 'metrics.csv'}" if rows else ""),
+    print(f"{len(rows)} reconstructed, {len(failed)} failed"
+          + (f"; metrics of {len(everything)} result(s) in {csv_path}" if everything else ""),
           file=sys.stderr if failed else sys.stdout)
     return 1 if failed else 0

@@ -1,8 +1,15 @@
-"""What a reconstruction writes: one HDF5 file per scan, ``metrics.csv``, a table on screen."""
+"""What a reconstruction writes: one HDF5 file per scan, ``metrics.csv``, a table on screen.
+
+An output folder holds the results of one checkpoint (``checkpoint_sha256`` attribute of every
+result file) and is written by one ``reconstruct`` at a time (:data:`LOCK_NAME`,
+:func:`melrecon.data.locks.file_lock`). ``metrics.csv`` is rebuilt from every result file in
+the folder (:func:`results_in`), so it always lists exactly the files beside it.
+"""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import sys
@@ -16,6 +23,49 @@ from melrecon.data.h5 import atomic_path
 from melrecon.reconstruct.stitch import METRIC_KEYS, ScanResult
 
 CSV_COLUMNS = ("file", "output", "kind", "acceleration", *METRIC_KEYS)
+LOCK_NAME = ".melrecon-reconstruct.lock"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file (the identity of a checkpoint, whatever its name or path)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def result_attrs(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The attributes of a result file written by :func:`write_result`, or None for any other
+    file (not HDF5, or no ``checkpoint`` attribute: not ours, left alone)."""
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+    except (OSError, RuntimeError):
+        return None
+    if "checkpoint" not in attrs:
+        return None
+    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+
+
+def results_in(folder: str | os.PathLike) -> dict[Path, dict[str, Any]]:
+    """Result files in ``folder`` (not recursive, hidden temporaries skipped) -> their attributes."""
+    out = {}
+    for p in sorted(Path(folder).glob("*.h5")):
+        if p.name.startswith("."):
+            continue
+        attrs = result_attrs(p)
+        if attrs is not None:
+            out[p] = attrs
+    return out
+
+
+def csv_row(path: Path, attrs: dict[str, Any]) -> dict[str, Any]:
+    """One ``metrics.csv`` row (plus ``name`` for the table) from a result file's attributes."""
+    src = str(attrs.get("source_file", ""))
+    return {"file": src, "name": Path(src).name, "output": str(path), "kind": attrs.get("kind", ""),
+            "acceleration": float(attrs.get("acceleration", float("nan"))),
+            **{k: float(attrs[k]) for k in METRIC_KEYS if k in attrs}}
 
 
 def write_result(path: str | os.PathLike, result: ScanResult, attrs: dict[str, Any]) -> Path:
