@@ -26,11 +26,15 @@ def collect(paths: list[str]) -> list[Path]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m melrecon.data.validate", description=__doc__.split("\n")[0])
+def build_parser(prog: str = "python -m melrecon.data.validate") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("paths", nargs="+", help="files or folders")
     parser.add_argument("--quick", action="store_true", help="skip the finiteness scan (metadata only)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     files = collect(args.paths)
     if not files:
         print(f"BAD: no .h5 files found in {args.paths}", file=sys.stderr)

@@ -33,8 +33,8 @@ def _inputs(path: Path, fmt: str) -> list[Path]:
     return [path]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m melrecon.data.convert", description=__doc__.split("\n")[0])
+def build_parser(prog: str = "python -m melrecon.data.convert") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("format", choices=tuple(CONVERTERS))
     parser.add_argument("input", type=Path)
     parser.add_argument("output", type=Path)
@@ -48,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="twix: 3d -> volume3d, 2d multi-slice -> volume3d slice stack, cine -> cine "
                              "(default auto: 3d if the Par counter varies, cine if Phs does, else 2d)")
     parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     inputs = _inputs(args.input, args.format)
     if not inputs or not inputs[0].exists():
         print(f"error: no input files at {args.input}", file=sys.stderr)
