@@ -167,6 +167,11 @@ def test_twix_undersampled_warns_and_bad_files_fail(tmp_path: Path) -> None:
         read_twix(path)
     with pytest.raises(ValueError, match="Phs"):
         read_twix(path, mode="3d")
+    raw = path.read_bytes()
+    cut = tmp_path / "cut.dat"
+    cut.write_bytes(raw[:len(raw) - 1500])  # the last lines and the ACQEND block are missing
+    with pytest.raises(ValueError, match="cut.dat.*truncated"):
+        read_twix(cut)
     bad = tmp_path / "notwix.dat"
     bad.write_bytes(b"definitely not a twix file" * 10)
     with pytest.raises(ValueError, match="notwix.dat"):

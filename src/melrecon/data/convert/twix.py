@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from melrecon.data.convert.common import finish_cine, finish_volume
 from melrecon.data.npfft import fftc_np, ifftc_np
@@ -58,19 +59,44 @@ _DEFAULT_OS = 2.0  # Siemens readout oversampling when the header does not say
 
 @dataclass
 class TwixLines:
-    """The imaging lines of one measurement, with their MDH counters.
+    """The imaging lines of one measurement, with their MDH counters (data not read yet).
 
-    ``data[i]`` is line ``i`` as (C, samples) complex64 (already reversed when flagged
-    ``REFLECT``); ``counters[name][i]`` its counter ``name`` (``Lin``, ``Par``, ``Sli``, ``Phs``,
-    ``Ave``, ...); ``center_col/lin/par[i]`` the k-space centre indices of its MDH.
+    ``mdbs[i]`` is line ``i`` (a twixtools ``Mdb``, which reads its samples from the file on
+    access: :meth:`data`); ``counters[name][i]`` its counter ``name`` (``Lin``, ``Par``, ``Sli``,
+    ``Phs``, ``Ave``, ...); ``channels``, ``samples``, ``center_col/lin/par`` and ``reflect``
+    come from its MDH.
     """
 
-    data: list[np.ndarray]
+    path: Path
+    mdbs: list[Any]
     counters: dict[str, np.ndarray]
+    channels: np.ndarray
+    samples: np.ndarray
     center_col: np.ndarray
     center_lin: np.ndarray
     center_par: np.ndarray
+    reflect: np.ndarray
     header: dict[str, Any]
+
+    def data(self, i: int) -> np.ndarray:
+        """Samples of line ``i``: (C, samples) complex64, reversed when flagged ``REFLECT``."""
+        try:
+            line = np.atleast_2d(np.asarray(self.mdbs[i].data, dtype=np.complex64))
+        except Exception as err:  # noqa: BLE001 - a truncated file fails inside twixtools in many ways
+            raise ValueError(f"{self.path}: field 'mdb': cannot read line {i} (truncated file?): {err}") from None
+        if line.shape != (self.channels[i], self.samples[i]):
+            raise ValueError(f"{self.path}: field 'mdb': line {i} holds {line.shape}, its MDH says "
+                             f"({self.channels[i]}, {self.samples[i]}) (truncated file?)")
+        return line[:, ::-1] if self.reflect[i] else line
+
+    def subset(self, idx: np.ndarray) -> TwixLines:
+        """The lines ``idx`` only."""
+        return TwixLines(
+            path=self.path, mdbs=[self.mdbs[i] for i in idx], counters={k: v[idx] for k, v in self.counters.items()},
+            channels=self.channels[idx], samples=self.samples[idx], center_col=self.center_col[idx],
+            center_lin=self.center_lin[idx], center_par=self.center_par[idx], reflect=self.reflect[idx],
+            header=self.header,
+        )
 
 
 def _hdr(header: dict[str, Any], *keys: str | int) -> Any:
@@ -85,7 +111,8 @@ def _hdr(header: dict[str, Any], *keys: str | int) -> Any:
 
 
 def read_twix_lines(path: str | os.PathLike) -> TwixLines:
-    """Imaging lines and header of the last measurement of a twix file.
+    """Imaging lines and header of the last measurement of a twix file (MDHs only; the samples
+    are read line by line later, so memory holds the output, not the raw file).
 
     Raises:
         ValueError: naming the file, when it cannot be parsed or holds no imaging line.
@@ -97,44 +124,46 @@ def read_twix_lines(path: str | os.PathLike) -> TwixLines:
         raise ValueError(f"{path}: field 'file': no such file")
     try:
         # geometry and PMU parsing need protocol fields that not every file has; not needed here
-        scans = twixtools.read_twix(str(path), verbose=False, parse_pmu=False, parse_geometry=False)
+        # (ACQEND kept: a measurement that does not end with it was cut short)
+        scans = twixtools.read_twix(str(path), verbose=False, parse_pmu=False, parse_geometry=False,
+                                    keep_acqend=True)
         scan = scans[-1]
-        lines = [m for m in scan["mdb"] if m.is_image_scan()]
-        data = [np.atleast_2d(np.asarray(m.data, dtype=np.complex64)) for m in lines]
-    except Exception as err:  # twixtools raises many types (struct, index, value) on non-twix input
+        complete = bool(scan["mdb"]) and scan["mdb"][-1].is_flag_set("ACQEND")
+        mdbs = [m for m in scan["mdb"] if m.is_image_scan()]
+    except Exception as err:  # noqa: BLE001 - twixtools raises many types (struct, index, value) on non-twix input
         raise ValueError(f"{path}: field 'file': cannot read as Siemens twix: {type(err).__name__}: {err}") from None
-    if not lines:
+    if mdbs and not complete:
+        raise ValueError(f"{path}: field 'mdb': the measurement does not end with an ACQEND block (truncated file?)")
+    if not mdbs:
         raise ValueError(f"{path}: field 'mdb': no imaging lines (only noise/reference/feedback scans?)")
-    for i, m in enumerate(lines):
-        if m.is_flag_set("REFLECT"):
-            data[i] = data[i][:, ::-1]
+
+    def mdh(name: str) -> np.ndarray:
+        return np.array([getattr(m.mdh, name) for m in mdbs], dtype=np.int64)
+
     names = ("Lin", "Par", "Sli", "Phs", "Ave", "Seg", *_SINGLE)
-    counters = {n: np.array([getattr(m.mdh.Counter, n) for m in lines], dtype=np.int64) for n in names}
     return TwixLines(
-        data=data,
-        counters=counters,
-        center_col=np.array([m.mdh.CenterCol for m in lines], dtype=np.int64),
-        center_lin=np.array([m.mdh.CenterLin for m in lines], dtype=np.int64),
-        center_par=np.array([m.mdh.CenterPar for m in lines], dtype=np.int64),
+        path=path,
+        mdbs=mdbs,
+        counters={n: np.array([getattr(m.mdh.Counter, n) for m in mdbs], dtype=np.int64) for n in names},
+        channels=mdh("UsedChannels"),
+        samples=mdh("SamplesInScan"),
+        center_col=mdh("CenterCol"),
+        center_lin=mdh("CenterLin"),
+        center_par=mdh("CenterPar"),
+        reflect=np.array([m.is_flag_set("REFLECT") for m in mdbs], dtype=bool),
         header=scan.get("hdr", {}),
     )
 
 
-def _keep_single_valued(lines: TwixLines, path: Path) -> TwixLines:
-    keep = np.ones(len(lines.data), dtype=bool)
+def _keep_single_valued(lines: TwixLines) -> TwixLines:
+    keep = np.ones(len(lines.mdbs), dtype=bool)
     for name in _SINGLE:
         values = np.unique(lines.counters[name][keep])
         if len(values) > 1:
-            warnings.warn(f"{path}: {len(values)} values of counter {name}; keeping the first ({values[0]})",
+            warnings.warn(f"{lines.path}: {len(values)} values of counter {name}; keeping the first ({values[0]})",
                           stacklevel=3)
             keep &= lines.counters[name] == values[0]
-    idx = np.flatnonzero(keep)
-    return TwixLines(
-        data=[lines.data[i] for i in idx],
-        counters={k: v[idx] for k, v in lines.counters.items()},
-        center_col=lines.center_col[idx], center_lin=lines.center_lin[idx], center_par=lines.center_par[idx],
-        header=lines.header,
-    )
+    return lines.subset(np.flatnonzero(keep))
 
 
 def _grid(index: np.ndarray, center: np.ndarray, header_size: Any, name: str, path: Path) -> tuple[int, np.ndarray]:
@@ -211,7 +240,7 @@ def _readout(line: np.ndarray, x0: int, nx: int, nx_out: int, image: bool) -> np
 
 
 def read_twix(
-    path: str | os.PathLike, mode: str = "auto", readout_crop: int | None = None,
+    path: str | os.PathLike, mode: str = "auto", readout_crop: int | None = None, progress: bool = False,
 ) -> tuple[np.ndarray, str, dict[str, Any]]:
     """k-space of one twix file in the layout, the mode used and extra file attributes.
 
@@ -219,6 +248,7 @@ def read_twix(
         path: a Siemens ``.dat`` file.
         mode: ``auto``, ``2d``, ``3d`` or ``cine`` (module doc).
         readout_crop: readout size after oversampling removal (default: samples / OS factor).
+        progress: show a progress bar over the lines.
 
     Returns:
         ``(kspace, mode, attrs)``: kspace complex64 — ``3d``: (C, X, Y, Z) hybrid;
@@ -228,12 +258,12 @@ def read_twix(
     path = Path(path)
     if mode not in MODES:
         raise ValueError(f"twix mode must be one of {MODES}, got {mode!r}")
-    lines = _keep_single_valued(read_twix_lines(path), path)
+    lines = _keep_single_valued(read_twix_lines(path))
     cnt = lines.counters
-    nc = {d.shape[0] for d in lines.data}
-    if len(nc) != 1:
-        raise ValueError(f"{path}: field 'mdh.UsedChannels': lines have different coil counts {sorted(nc)}")
-    nc = nc.pop()
+    if len(np.unique(lines.channels)) != 1:
+        raise ValueError(f"{path}: field 'mdh.UsedChannels': lines have different coil counts "
+                         f"{np.unique(lines.channels).tolist()}")
+    nc = int(lines.channels[0])
     n_par, n_phs = len(np.unique(cnt["Par"])), len(np.unique(cnt["Phs"]))
     if mode == "auto":
         if n_par > 1 and n_phs > 1:
@@ -244,8 +274,7 @@ def read_twix(
     if mode != "cine" and n_phs > 1:
         raise ValueError(f"{path}: counter Phs takes {n_phs} values: cardiac phases, use mode 'cine'")
 
-    samples = np.array([d.shape[1] for d in lines.data])
-    nx = int(2 * max(lines.center_col.max(), (samples - lines.center_col).max()))
+    nx = int(2 * max(lines.center_col.max(), (lines.samples - lines.center_col).max()))
     x0 = nx // 2 - lines.center_col
     ny, y = _grid(cnt["Lin"], lines.center_lin, _hdr(lines.header, "MeasYaps", "sKSpace", "lPhaseEncodingLines"),
                   "Lin", path)
@@ -263,9 +292,9 @@ def read_twix(
     # the accumulator never holds the oversampled readout.
     kspace = np.zeros((ns, nt, nc, nx_out, ny, nz), np.complex64)
     counts = np.zeros((ns, nt, 1, 1, ny, nz), np.int64)
-    for i, d in enumerate(lines.data):
+    for i in tqdm(range(len(lines.mdbs)), desc=f"read {path.name}", disable=not progress, leave=False):
         s, t = cnt["Sli"][i], cnt["Phs"][i]
-        kspace[s, t, :, :, y[i], z[i]] += _readout(d, int(x0[i]), nx, nx_out, image=mode == "3d")
+        kspace[s, t, :, :, y[i], z[i]] += _readout(lines.data(i), int(x0[i]), nx, nx_out, image=mode == "3d")
         counts[s, t, 0, 0, y[i], z[i]] += 1
     kspace /= np.maximum(counts, 1)  # the average over Ave (and any repeated line)
     _check_sampled(counts[:, :, 0, 0] > 0, path)
@@ -280,7 +309,7 @@ def read_twix(
         out = kspace[:, 0, :, :, :, 0].transpose(1, 0, 2, 3)  # (C, S, kx, ky)
     else:
         out = kspace[..., 0].transpose(0, 2, 1, 3, 4)  # (S, C, T, kx, ky)
-    return np.ascontiguousarray(out).astype(np.complex64), mode, attrs
+    return np.ascontiguousarray(out), mode, attrs
 
 
 def convert_twix(
@@ -291,7 +320,7 @@ def convert_twix(
 
     ``maps`` shapes: ``3d`` / ``2d`` (C, X, Y, Z) as the kspace; ``cine`` (S, C, X, Y).
     """
-    kspace, mode, attrs = read_twix(path, mode, readout_crop)
+    kspace, mode, attrs = read_twix(path, mode, readout_crop, progress)
     source = f"Siemens twix {Path(path).name} ({mode}; melrecon.data.convert twix)"
     finish = finish_cine if mode == "cine" else finish_volume
     return finish(kspace, out, source, maps=maps, calib=calib, progress=progress, extra_attrs=attrs)
