@@ -32,7 +32,8 @@ def _prediction(path: Path, target: np.ndarray, rng, noise: float, zf_noise: flo
     """A reconstruct-format result with noisy reconstruction / zero-filled images; its metrics
     are computed and stored by reconstruct itself."""
     def noisy(s):
-        return (target + s * (rng.standard_normal(target.shape) + 1j * rng.standard_normal(target.shape))).astype(np.complex64)
+        noise = rng.standard_normal(target.shape) + 1j * rng.standard_normal(target.shape)
+        return (target + s * noise).astype(np.complex64)
 
     recon, zf = noisy(noise), noisy(zf_noise)
     dr = float(np.abs(target).max())
@@ -106,7 +107,8 @@ def test_evaluate_equals_reconstruct_metrics_and_scipy_statistics(study, capsys)
 
 def test_missing_target_and_bad_shape_are_named_others_scored(study, capsys):
     root, _ = study
-    _prediction(root / "A" / "orphan.h5", _target(np.random.default_rng(1), (3, 10, 8)), np.random.default_rng(2), 0.1, 0.2)
+    rng = np.random.default_rng(1)
+    _prediction(root / "A" / "orphan.h5", _target(rng, (3, 10, 8)), rng, 0.1, 0.2)
     with h5py.File(root / "B" / "scan1.h5", "r+") as f:  # a prediction of the wrong shape
         del f["reconstruction"]
         f["reconstruction"] = np.zeros((3, 10, 9), np.complex64)

@@ -40,7 +40,8 @@ def header_bytes(meas_yaps: dict[str, float | int | str], os_factor: float | Non
     buffers = {"Config": '<XProtocol>\n{\n  <ParamString."tPatientName">  { "xx" }\n}\n',
                "MeasYaps": _ascconv(meas_yaps)}
     if os_factor is not None:
-        buffers["Dicom"] = f'<XProtocol>\n{{\n  <ParamDouble."flReadoutOSFactor">  {{ <Precision> 16  {os_factor}  }}\n}}\n'
+        param = f'<ParamDouble."flReadoutOSFactor">  {{ <Precision> 16  {os_factor}  }}'
+        buffers["Dicom"] = f"<XProtocol>\n{{\n  {param}\n}}\n"
     body = b""
     for name, text in buffers.items():
         raw = text.encode("latin1")

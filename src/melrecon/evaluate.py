@@ -110,7 +110,8 @@ def center_crop(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return x[..., starts[0]:starts[0] + size[0], starts[1]:starts[1] + size[1]]
 
 
-def read_pair(pred_path: Path, target_path: Path, dataset: str = "reconstruction") -> tuple[np.ndarray, np.ndarray, bool]:
+def read_pair(pred_path: Path, target_path: Path,
+              dataset: str = "reconstruction") -> tuple[np.ndarray, np.ndarray, bool]:
     """Magnitudes ``(prediction, target, cropped)`` of one matched pair, target cropped if needed.
 
     Raises:

@@ -181,7 +181,8 @@ def comparison_strip(zero_filled: np.ndarray, reconstruction: np.ndarray, target
 
     zf, rec, tgt = (np.abs(np.asarray(a)).astype(np.float64) for a in (zero_filled, reconstruction, target))
     if not zf.shape == rec.shape == tgt.shape or tgt.ndim != 2:
-        raise ValueError(f"comparison_strip: three (H, W) images of one shape, got {zf.shape}, {rec.shape}, {tgt.shape}")
+        raise ValueError(f"comparison_strip: three (H, W) images of one shape, got {zf.shape}, {rec.shape}, "
+                         f"{tgt.shape}")
     dr = float(data_range) if data_range is not None else float(tgt.max())
     psnr = _metrics()["psnr"]
     err = np.abs(rec - tgt)
