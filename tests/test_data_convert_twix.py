@@ -95,6 +95,10 @@ def test_twix_2d_multislice_exact_interleaved(tmp_path: Path) -> None:
     assert info.kind == "volume3d" and info.shape == (c, s, x, y)
     assert nrmse(arrays["target"], img[:, crop]) < 1e-5
     np.testing.assert_allclose(attrs["voxel_size_mm"], [48.0 * 1.5, 256.0 / x, 192.0 / y])
+    # a tighter readout crop keeps the pixel spacing (a smaller field of view)
+    cropped, _, attrs = read_twix(path, readout_crop=x // 2)
+    assert cropped.shape == (c, s, x // 2, y)
+    np.testing.assert_allclose(attrs["voxel_size_mm"], [48.0 * 1.5, 256.0 / x, 192.0 / y])
 
 
 def test_twix_segmented_cine_exact(tmp_path: Path) -> None:

@@ -30,7 +30,8 @@ Modes (``auto`` picks ``3d`` when ``Par`` takes several values, ``cine`` when ``
 
 When the protocol states the field of view, the file gets ``voxel_size_mm``: the spacing in mm
 along the target's spatial axes in the target's order (volume3d: X, Y, Z; cine: slice, X, Y):
-readout ``dReadoutFOV / X``, phase ``dPhaseFOV / ky``, 3D partitions ``dThickness`` over
+readout ``dReadoutFOV * OS factor / oversampled samples`` (so also after ``readout_crop``),
+phase ``dPhaseFOV / ky`` (phase oversampling is not accounted for), 3D partitions ``dThickness`` over
 ``lImagesPerSlab`` (else the partition count), 2D slices ``dThickness * (1 + dDistFact)``
 (centre-to-centre distance). Orientation is not converted. ``RAWDATACORRECTION`` factors are not
 applied (twixtools does not apply them by default either). Lines missing inside the sampled
@@ -201,23 +202,26 @@ def _check_sampled(sampled: np.ndarray, path: Path) -> None:
                       "zero, but the layout expects fully sampled k-space", stacklevel=3)
 
 
-def _os_size(lines: TwixLines, nx: int, readout_crop: int | None) -> int:
-    if readout_crop is not None:
-        return int(readout_crop)
+def _os_factor(lines: TwixLines) -> float:
+    """Readout oversampling factor: ``Dicom.flReadoutOSFactor``, else the Siemens default 2."""
     factor = _hdr(lines.header, "Dicom", "flReadoutOSFactor")
     factor = float(factor) if factor else _DEFAULT_OS
     if not factor >= 1:
-        raise ValueError(f"Dicom.flReadoutOSFactor must be >= 1, got {factor}")
-    return int(round(nx / factor))
+        raise ValueError(f"{lines.path}: field 'Dicom.flReadoutOSFactor': must be >= 1, got {factor}")
+    return factor
 
 
-def _voxel_size(lines: TwixLines, mode: str, nx: int, ny: int, nz: int) -> list[float] | None:
-    """Spacing (mm) along the target's spatial axes (see the module doc), or None if unknown."""
+def _voxel_size(lines: TwixLines, mode: str, readout_spacing_fraction: float, ny: int, nz: int) -> list[float] | None:
+    """Spacing (mm) along the target's spatial axes (see the module doc), or None if unknown.
+
+    ``readout_spacing_fraction`` is (OS factor / full readout samples): the readout spacing is
+    ``dReadoutFOV`` times it, whatever crop is applied afterwards.
+    """
     sl = _hdr(lines.header, "MeasYaps", "sSliceArray", "asSlice", 0)
     ro, pe, th = (_hdr(sl, k) for k in ("dReadoutFOV", "dPhaseFOV", "dThickness")) if sl else (None,) * 3
     if not (ro and pe and th):
         return None
-    dx, dy = float(ro) / nx, float(pe) / ny
+    dx, dy = float(ro) * readout_spacing_fraction, float(pe) / ny
     if mode == "3d":
         images = _hdr(lines.header, "MeasYaps", "sKSpace", "lImagesPerSlab") or nz
         return [dx, dy, float(th) / float(images)]
@@ -284,7 +288,8 @@ def read_twix(
     if mode == "3d" and ns > 1:
         raise ValueError(f"{path}: counter Sli takes {ns} values in a 3D acquisition (multi-slab); not supported")
 
-    nx_out = _os_size(lines, nx, readout_crop)
+    factor = _os_factor(lines)
+    nx_out = int(readout_crop) if readout_crop is not None else int(round(nx / factor))
     if not 1 <= nx_out <= nx:
         raise ValueError(f"{path}: readout size {nx_out} after oversampling removal must be in [1, {nx}]")
     # one accumulator for all modes: (S, T, C, X, ky, kz); the layouts are views of it below.
@@ -300,7 +305,7 @@ def read_twix(
     _check_sampled(counts[:, :, 0, 0] > 0, path)
 
     attrs: dict[str, Any] = {"twix_mode": mode}
-    voxel = _voxel_size(lines, mode, nx_out, ny, nz)
+    voxel = _voxel_size(lines, mode, factor / nx, ny, nz)
     if voxel is not None:
         attrs["voxel_size_mm"] = np.asarray(voxel, dtype=np.float64)
     if mode == "3d":
