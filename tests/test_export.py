@@ -118,6 +118,17 @@ def test_comparison_strip_labels_and_panels():
         export.comparison_strip(zf, rec[:8], tgt)
 
 
+def test_gif_of_labelled_strips(tmp_path):
+    """A cine GIF of comparison strips (RGB frames), as the image callback will write it."""
+    rng = np.random.default_rng(7)
+    series = np.abs(_complex(rng, (3, 16, 16))) + 1
+    strips = np.stack([export.comparison_strip(s + 0.1, s, s, scale=8) for s in series])
+    gif = Image.open(export.write_gif(tmp_path / "strips.gif", strips, fps=4))
+    assert gif.n_frames == 3 and gif.size == (strips.shape[2], strips.shape[1])
+    with pytest.raises(ValueError, match="frames"):
+        export.write_gif(tmp_path / "bad.gif", strips.astype(np.float32))
+
+
 def test_export_image_formats(tmp_path):
     img = _complex(np.random.default_rng(6), (4, 8, 8))
     paths = export.export_image(tmp_path, "scan", img, "volume3d", formats=("nifti", "png"), voxel_size_mm=(1, 1, 2))

@@ -19,7 +19,8 @@ are also written as an animated GIF of the centre slice (:func:`write_gif`, Pill
 drawn square (voxel aspect ratios are not applied).
 
 :func:`comparison_strip` draws zero-filled / reconstruction / target / error panels with their
-PSNR as an RGB uint8 array (H, W, 3) for PNG files, TensorBoard and W&B.
+PSNR as an RGB uint8 array (H, W, 3) for PNG files, TensorBoard and W&B; a stack of them per
+cine frame makes a labelled GIF (:func:`write_gif`).
 """
 
 from __future__ import annotations
@@ -202,14 +203,26 @@ def _save_png(path: Path, rgb: np.ndarray) -> Path:
 
 def write_gif(path: str | os.PathLike, frames: np.ndarray, fps: float = 10.0, vmax: float | None = None,
               scale: int = 1) -> Path:
-    """Animated GIF (looping) of magnitude frames (T, H, W); each frame (H * scale, W * scale)."""
+    """Animated GIF (looping), each frame magnified ``scale`` times.
+
+    ``frames``: magnitudes (T, H, W) of real or complex values, drawn on a gray scale from 0 to
+    ``vmax`` (default: their maximum); or ready RGB frames (T, H, W, 3) uint8, e.g. a
+    :func:`comparison_strip` per cine frame.
+    """
     from PIL import Image
 
-    mag = np.abs(np.asarray(frames)).astype(np.float64)
-    if mag.ndim != 3 or mag.shape[0] < 1:
-        raise ValueError(f"write_gif: frames must be (T, H, W), got shape {mag.shape}")
-    top = float(vmax) if vmax else float(mag.max()) or 1.0
-    u8 = (np.clip(mag / top, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    frames = np.asarray(frames)
+    if frames.ndim == 4 and frames.shape[-1] == 3 and frames.dtype == np.uint8:
+        u8 = frames
+    elif frames.ndim == 3:
+        mag = np.abs(frames).astype(np.float64)
+        top = float(vmax) if vmax else float(mag.max()) or 1.0
+        u8 = (np.clip(mag / top, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    else:
+        raise ValueError(f"write_gif: frames must be (T, H, W) or (T, H, W, 3) uint8, got {frames.shape} "
+                         f"{frames.dtype}")
+    if u8.shape[0] < 1:
+        raise ValueError("write_gif: no frames")
     u8 = u8.repeat(scale, axis=1).repeat(scale, axis=2)
     imgs = [Image.fromarray(f) for f in u8]
     path = Path(path)
