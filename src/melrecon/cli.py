@@ -38,7 +38,7 @@ class Tool:
 
 TOOLS: dict[str, Tool] = {
     "reconstruct": Tool(
-        "melrecon.reconstruct", "_parser", "reconstruct scans with a trained network",
+        "melrecon.reconstruct.cli", "build_parser", "reconstruct scans with a trained network",
         "melrecon reconstruct logs/train/runs/2025-01-01_12-00-00 data/knee3d/test --out recon/modl"),
     "evaluate": Tool(
         "melrecon.evaluate", "build_parser", "score reconstructions against targets, compare methods",

@@ -51,27 +51,26 @@ def _metrics() -> dict[str, MetricFn]:
     """``{"psnr", "ssim", "nmse"}``: ``f(pred, target, data_range) -> float`` on magnitude
     volumes of one shape whose last two axes are one 2D slice.
 
-    The one place that names the metric implementation (today :mod:`melrecon.lit.metrics`,
-    the functions ``melrecon.reconstruct.scan_metrics`` uses); SSIM is NaN when slices are
-    smaller than the SSIM window, as there.
+    Each is :func:`melrecon.metrics.volume_metrics` (the one implementation, shared with
+    training, validation and ``melrecon.reconstruct.scan_metrics``) reduced to one value; SSIM
+    is NaN when slices are smaller than the SSIM window, as there. :func:`score_volume` calls
+    ``volume_metrics`` once for all three.
     """
+    def one(name: str) -> MetricFn:
+        def fn(pred: np.ndarray, target: np.ndarray, data_range: float) -> float:
+            return _volume_metrics(pred, target, data_range)[name]
+        fn.__name__ = name
+        return fn
+
+    return {name: one(name) for name in METRICS}
+
+
+def _volume_metrics(pred: np.ndarray, target: np.ndarray, data_range: float) -> dict[str, float]:
     import torch
 
-    from melrecon.lit.metrics import SSIM_WIN, as_slices, ssim_slices, volume_nmse, volume_psnr
+    from melrecon.metrics import volume_metrics
 
-    def psnr(pred: np.ndarray, target: np.ndarray, data_range: float) -> float:
-        return float(volume_psnr(torch.from_numpy(pred), torch.from_numpy(target), data_range))
-
-    def ssim(pred: np.ndarray, target: np.ndarray, data_range: float) -> float:
-        if min(target.shape[-2:]) < SSIM_WIN:
-            return math.nan
-        p, t = as_slices(torch.from_numpy(pred)), as_slices(torch.from_numpy(target))
-        return float(ssim_slices(p, t, data_range).mean())
-
-    def nmse(pred: np.ndarray, target: np.ndarray, data_range: float) -> float:
-        return float(volume_nmse(torch.from_numpy(pred), torch.from_numpy(target)))
-
-    return {"psnr": psnr, "ssim": ssim, "nmse": nmse}
+    return volume_metrics(torch.from_numpy(np.asarray(pred)), torch.from_numpy(np.asarray(target)), data_range)
 
 
 class EvaluateError(Exception):
@@ -146,10 +145,11 @@ def read_pair(pred_path: Path, target_path: Path,
 
 def score_volume(pred: np.ndarray, target: np.ndarray, metrics: dict[str, MetricFn] | None = None) -> dict[str, float]:
     """PSNR, SSIM and NMSE of one volume (magnitudes) with data range max |target|."""
-    metrics = metrics or _metrics()
     data_range = float(target.max())
     if not data_range > 0:
         raise ValueError("the target is zero everywhere; the data range must be > 0")
+    if metrics is None:  # the project's definitions, computed once for the three
+        return _volume_metrics(pred, target, data_range) | {"data_range": data_range}
     return {name: metrics[name](pred, target, data_range) for name in METRICS} | {"data_range": data_range}
 
 
@@ -218,7 +218,6 @@ def evaluate(targets: dict[str, Path], methods: Sequence[Method], metrics: dict[
     """Score every prediction of every method against its target (matched by file name)."""
     from tqdm import tqdm
 
-    metrics = metrics or _metrics()
     scores: dict[str, dict[str, dict[str, float]]] = {m.name: {} for m in methods}
     errors: list[str] = []
     notes: list[str] = []

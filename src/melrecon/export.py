@@ -176,16 +176,20 @@ def comparison_strip(zero_filled: np.ndarray, reconstruction: np.ndarray, target
             ``data_range / error_gain``; None: up to its own maximum ("own scale").
 
     The zero-filled and reconstruction titles carry their PSNR on this slice (the project's
-    metric, :func:`melrecon.evaluate._metrics`).
+    metric, :func:`melrecon.metrics.volume_metrics`).
     """
-    from melrecon.evaluate import _metrics
+    import torch
+
+    from melrecon.metrics import volume_metrics
 
     zf, rec, tgt = (np.abs(np.asarray(a)).astype(np.float64) for a in (zero_filled, reconstruction, target))
     if not zf.shape == rec.shape == tgt.shape or tgt.ndim != 2:
         raise ValueError(f"comparison_strip: three (H, W) images of one shape, got {zf.shape}, {rec.shape}, "
                          f"{tgt.shape}")
     dr = float(data_range) if data_range is not None else float(tgt.max())
-    psnr = _metrics()["psnr"]
+    def psnr(pred: np.ndarray, ref: np.ndarray, data_range: float) -> float:
+        return volume_metrics(torch.from_numpy(pred), torch.from_numpy(ref), data_range)["psnr"]
+
     err = np.abs(rec - tgt)
     err_max = dr / error_gain if error_gain else float(err.max())
     titles = [f"zero-filled\nPSNR {psnr(zf, tgt, dr):.2f} dB", f"reconstruction\nPSNR {psnr(rec, tgt, dr):.2f} dB",

@@ -24,8 +24,8 @@ from melrecon.reconstruct.output import print_table, write_csv, write_result
 from melrecon.reconstruct.stitch import ScanResult, reconstruct_scan
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m melrecon.reconstruct",
+def build_parser(prog: str = "python -m melrecon.reconstruct") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog,
                                 description="Reconstruct scans with a trained melrecon network.")
     p.add_argument("run", metavar="RUN_OR_CKPT", help="training run folder, or a .ckpt file inside one")
     p.add_argument("inputs", metavar="INPUT", nargs="+", help=".h5 files or folders of them (melrecon layout)")
@@ -93,7 +93,7 @@ def _reconstruct_file(path: Path, out_path: Path, net: nn.Module, dm: Any, devic
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         net, dm, ckpt_path, cfg_path, device = _setup(args)
     except ReconstructError as err:
