@@ -197,9 +197,11 @@ def comparison_strip(zero_filled: np.ndarray, reconstruction: np.ndarray, target
     return labelled_panels([zf, rec, tgt, err], titles, [dr, dr, dr, err_max], scale)
 
 
-def _save_png(path: Path, rgb: np.ndarray) -> Path:
+def save_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
+    """Write an RGB uint8 array (H, W, 3) as PNG (folders created)."""
     from PIL import Image
 
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).save(path)
     return path
@@ -251,7 +253,7 @@ def write_previews(out_dir: str | os.PathLike, stem: str, image: np.ndarray, kin
         x, y, z = (n // 2 for n in image.shape)
         panels = [image[x], image[:, y], image[:, :, z]]
         titles = [f"X = {x}\n(Y, Z)", f"Y = {y}\n(X, Z)", f"Z = {z}\n(X, Y)"]
-        return [_save_png(out / f"{stem}_planes.png", labelled_panels(panels, titles, vmax))]
+        return [save_png(out / f"{stem}_planes.png", labelled_panels(panels, titles, vmax))]
     series = image if image.ndim == 3 else image[image.shape[0] // 2]  # (T, X, Y) of the centre slice
     t, _, ny = series.shape
     shown = np.unique(np.linspace(0, t - 1, min(t, max_frames)).round().astype(int))
@@ -259,7 +261,7 @@ def write_previews(out_dir: str | os.PathLike, stem: str, image: np.ndarray, kin
     # (X, T): time runs left to right, each frame repeated so that the panel is about square
     xt = np.repeat(series[:, :, ny // 2].T, max(1, round(series.shape[1] / t)), axis=1)
     profile = labelled_panels([xt], [f"x-t profile, Y = {ny // 2}\n(time ->)"], vmax)
-    return [_save_png(out / f"{stem}_frames.png", frames), _save_png(out / f"{stem}_xt.png", profile),
+    return [save_png(out / f"{stem}_frames.png", frames), save_png(out / f"{stem}_xt.png", profile),
             write_gif(out / f"{stem}.gif", series, fps=fps, vmax=vmax,
                       scale=max(1, math.ceil(_MIN_PANEL_PX / min(series.shape[1:]))))]
 
