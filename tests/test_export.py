@@ -136,3 +136,24 @@ def test_export_image_formats(tmp_path):
     assert all(p.is_file() for p in paths)
     with pytest.raises(ValueError, match="tiff"):
         export.export_image(tmp_path, "scan", img, "volume3d", formats=("tiff",))
+
+
+def test_comparison_frames_match_per_frame_strips():
+    """The GIF frames drawn with NumPy show what comparison_strip draws for each frame; the
+    title band (series PSNR) is the same on every frame."""
+    rng = np.random.default_rng(8)
+    tgt = np.abs(_complex(rng, (3, 12, 12))) + 1.0
+    rec = tgt + 0.05 * rng.standard_normal(tgt.shape)
+    zf = tgt + 0.4 * rng.standard_normal(tgt.shape)
+    dr = float(tgt.max())
+    frames = export.comparison_frames(zf, rec, tgt, data_range=dr)
+    assert frames.dtype == np.uint8 and frames.shape[0] == 3
+    band = frames[:, :export._TITLE_PX]
+    assert (band == band[0]).all() and band.max() > 100
+    for t in range(3):
+        ref = export.comparison_strip(zf[t], rec[t], tgt[t], data_range=dr)
+        assert ref.shape == frames[t].shape
+        diff = np.abs(ref[export._TITLE_PX:].astype(int) - frames[t, export._TITLE_PX:].astype(int))
+        assert diff.max() <= 1  # one gray level: matplotlib normalises in float32 before its lookup
+    with pytest.raises(ValueError, match="three"):
+        export.comparison_frames(zf[0], rec[0], tgt[0])

@@ -165,7 +165,7 @@ def labelled_panels(images: Sequence[np.ndarray], titles: Sequence[str], vmax: S
 
 def comparison_strip(zero_filled: np.ndarray, reconstruction: np.ndarray, target: np.ndarray,
                      data_range: float | None = None, error_gain: float | None = None,
-                     scale: int | None = None) -> np.ndarray:
+                     scale: int | None = None, series: bool = False) -> np.ndarray:
     """Zero-filled | reconstruction | target | error panels of one 2D slice; RGB uint8 (H, W, 3).
 
     Args:
@@ -176,16 +176,17 @@ def comparison_strip(zero_filled: np.ndarray, reconstruction: np.ndarray, target
             ``data_range / error_gain``; None: up to its own maximum ("own scale").
 
     The zero-filled and reconstruction titles carry their PSNR on this slice (the project's
-    metric, :func:`melrecon.metrics.volume_metrics`).
+    metric, :func:`melrecon.metrics.volume_metrics`). ``series``: the inputs are (T, H, W); the
+    PSNR is that of the whole series and the panels show frame 0 (:func:`comparison_frames`).
     """
     import torch
 
     from melrecon.metrics import volume_metrics
 
     zf, rec, tgt = (np.abs(np.asarray(a)).astype(np.float64) for a in (zero_filled, reconstruction, target))
-    if not zf.shape == rec.shape == tgt.shape or tgt.ndim != 2:
-        raise ValueError(f"comparison_strip: three (H, W) images of one shape, got {zf.shape}, {rec.shape}, "
-                         f"{tgt.shape}")
+    if not zf.shape == rec.shape == tgt.shape or tgt.ndim != (3 if series else 2):
+        raise ValueError(f"comparison_strip: three {'(T, H, W)' if series else '(H, W)'} images of one shape, "
+                         f"got {zf.shape}, {rec.shape}, {tgt.shape}")
     dr = float(data_range) if data_range is not None else float(tgt.max())
     def psnr(pred: np.ndarray, ref: np.ndarray, data_range: float) -> float:
         return volume_metrics(torch.from_numpy(pred), torch.from_numpy(ref), data_range)["psnr"]
@@ -194,7 +195,39 @@ def comparison_strip(zero_filled: np.ndarray, reconstruction: np.ndarray, target
     err_max = dr / error_gain if error_gain else float(err.max())
     titles = [f"zero-filled\nPSNR {psnr(zf, tgt, dr):.2f} dB", f"reconstruction\nPSNR {psnr(rec, tgt, dr):.2f} dB",
               "target", f"|error| x{error_gain:g}" if error_gain else "|error|\n(own scale)"]
+    if series:  # titles of the series, panels of frame 0
+        err = err[0]
+        err_max = dr / error_gain if error_gain else float(err.max())
+        zf, rec, tgt = zf[0], rec[0], tgt[0]
     return labelled_panels([zf, rec, tgt, err], titles, [dr, dr, dr, err_max], scale)
+
+
+def comparison_frames(zero_filled: np.ndarray, reconstruction: np.ndarray, target: np.ndarray,
+                      data_range: float | None = None) -> np.ndarray:
+    """A :func:`comparison_strip` per frame of a cine series, RGB uint8 (T, H', W', 3), for a GIF.
+
+    zero_filled, reconstruction, target: (T, H, W) complex or magnitude. The titles carry the
+    PSNR of the whole series (the volume metric) and are drawn once with matplotlib; the panels
+    of every frame are then filled in with NumPy (the same gray scale, magnification and
+    nearest-neighbour pixels), which keeps a validation epoch's GIFs cheap.
+    """
+    zf, rec, tgt = (np.abs(np.asarray(a)).astype(np.float64) for a in (zero_filled, reconstruction, target))
+    if not zf.shape == rec.shape == tgt.shape or tgt.ndim != 3:
+        raise ValueError(f"comparison_frames: three (T, H, W) series of one shape, got {zf.shape}, {rec.shape}, "
+                         f"{tgt.shape}")
+    dr = float(data_range) if data_range is not None else float(tgt.max())
+    first = comparison_strip(zf, rec, tgt, data_range=dr, series=True)
+    scale = max(1, math.ceil(_MIN_PANEL_PX / min(tgt.shape[1:])))
+    h, w = tgt.shape[1:]
+    out = np.repeat(first[None], tgt.shape[0], axis=0)
+    for t in range(tgt.shape[0]):
+        err = np.abs(rec[t] - tgt[t])
+        for i, (im, top) in enumerate(((zf[t], dr), (rec[t], dr), (tgt[t], dr), (err, float(err.max())))):
+            # matplotlib's 256-entry gray lookup: level floor(256 v), v in [0, 1]
+            gray = np.minimum(np.floor(np.clip(im / (top if top > 0 else 1.0), 0.0, 1.0) * 256.0), 255.0)
+            big = gray.astype(np.uint8).repeat(scale, axis=0).repeat(scale, axis=1)
+            out[t, _TITLE_PX:_TITLE_PX + h * scale, i * w * scale:(i + 1) * w * scale] = big[..., None]
+    return out
 
 
 def save_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:

@@ -15,7 +15,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 from melrecon.data.batch import ReconBatch
-from melrecon.export import comparison_strip, save_png, write_gif
+from melrecon.export import comparison_frames, comparison_strip, save_png, write_gif
 
 GIB = float(2**30)
 
@@ -144,8 +144,9 @@ class ReconImageLogger(pl.Callback):
     validation loader (fixed across epochs, as fastMRI's ``val_log_indices``). 3D slabs show the
     centre readout plane (Y, Z); cine shows the centre frame and a GIF over time. Each strip is
     :func:`melrecon.export.comparison_strip`: panels titled zero-filled / reconstruction (with
-    their PSNR on the shown plane, data range = the item's ``max``) / target / |error| (own
-    scale). Rank 0 only. W&B: ``val_images/item{i}`` and ``val_video/item{i}``; TensorBoard:
+    their PSNR, data range = the item's ``max``: of the shown plane for 3D, of the whole series
+    for cine, whose strip is the centre frame of :func:`melrecon.export.comparison_frames`) /
+    target / |error| (own scale). Rank 0 only. W&B: ``val_images/item{i}`` and ``val_video/item{i}``; TensorBoard:
     images; ``save_dir`` (if set): ``step{S}_item{i}.png`` and, for cine, ``step{S}_item{i}.gif``.
     """
 
@@ -178,10 +179,13 @@ class ReconImageLogger(pl.Callback):
         is_cine = batch.maps.ndim == 5 and batch.maps.shape[2] == 1 and zf.ndim == 3
         lead = zf.reshape(-1, *zf.shape[-2:]), rec.reshape(-1, *rec.shape[-2:]), tgt.reshape(-1, *tgt.shape[-2:])
         c = lead[0].shape[0] // 2
-        strip = comparison_strip(lead[0][c], lead[1][c], lead[2][c], data_range=vmax)
+        if is_cine:  # one matplotlib drawing per item: the GIF frames, the centre one as the strip
+            frames = list(comparison_frames(*lead, data_range=vmax))
+            strip = frames[c]
+        else:
+            frames, strip = None, comparison_strip(lead[0][c], lead[1][c], lead[2][c], data_range=vmax)
         caption = (f"{batch.file[0]} @ {int(batch.position.reshape(-1)[0])} (centre {'frame' if is_cine else 'plane'}):"
                    " zero-filled | recon | target | error (own scale)")
-        frames = ([comparison_strip(a, b, t, data_range=vmax) for a, b, t in zip(*lead)] if is_cine else None)
         self._emit(trainer, item, strip, caption, frames)
 
     def _emit(self, trainer: pl.Trainer, item: int, strip: np.ndarray, caption: str,
