@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             bad += 1
             print(f"BAD {err}", file=sys.stderr)
         else:
-            print(f"ok  {path}: {info.kind} {info.axes} {info.shape} max={info.max:.4g}")
+            extra = (" prospective (stored mask" + ("" if info.has_target else ", no target") + ")") if info.has_mask else ""
+            print(f"ok  {path}: {info.kind} {info.axes} {info.shape} max={info.max:.4g}{extra}")
     print(f"{len(files) - bad} ok, {bad} bad", file=sys.stderr if bad else sys.stdout)
     return 1 if bad else 0
 
