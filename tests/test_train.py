@@ -130,3 +130,30 @@ def test_cli_errors_are_one_clear_message(tmp_path, data_dir, args, expect):
     # one message naming the culprit: ours ("melrecon: error: ...") or Hydra's override error
     msg = [ln for ln in res.stderr.splitlines() if ln.startswith(("melrecon: error:", "Could not override"))]
     assert len(msg) == 1 and expect in res.stderr, res.stderr[-3000:]
+
+
+def test_console_line_per_validation_epoch_in_train_log(tmp_path, data_dir):
+    """train.py without a terminal: no progress bar, periodic step lines, one line per
+    validation epoch with the metrics, memory and step time, in train.log as on the console,
+    and the summary table with the reconstruct command."""
+    import re
+
+    run_dir = tmp_path / "run"
+    res = run_train(["debug=tiny", "logger=csv", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
+                     f"hydra.run.dir={run_dir}"], tmp_path, data_dir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = (run_dir / "train.log").read_text()
+    line = re.compile(r"epoch (\d+) step (\d+) \| val psnr ([\d.]+) ssim ([\d.]+) nmse ([\d.]+) \| "
+                      r"zero-filled psnr ([\d.]+) ssim ([\d.]+) nmse ([\d.]+) \| peak mem ([\d.]+) GiB \| step ([\d.]+) s")
+    epochs = [m for m in line.finditer(text)]
+    assert [int(m.group(1)) for m in epochs] == [0, 1], text[-3000:]
+    rows = read_csv_rows(run_dir)
+    last = [r for r in rows if r.get("val/psnr")][-1]  # the csv logger's last validation row
+    assert float(epochs[-1].group(3)) == pytest.approx(float(last["val/psnr"]), abs=0.006)
+    assert float(epochs[-1].group(9)) > 0 and float(epochs[-1].group(10)) > 0
+    assert re.search(r"epoch 0 step 1/\d+ loss", text)  # progress lines instead of the bar
+    assert "summary (2 validation epochs" in text and "python -m melrecon.reconstruct" in text
+    assert "best checkpoint: " + str(run_dir / "checkpoints") in text
+    console = res.stdout + res.stderr
+    assert epochs[-1].group(0) in console
+    assert "\r" not in console  # no progress bar redraws

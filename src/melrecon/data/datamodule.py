@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,8 @@ class KspaceDataModule(pl.LightningDataModule):
         options = dict(self.synthetic)
         preset = options.pop("preset", "small")
         seed = options.pop("seed", 0)
+        # a bar redrawn with carriage returns is noise in a SLURM log: only on a terminal
+        options.setdefault("progress", sys.stderr.isatty())
         ensure_dataset(self.root, _SYNTHETIC_KIND[self.kind], preset=preset, seed=seed, **options)
         self._check_synthetic_marker()
 

@@ -3,7 +3,9 @@
 Every item is a :class:`melrecon.data.batch.ReconBatch` (its docstring lists the fields with
 their shapes, dtypes and units). Items are divided by the file's ``max`` attribute
 (``normalize=True``) so targets are O(1) and ``max`` is 1 (cine with ``crop``: the cropped
-series' maximum). Files are opened lazily, once per worker process, and only the slab / slice
+series' maximum). A file with a stored ``mask`` (prospectively undersampled, data/README.md) is
+sampled with that mask rather than a drawn one; it cannot be used for training, and when it has
+no ``target`` the item's ``target`` is NaN (nothing to score). Files are opened lazily, once per worker process, and only the slab / slice
 is read (h5py hyperslab; the layout chunks one readout position per chunk).
 """
 
@@ -66,6 +68,9 @@ class _H5Dataset(Dataset):
                 info = read_info(f, path)  # shapes, dtypes, attributes: errors name file and field
             if info.kind != self.kind:
                 raise ValueError(f"{path}: field 'kind': {type(self).__name__} needs {self.kind!r}, file is {info.kind!r}")
+            if self.train and info.has_mask:
+                raise ValueError(f"{path}: field 'mask': a prospectively undersampled file cannot be used for "
+                                 "training (it has no fully-sampled k-space)")
             self.infos.append(info)
         self._handles: dict[int, h5py.File] = {}
 
@@ -98,6 +103,18 @@ class _H5Dataset(Dataset):
     def file_index(self, index: int) -> int:
         """Index into ``self.files`` of item ``index`` (used by the volume sampler)."""
         raise NotImplementedError
+
+    def stored_mask(self, fi: int) -> torch.Tensor | None:
+        """The file's stored ``mask`` (float32, as stored) or None when masks are drawn."""
+        if not self.infos[fi].has_mask:
+            return None
+        return torch.from_numpy(self._file(fi)["mask"][()])
+
+    def _target(self, f: h5py.File, sel: Any, shape: tuple[int, ...]) -> np.ndarray:
+        """``target[sel]``, or NaN of ``shape`` for a prospective file without one."""
+        if "target" in f:
+            return f["target"][sel]
+        return np.full(shape, np.nan, dtype=np.complex64)
 
     def _item(
         self, kspace: np.ndarray, maps: np.ndarray, target: np.ndarray, mask: torch.Tensor,
@@ -191,10 +208,13 @@ class SlabDataset(_H5Dataset):
         f = self._file(fi)
         kspace = f["kspace"][:, start:stop]  # hyperslab read: only these readout positions
         maps = f["maps"][:, start:stop]
-        target = f["target"][start:stop]
-        name = Path(info.path).name
-        accel, seed = self.masks(name, start)
-        mask = volume_mask(info.shape[2:4], accel, self.calib, self.mask_type, seed)
+        target = self._target(f, np.s_[start:stop], (stop - start, *info.shape[2:4]))
+        stored = self.stored_mask(fi)
+        if stored is not None:
+            mask = stored.reshape(1, 1, *info.shape[2:4]).contiguous()
+        else:
+            accel, seed = self.masks(Path(info.path).name, start)
+            mask = volume_mask(info.shape[2:4], accel, self.calib, self.mask_type, seed)
         scale = 1.0 / info.max if self.normalize else 1.0
         return self._item(kspace, maps, target, mask, info.max, scale, info.path, start)
 
@@ -254,6 +274,8 @@ class CineDataset(_H5Dataset):
         if self.crop is None:
             return self.infos[fi].max
         if fi not in self._crop_max:
+            if "target" not in f:  # prospective file: its stored max (of the zero-filled image) is all there is
+                return self.infos[fi].max
             self._crop_max[fi] = float(np.abs(_center_crop(f["target"][()], self.crop)).max())
         return self._crop_max[fi]
 
@@ -270,14 +292,21 @@ class CineDataset(_H5Dataset):
         sel = (s,) if info.has_slice_axis else ()
         kspace = f["kspace"][sel]  # (C, T, X, Y)
         maps = f["maps"][sel][:, None]  # (C, 1, X, Y)
-        target = f["target"][sel]  # (T, X, Y)
+        target = self._target(f, sel, kspace.shape[1:])  # (T, X, Y)
         vmax = self._volume_max(fi, f)
+        stored = self.stored_mask(fi)
+        if self.crop is not None and stored is not None and self.crop[1] != kspace.shape[-1]:
+            # a crop along Y would resample the phase-encode grid the stored mask refers to
+            raise ValueError(f"{info.path}: field 'mask': data.crop {list(self.crop)} crops the phase-encode axis Y "
+                             f"({kspace.shape[-1]}); with a stored mask only the readout X may be cropped")
         if self.crop is not None:
             kspace = fftc_np(_center_crop(ifftc_np(kspace), self.crop)).astype(np.complex64)
             maps = _center_crop(maps, self.crop)
             target = _center_crop(target, self.crop)
-        name = Path(info.path).name
-        accel, seed = self.masks(name, s)
-        mask = cine_mask(kspace.shape[1], kspace.shape[-1], accel, self.calib, self.mask_type, seed)
+        if stored is not None:
+            mask = stored[sel].reshape(1, kspace.shape[1], 1, kspace.shape[-1]).contiguous()
+        else:
+            accel, seed = self.masks(Path(info.path).name, s)
+            mask = cine_mask(kspace.shape[1], kspace.shape[-1], accel, self.calib, self.mask_type, seed)
         scale = 1.0 / info.max if self.normalize else 1.0
         return self._item(kspace, maps, target, mask, vmax, scale, info.path, s)

@@ -232,12 +232,13 @@ def ensure_dataset(
         return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m melrecon.data.synthetic", description=__doc__.split("\n")[0])
+def build_parser(prog: str = "python -m melrecon.data.synthetic") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("kind", choices=tuple(PRESETS))
     parser.add_argument("out", help="destination folder (missing or empty)")
-    parser.add_argument("--preset", default="small", choices=("tiny", "small", "medium"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default="small", choices=("tiny", "small", "medium"),
+                        help="sizes and counts (table in data/README.md)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed (case i of a split: seed, split, i)")
     parser.add_argument("--num-train", type=int)
     parser.add_argument("--num-val", type=int)
     parser.add_argument("--num-test", type=int)
@@ -245,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--snr", type=float, help="mean object magnitude / noise std (0 = no noise)")
     parser.add_argument("--shape", type=int, nargs="+", help="(X Y Z) for knee3d, (X Y) for cine")
     parser.add_argument("--frames", type=int, help="cine frames")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     overrides = dict(num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
                      coils=args.coils, snr=args.snr, shape=args.shape)
     if args.kind == "cine":

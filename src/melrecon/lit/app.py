@@ -22,6 +22,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from melrecon.lit.console import stdout_is_terminal
+
 log = logging.getLogger("melrecon")
 
 
@@ -97,7 +99,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
     module = hydra.utils.instantiate(cfg.module, net=net)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"), wandb_id_from_checkpoint(ckpt_path))
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer_kwargs: dict[str, Any] = {}
+    if cfg.trainer.get("enable_progress_bar", True) and not stdout_is_terminal():
+        # a bar redrawn with carriage returns is noise in a SLURM log: periodic lines instead
+        # (ConsoleSummary, every callbacks.console.every_n_steps steps)
+        trainer_kwargs["enable_progress_bar"] = False
+        log.info("stdout is not a terminal: progress bar off, progress as periodic log lines")
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                  **trainer_kwargs)
 
     if loggers:
         resolved = OmegaConf.to_container(cfg, resolve=True)

@@ -201,6 +201,9 @@ class ReconModule(pl.LightningModule):
         self._log_volume_metrics("test")
 
     # ------------------------------------------------------------------ optimisation
+    def setup(self, stage: str) -> None:
+        check_precision(self.net, str(self.trainer.precision) if self._trainer is not None else "32-true")
+
     def configure_optimizers(self) -> Any:
         opt = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
@@ -228,3 +231,18 @@ class ReconModule(pl.LightningModule):
         best = float(checkpoint.get("melrecon", {}).get("best_ssim", -math.inf))
         if math.isfinite(best):
             self.ssim_best.update(torch.tensor(best, device=self.ssim_best.max_value.device))
+
+
+def check_precision(net: nn.Module, precision: str) -> None:
+    """Refuse what does not work: ``memory=mel`` of a network whose inverse is iterative
+    (``exact_inverse`` False: MoDL) with 16-bit precision (``bf16-mixed``, ``16-mixed``,
+    ``bf16-true``, ...). Its fixed-point inverse stalls above the float32 tolerance on bfloat16
+    CNN outputs (about 6e-5 relative), so every MEL step would recompute the chain by a forward
+    pass: checkpoint memory at more than checkpoint cost, with a warning per step.
+    """
+    if "16" not in precision or getattr(net, "memory", None) != "mel" or getattr(net, "exact_inverse", True):
+        return
+    raise ValueError(
+        f"trainer.precision={precision} with model.memory=mel: {type(net).__name__}'s fixed-point inverse cannot "
+        "reach its tolerance on 16-bit CNN outputs; use model.memory=checkpoint, trainer.precision=32, or a "
+        "reversible network (model=rev_cine / rev3d_slab), which inverts exactly under autocast")

@@ -55,7 +55,16 @@ class UnrolledBase(nn.Module):
         drift_tol: ``mel``: relative drift of recomputed inputs above which a segment is redone.
         auto_start: first spacing of the "auto" anchor controller.
         fft_dims: Fourier-encoded image axes of the SENSE operator.
+
+    ``exact_inverse`` (class attribute): True when every unroll inverts in closed form from the
+    values the forward pass computed, so ``mel`` recomputes each input exactly in any precision
+    the layers run in (the reversible family, also under bfloat16 autocast: the engine replays
+    the autocast state, tested); False for fixed-point inverses (MoDL's residual CNN), whose
+    float32 tolerance is out of reach when the CNN runs in bfloat16/float16 (every step would
+    fall back to recomputation), so training refuses ``mel`` with 16-bit precision.
     """
+
+    exact_inverse: bool = False
 
     def __init__(
         self,

@@ -221,7 +221,13 @@ class ConvLayout:
     def to_channels(self, x: Tensor) -> Tensor:
         """Complex image (B, *spatial) -> real (B', 2, *conv_spatial)."""
         x = x.reshape(-1, *x.shape[x.ndim - self.conv_dim:])
-        return torch.view_as_real(x).movedim(-1, 1)
+        t = torch.view_as_real(x).movedim(-1, 1)
+        # 3D: a contiguous channels-first copy. The view is strided per channel, and the CPU bf16
+        # conv3d weight gradient was reported wrong for such inputs (torch 2.13; not reproduced at
+        # the test sizes). The copy is of 2 channels; float32 outputs and gradients of the
+        # modl_cine, modl3d_slab, rev_cine and rev3d_slab networks are bitwise unchanged (checked).
+        # 2D stays a view: conv2d takes another kernel path for a copy (not bitwise equal).
+        return t.contiguous() if self.conv_dim == 3 else t
 
     @staticmethod
     def from_channels(t: Tensor, image_shape: Sequence[int]) -> Tensor:

@@ -220,6 +220,8 @@ class ReversibleUnrolledNet(UnrolledBase):
             ``"input"`` keeps everything in the input's precision (drift ~ N^1.5 * eps).
     """
 
+    exact_inverse = True  # closed-form coupling inverse: exact under autocast too (UnrolledBase)
+
     def __init__(
         self,
         regularizer: ConvStack,
