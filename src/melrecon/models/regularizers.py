@@ -35,6 +35,8 @@ relative residual ``inv_tol`` (default by dtype: 1e-6 single, 1e-12 double) or a
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -87,6 +89,7 @@ class BoundedConv(nn.Module):
         self.register_buffer("u", torch.zeros(0), persistent=False)  # (1, in, *probe_shape)
         self.register_buffer("sigma", torch.zeros(()))
         self._keep_loaded_sigma = False
+        self._tiling = False  # inside tiling_scope: the probe shape is the volume's, not the tile's
         self.reset_parameters()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
@@ -180,16 +183,36 @@ class BoundedConv(nn.Module):
     def effective_weight(self) -> Tensor:
         return self.weight if self.bound is None else self.weight * self.scale().detach()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _ensure_probe(self, spatial: tuple[int, ...]) -> None:
+        """Start the norm estimate if there is none for inputs of this spatial shape."""
+        probe = tuple(min(s, self.probe_cap) for s in spatial)
+        if (
+            self.u.numel() == 0
+            or tuple(self.u.shape[2:]) != probe
+            or self.u.dtype != self.weight.dtype
+            or self.u.device != self.weight.device
+        ):
+            self._init_probe(spatial)
+
+    def receptive_halo(self) -> tuple[int, ...]:
+        """Voxels of context per spatial axis (kernel_size // 2), for melrecon.mel.tiled."""
+        return (self.padding,) * self.conv_dim
+
+    @contextmanager
+    def tiling_scope(self, spatial: tuple[int, ...]) -> Iterator[None]:
+        """Within: calls on tiles of a volume of this spatial shape use the volume's norm
+        estimate (a tile's own probe shape would start another estimate: another function)."""
         if self.bound is not None:
-            spatial = tuple(min(s, self.probe_cap) for s in x.shape[2:])
-            if (
-                self.u.numel() == 0
-                or tuple(self.u.shape[2:]) != spatial
-                or self.u.dtype != self.weight.dtype
-                or self.u.device != self.weight.device
-            ):
-                self._init_probe(tuple(x.shape[2:]))
+            self._ensure_probe(tuple(spatial))
+        before, self._tiling = self._tiling, True
+        try:
+            yield
+        finally:
+            self._tiling = before
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.bound is not None and not self._tiling:
+            self._ensure_probe(tuple(x.shape[2:]))
         out = self._conv(x, self.effective_weight())
         if self.bias is not None:
             out = out + self.bias.view(1, -1, *([1] * self.conv_dim))
