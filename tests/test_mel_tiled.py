@@ -94,7 +94,9 @@ def test_receptive_halo_sums_reach_per_axis():
     assert receptive_halo(nn.Conv2d(1, 1, 2, padding="same")) == (1, 1)
 
 
-@pytest.mark.parametrize("spatial,tile,halo", [((7, 5, 9), (3, 2, 4), (2, 1, 3)), ((10, 6), (4, 6), (2, 2)), ((5,), 5, (1,))])
+@pytest.mark.parametrize(
+    "spatial,tile,halo", [((7, 5, 9), (3, 2, 4), (2, 1, 3)), ((10, 6), (4, 6), (2, 2)), ((5,), 5, (1,))]
+)
 def test_tile_grid_covers_volume_once(spatial, tile, halo):
     tiles = tile_grid(spatial, tile, halo)
     count = torch.zeros(spatial, dtype=torch.int64)
