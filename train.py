@@ -1,7 +1,9 @@
 """Train an unrolled MRI reconstruction network.
 
-    python train.py                              # default: small synthetic cine problem, CPU
-    python train.py +experiment=cine_unroll20    # an experiment from conf/experiment/
+    python train.py                              # default: small synthetic cine problem, CPU (debug=cpu)
+    python train.py debug=tiny                   # the whole stack in seconds (conf/debug/)
+    python train.py +experiment=cine_unroll20    # an experiment from conf/experiment/ (paper sizes)
+    python train.py +experiment=cine_unroll20 debug=cpu                      # ... at CPU sizes
     python train.py -m +experiment=cine_unroll20 model.num_unrolls=5,10,20   # multirun
     python train.py +experiment=cine_unroll20 hparams_search=cine_optuna     # Optuna sweep
 

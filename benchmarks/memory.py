@@ -36,61 +36,11 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
 from melrecon.mel.memory import MemoryProbe  # noqa: E402
-from melrecon.models import ProximalDC, ResidualCNN, UnrolledNet  # noqa: E402
-from melrecon.models.reversible import ReversibleUnrolledNet  # noqa: E402
-from melrecon.physics.sense import SenseOperator  # noqa: E402
+from melrecon.models import ConvStack, ProximalDC, ResidualCNN, ReversibleUnrolledNet, UnrolledNet  # noqa: E402
+from melrecon.physics.problems import LAYOUTS as KINDS  # noqa: E402
+from melrecon.physics.problems import SenseProblem, random_sense_problem  # noqa: E402
 
-KINDS = ("slab", "cine")
 FAMILIES = ("modl", "rev")
-
-
-def make_problem(
-    kind: str,
-    sizes: Sequence[int],
-    coils: int,
-    dtype: torch.dtype = torch.complex64,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    sampled: float = 0.35,
-    batch: int = 1,
-) -> dict[str, torch.Tensor]:
-    """A random reconstruction problem in the layouts of DESIGN.md.
-
-    kind "slab": sizes (X, Y, Z); image (B, X, Y, Z), maps/kspace (B, C, X, Y, Z), mask (B, 1, 1, Y, Z).
-    kind "cine": sizes (T, X, Y); image (B, T, X, Y), kspace (B, C, T, X, Y), maps (B, C, 1, X, Y),
-    mask (B, 1, T, 1, Y).  Maps are normalised (sum_c |S_c|^2 = 1, so ||A|| <= 1); a fraction
-    ``sampled`` of k-space is kept at random plus a fully sampled centre.  Returns x0 = A^H b,
-    kspace, maps, mask and target.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if len(sizes) != 3:
-        raise ValueError(f"sizes must have 3 entries for kind {kind!r}, got {tuple(sizes)}")
-    g = torch.Generator().manual_seed(seed)
-    s0, s1, s2 = (int(s) for s in sizes)
-    rdt = torch.float64 if dtype == torch.complex128 else torch.float32
-    if kind == "slab":
-        maps = torch.randn(batch, coils, s0, s1, s2, dtype=dtype, generator=g)
-        mask = (torch.rand(batch, 1, 1, s1, s2, generator=g) < sampled).to(rdt)
-        mask[..., s1 // 2 - 1 : s1 // 2 + 1, s2 // 2 - 1 : s2 // 2 + 1] = 1
-    else:
-        maps = torch.randn(batch, coils, 1, s1, s2, dtype=dtype, generator=g)
-        mask = (torch.rand(batch, 1, s0, 1, s2, generator=g) < sampled).to(rdt)
-        mask[..., s2 // 2 - 1 : s2 // 2 + 1] = 1
-    maps = maps / maps.abs().pow(2).sum(dim=1, keepdim=True).sqrt()
-    # a smooth-ish target: low-pass filtered noise
-    target = torch.randn(batch, s0, s1, s2, dtype=dtype, generator=g)
-    target = torch.fft.ifftn(torch.fft.fftn(target, dim=(-3, -2, -1)) * _lowpass((s0, s1, s2), rdt), dim=(-3, -2, -1))
-    maps, mask, target = maps.to(device), mask.to(device), target.to(device)
-    op = SenseOperator(maps, mask)
-    kspace = op.forward(target)
-    return {"x0": op.adjoint(kspace), "kspace": kspace, "maps": maps, "mask": mask, "target": target}
-
-
-def _lowpass(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    grids = torch.meshgrid(*[torch.fft.fftfreq(n, dtype=dtype) for n in shape], indexing="ij")
-    r2 = sum(gr**2 for gr in grids)
-    return torch.exp(-r2 / (2 * 0.15**2))
 
 
 def build_network(
@@ -121,25 +71,26 @@ def build_network(
         reg = ResidualCNN(conv_dim=3, width=width, depth=depth, lipschitz=lipschitz, anderson=anderson)
         return UnrolledNet(reg, ProximalDC(lam_init=lam), num_unrolls, share_weights, memory, anchor_every, drift_tol)
     if family == "rev":  # reversible unrolls (models/reversible.py): closed-form inverse, pure MEL, no anchors
-        return ReversibleUnrolledNet(num_unrolls, share_weights, memory, None, drift_tol,
-                                     regularizer=dict(conv_dim=3, width=width, depth=depth), dc=dict(lam_init=lam))
+        r = ConvStack(4, 2, width, depth, conv_dim=3, out_scale=0.1)
+        q = ConvStack(2, 2, width, depth, conv_dim=3, out_scale=0.1)
+        return ReversibleUnrolledNet(r, q, ProximalDC(lam_init=lam), num_unrolls, share_weights, memory, None, drift_tol)
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
 
 
-def training_step(net: nn.Module, problem: dict[str, torch.Tensor]) -> torch.Tensor:
+def training_step(net: nn.Module, problem: SenseProblem) -> torch.Tensor:
     """Forward, mean-squared loss against the target, backward; returns the loss."""
-    out = net(problem["x0"], problem["kspace"], problem["maps"], problem["mask"])
-    loss = (out - problem["target"]).abs().pow(2).mean()
+    out = net(problem.x0, problem.kspace, problem.maps, problem.mask)
+    loss = (out - problem.target).abs().pow(2).mean()
     loss.backward()
     return loss.detach()
 
 
 def run_case(
-    family: str, kind: str, n: int, mode: str, problem: dict[str, torch.Tensor], opts: dict[str, Any], warmup: int
+    family: str, kind: str, n: int, mode: str, problem: SenseProblem, opts: dict[str, Any], warmup: int
 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
-    device = problem["x0"].device
+    device = problem.x0.device
     net = build_network(family, kind, n, mode, **opts).to(device)
-    if problem["x0"].dtype == torch.complex128:
+    if problem.x0.dtype == torch.complex128:
         net = net.double()
     net.train()
     for _ in range(warmup):
@@ -214,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for family in args.families:
         for kind in args.kinds:
             sizes = args.slab if kind == "slab" else args.cine
-            problem = make_problem(kind, sizes, args.coils, dtype, args.device)
+            problem = random_sense_problem(kind, sizes, args.coils, dtype, args.device)
             for n in args.unrolls:
                 ref = None
                 for mode in args.modes:

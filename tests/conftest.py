@@ -2,9 +2,11 @@
 
 - ``compose_cfg(*overrides)``: compose conf/train.yaml like ``python train.py`` would, with the
   run folder, logs and data redirected to temporary folders (data shared per session, so the
-  tiny synthetic datasets are generated once).
+  tiny synthetic datasets are generated once). Tests pick the tiny runs of the debug group
+  (conf/debug/): ``debug=tiny`` (tiny synthetic data, one epoch of 2 batches, 2 unrolls of a
+  4-channel CNN) or ``debug=smoke`` (the same data and epoch, the network as configured).
 - ``TinyNet`` / ``TinyCineDataModule``: stand-ins with the real interfaces (net signature and
-  batch dict of DESIGN.md) for fast unit tests of the LightningModule and callbacks.
+  :class:`melrecon.data.batch.ReconBatch` items) for fast unit tests of the LightningModule and callbacks.
 - ``run_train(args, ...)``: run train.py in a subprocess (multirun, DDP, sweeps, CLI errors).
 """
 
@@ -20,6 +22,8 @@ import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
+
+from melrecon.data.batch import ReconBatch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,25 +41,6 @@ def _one_torch_thread():
 CONF = ROOT / "conf"
 os.environ.setdefault("MELRECON_ROOT", str(ROOT))
 os.environ.setdefault("WANDB_SILENT", "true")
-
-# smallest problem the real stack runs on: tiny synthetic preset, 2 unrolls of a narrow CNN
-TINY_DATA = [
-    "data.synthetic.preset=tiny",
-    "data.calib=4",  # tiny images have 16 phase-encode lines: R <= 4 with 4 calibration lines
-    "data.accelerations=[4]",
-    "data.eval_acceleration=4",
-    "data.batch_size=1",
-]
-TINY = [
-    *TINY_DATA,
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-]
-TINY_MODEL = ["model.num_unrolls=2", "model.regularizer.width=4"]
 
 
 @pytest.fixture(scope="session")
@@ -120,7 +105,7 @@ class TinyNet(nn.Module):
 
 
 class TinyCineDataset(Dataset):
-    """Cine-layout items (T=4 frames of 12x12): target a moving blob, x0 = target + noise.
+    """Cine-layout ReconBatch items (T=4 frames of 12x12): target a moving blob, x0 = target + noise.
 
     ``num_files`` volumes with ``slices`` items each; ``max`` is the volume max of |target|.
     """
@@ -140,17 +125,17 @@ class TinyCineDataset(Dataset):
             vmax = max(float(v.abs().max()) for v in vol)
             for s, tgt in enumerate(vol):
                 noise = 0.2 * torch.complex(torch.randn(tgt.shape, generator=g), torch.randn(tgt.shape, generator=g))
-                self.items.append({
-                    "kspace": torch.zeros(2, 4, 12, 12, dtype=torch.complex64),
-                    "mask": torch.ones(1, 4, 1, 12), "maps": torch.ones(2, 1, 12, 12, dtype=torch.complex64),
-                    "x0": tgt + noise, "target": tgt, "max": torch.tensor(vmax), "file": f"vol{f}.h5",
-                    "slice": torch.tensor(s),
-                })
+                self.items.append(ReconBatch(
+                    kspace=torch.zeros(2, 4, 12, 12, dtype=torch.complex64),
+                    mask=torch.ones(1, 4, 1, 12), maps=torch.ones(2, 1, 12, 12, dtype=torch.complex64),
+                    x0=tgt + noise, target=tgt, max=torch.tensor(vmax), file=f"vol{f}.h5",
+                    position=torch.tensor(s), acceleration=torch.tensor(1.0),
+                ))
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> ReconBatch:
         return self.items[i]
 
 

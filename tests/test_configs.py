@@ -10,8 +10,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
+DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml") if p.stem != "base")  # base: shared fields
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+DEBUG = sorted(p.stem for p in (CONF / "debug").glob("*.yaml"))
 
 
 def test_required_options_exist():
@@ -22,6 +23,7 @@ def test_required_options_exist():
         "trainer": ["cpu", "gpu", "ddp"],
         "logger": ["wandb", "csv", "tensorboard"],
         "hparams_search": ["cine_optuna"],
+        "debug": ["cpu", "smoke", "tiny"],
     }.items():
         for n in names:
             assert (CONF / group / f"{n}.yaml").is_file(), f"conf/{group}/{n}.yaml missing"
@@ -51,10 +53,74 @@ def test_experiment_composes_and_instantiates(compose_cfg, name):
     assert dm.root == Path(cfg.data.root)
 
 
+def _leaves(node, prefix=""):
+    """(dotted key, value) of every leaf of a YAML mapping."""
+    for k, v in node.items():
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_holds_only_deltas(compose_cfg, name):
+    """Every value an experiment file sets differs from what its group choices give without it."""
+    body = yaml.safe_load((CONF / "experiment" / f"{name}.yaml").read_text())
+    choices = []  # the experiment's group selections as command-line overrides
+    for entry in body.pop("defaults"):
+        ((key, option),) = entry.items()
+        group = key.removeprefix("override /")
+        choices.append(f"~{group}" if option is None else f"{group}={option}")  # ~group: `group: null`
+    assert "~debug" in choices, f"{name} must select debug: null (paper sizes)"
+    inherited = compose_cfg(*choices)
+    for key, value in _leaves(body):
+        assert OmegaConf.select(inherited, key, default="__missing__") != value, \
+            f"conf/experiment/{name}.yaml: {key}: {value} is what it inherits"
+
+
+def test_default_run_is_cpu_sized_and_experiments_paper_sized(compose_cfg):
+    """The default run selects debug=cpu (README: 16 channels, 3 convs, 10 epochs); every
+    experiment the paper's 64 channels and 5 convs for 30 epochs."""
+    cfg = compose_cfg()
+    assert (cfg.model.regularizer.width, cfg.model.regularizer.depth, cfg.trainer.max_epochs) == (16, 3, 10)
+    for name in EXPERIMENTS:
+        cfg = compose_cfg(f"+experiment={name}")
+        assert (cfg.model.regularizer.width, cfg.model.regularizer.depth, cfg.trainer.max_epochs) == (64, 5, 30), name
+        # a debug option on the command line replaces the experiment's debug: null
+        cfg = compose_cfg(f"+experiment={name}", "debug=cpu")
+        assert (cfg.model.regularizer.width, cfg.model.regularizer.depth, cfg.trainer.max_epochs) == (16, 3, 10), name
+
+
+@pytest.mark.parametrize("name", DEBUG)
+def test_debug_options_compose_and_instantiate(compose_cfg, name):
+    cfg = compose_cfg(f"debug={name}")
+    net = hydra.utils.instantiate(cfg.model)
+    module = hydra.utils.instantiate(cfg.module, net=net)
+    assert module.net is net
+    hydra.utils.instantiate(cfg.data)
+    hydra.utils.instantiate(cfg.trainer, logger=False)
+    if name in ("smoke", "tiny"):
+        assert cfg.data.synthetic.preset == "tiny" and cfg.trainer.max_epochs == 1
+    if name == "tiny":  # smoke's data and trainer, cpu's depth, 2 unrolls of width 4
+        assert (cfg.model.num_unrolls, cfg.model.regularizer.width, cfg.model.regularizer.depth) == (2, 4, 3)
+
+
 @pytest.mark.parametrize("name", DATA)
 def test_data_options_instantiate(compose_cfg, name):
     cfg = compose_cfg(f"data={name}")
     hydra.utils.instantiate(cfg.data)
+
+
+@pytest.mark.parametrize("name", DATA)
+def test_data_options_set_only_what_base_lacks(name):
+    """Each data option starts from data/base.yaml and sets only values that differ from it."""
+    option = yaml.safe_load((CONF / "data" / f"{name}.yaml").read_text())
+    assert option.pop("defaults") == ["base", "_self_"], f"conf/data/{name}.yaml must start from base"
+    base = OmegaConf.load(CONF / "data" / "base.yaml")
+    for key, value in _leaves(option):
+        if OmegaConf.is_missing(base, key.split(".")[0]):
+            continue  # a field base leaves to the dataset
+        assert OmegaConf.select(base, key, default="__missing__") != value, f"conf/data/{name}.yaml: {key} repeats base"
 
 
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp"])

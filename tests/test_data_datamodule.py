@@ -6,12 +6,14 @@ import socket
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.utils.data import DistributedSampler
 
 import melrecon.data.synthetic as synthetic
+from melrecon.data.batch import ReconBatch
 from melrecon.data.datamodule import KspaceDataModule
 from melrecon.data.samplers import VolumeSampler
 
@@ -34,15 +36,20 @@ def test_empty_folder_generates_once_and_serves_batches(tmp_path: Path, kind: st
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     if kind == "volume3d":
-        assert batch["kspace"].shape == (2, 4, 4, 16, 16) and batch["maps"].shape == (2, 4, 4, 16, 16)
-        assert batch["mask"].shape == (2, 1, 1, 16, 16) and batch["target"].shape == (2, 4, 16, 16)
+        assert batch.kspace.shape == (2, 4, 4, 16, 16) and batch.maps.shape == (2, 4, 4, 16, 16)
+        assert batch.mask.shape == (2, 1, 1, 16, 16) and batch.target.shape == (2, 4, 16, 16)
     else:
-        assert batch["kspace"].shape == (2, 4, 4, 16, 16) and batch["maps"].shape == (2, 4, 1, 16, 16)
-        assert batch["mask"].shape == (2, 1, 4, 1, 16) and batch["target"].shape == (2, 4, 16, 16)
-    assert batch["x0"].shape == batch["target"].shape and batch["x0"].dtype == torch.complex64
-    assert batch["max"].shape == (2,) and batch["slice"].dtype == torch.long and len(batch["file"]) == 2
+        assert batch.kspace.shape == (2, 4, 4, 16, 16) and batch.maps.shape == (2, 4, 1, 16, 16)
+        assert batch.mask.shape == (2, 1, 4, 1, 16) and batch.target.shape == (2, 4, 16, 16)
+    assert batch.x0.shape == batch.target.shape and batch.x0.dtype == torch.complex64
+    assert batch.max.shape == (2,) and batch.position.dtype == torch.long and len(batch.file) == 2
+    # a typed batch that Lightning moves to the device field by field (meta: no GPU needed)
+    assert type(batch) is ReconBatch
+    moved = pl.LightningModule().transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert type(moved) is ReconBatch and moved.file == batch.file
+    assert all(getattr(moved, f).device.type == "meta" for f in ReconBatch._fields if f != "file")
     val = list(dm.val_dataloader())
-    assert all(b["kspace"].shape[0] == 1 for b in val)
+    assert all(b.kspace.shape[0] == 1 for b in val)
     dm.setup("test")
     assert len(list(dm.test_dataloader())) >= 1
 
@@ -104,12 +111,22 @@ def test_distributed_samplers(tmp_path: Path) -> None:
     assert not isinstance(KspaceDataModule("volume3d", root, synthetic=None, **KNEE).val_dataloader().sampler, VolumeSampler)
 
 
+def _data_cfg(name: str, data_dir: Path):
+    """``cfg.data`` of option ``name``, composed as train.py does (options build on
+    conf/data/base.yaml through their defaults lists)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"data={name}", f"paths.data_dir={data_dir}"])
+    OmegaConf.set_struct(cfg, False)
+    return cfg.data
+
+
 @pytest.mark.parametrize("name", ["synthetic_knee3d", "synthetic_cine", "knee3d", "cine", "fastmri2d"])
 def test_configs_instantiate(tmp_path: Path, name: str) -> None:
     from hydra.utils import instantiate
 
-    cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path)}, "data": OmegaConf.load(CONF / f"{name}.yaml")})
-    dm = instantiate(cfg.data)
+    dm = instantiate(_data_cfg(name, tmp_path))
     assert isinstance(dm, KspaceDataModule) and dm.root == tmp_path / name
     if name.startswith("synthetic"):
         assert dm.synthetic is not None and dm.synthetic["preset"] == "small"
@@ -129,10 +146,10 @@ def test_lightning_fit_generates_and_validates_every_tile_once(tmp_path: Path) -
             self.seen: list[tuple[str, int, int]] = []
 
         def training_step(self, batch, batch_idx):
-            return ((batch["x0"].abs() * self.w - batch["target"].abs()) ** 2).mean()
+            return ((batch.x0.abs() * self.w - batch.target.abs()) ** 2).mean()
 
         def validation_step(self, batch, batch_idx):
-            self.seen.append((batch["file"][0], int(batch["slice"][0]), batch["target"].shape[1]))
+            self.seen.append((batch.file[0], int(batch.position[0]), batch.target.shape[1]))
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -156,7 +173,7 @@ def _ddp_rank(rank: int, world: int, port: int, root: str, out: str) -> None:
     try:
         dm = KspaceDataModule("volume3d", root, synthetic=None, slab_size=3, accelerations=[3.0], calib=4, mask_pool=4)
         dm.setup("fit")
-        files = [(b["file"][0], int(b["slice"][0])) for b in dm.val_dataloader()]
+        files = [(b.file[0], int(b.position[0])) for b in dm.val_dataloader()]
         train = list(iter(dm.train_dataloader().sampler))
         Path(out, f"rank{rank}.txt").write_text(repr((files, train)))
     finally:
@@ -196,7 +213,7 @@ def test_reusing_a_folder_generated_with_other_settings_fails(tmp_path: Path) ->
 def test_hydra_synthetic_section_with_lists(tmp_path: Path) -> None:
     from hydra.utils import instantiate
 
-    cfg = OmegaConf.load(CONF / "synthetic_cine.yaml")
+    cfg = _data_cfg("synthetic_cine", tmp_path)
     cfg.root = str(tmp_path / "c")
     cfg.calib = 2
     cfg.accelerations = [4]
@@ -205,4 +222,4 @@ def test_hydra_synthetic_section_with_lists(tmp_path: Path) -> None:
     dm.prepare_data()
     dm.prepare_data()  # the marker written from a Hydra list compares equal on reuse
     dm.setup("fit")
-    assert dm.datasets["train"][0]["target"].shape == (4, 16, 12)
+    assert dm.datasets["train"][0].target.shape == (4, 16, 12)

@@ -39,33 +39,33 @@ def test_slab_items_follow_the_contract(data) -> None:
     ds = SlabDataset(files, slab_size=3, train=True, **KNEE)
     torch.manual_seed(0)
     item = ds[1]
-    c, s, y, z = item["kspace"].shape
+    c, s, y, z = item.kspace.shape
     assert (c, s, y, z) == (4, 3, 16, 16)
-    assert item["maps"].shape == (4, 3, 16, 16) and item["mask"].shape == (1, 1, 16, 16)
-    assert item["x0"].shape == item["target"].shape == (3, 16, 16)
+    assert item.maps.shape == (4, 3, 16, 16) and item.mask.shape == (1, 1, 16, 16)
+    assert item.x0.shape == item.target.shape == (3, 16, 16)
     for key in ("kspace", "maps", "x0", "target"):
-        assert item[key].dtype == torch.complex64, key
-    assert item["mask"].dtype == torch.float32 and set(item["mask"].unique().tolist()) <= {0.0, 1.0}
-    assert item["max"].dtype == torch.float32 and item["max"].item() == pytest.approx(1.0)
-    assert item["slice"].dtype == torch.long and isinstance(item["file"], str)
+        assert getattr(item, key).dtype == torch.complex64, key
+    assert item.mask.dtype == torch.float32 and set(item.mask.unique().tolist()) <= {0.0, 1.0}
+    assert item.max.dtype == torch.float32 and item.max.item() == pytest.approx(1.0)
+    assert item.position.dtype == torch.long and isinstance(item.file, str)
     # undersampled: zero where the mask is zero; x0 = A^H y computed independently in numpy
-    k, m = item["kspace"].numpy(), item["mask"].numpy()
+    k, m = item.kspace.numpy(), item.mask.numpy()
     assert np.all(k[np.broadcast_to(m == 0, k.shape)] == 0)
-    x0 = _combine(k, item["maps"].numpy(), m)
-    assert np.abs(x0 - item["x0"].numpy()).max() < 1e-5 * np.abs(x0).max()
+    x0 = _combine(k, item.maps.numpy(), m)
+    assert np.abs(x0 - item.x0.numpy()).max() < 1e-5 * np.abs(x0).max()
     # target = file's target slab / file max; start inside the volume
-    with h5py.File(item["file"], "r") as f:
-        start = int(item["slice"])
+    with h5py.File(item.file, "r") as f:
+        start = int(item.position)
         ref = f["target"][start:start + 3] / f.attrs["max"]
         assert 0 <= start <= f["kspace"].shape[1] - 3
-    assert np.allclose(item["target"].numpy(), ref, atol=1e-6)
-    assert item["acceleration"].item() == pytest.approx(3.0, rel=0.1)
+    assert np.allclose(item.target.numpy(), ref, atol=1e-6)
+    assert item.acceleration.item() == pytest.approx(3.0, rel=0.1)
 
 
 def test_slice_baseline_s1(data) -> None:
     ds = SlabDataset(find_files(data["knee"] / "val"), slab_size=1, train=False, **KNEE)
     assert len(ds) == 8  # tiny knee: X = 8 readout positions
-    assert ds[0]["kspace"].shape == (4, 1, 16, 16) and ds[0]["target"].shape == (1, 16, 16)
+    assert ds[0].kspace.shape == (4, 1, 16, 16) and ds[0].target.shape == (1, 16, 16)
 
 
 @pytest.mark.parametrize("slab", [1, 3, 8, 5])
@@ -75,12 +75,12 @@ def test_eval_tiling_covers_each_volume_exactly_once(data, slab: int) -> None:
     seen: dict[str, np.ndarray] = {}
     for i in range(len(ds)):
         item = ds[i]
-        start, n = int(item["slice"]), item["target"].shape[0]
+        start, n = int(item.position), item.target.shape[0]
         assert 1 <= n <= slab
-        cover = seen.setdefault(item["file"], np.zeros(8, int))
+        cover = seen.setdefault(item.file, np.zeros(8, int))
         cover[start:start + n] += 1
-        with h5py.File(item["file"], "r") as f:  # the slab holds exactly those positions
-            assert np.allclose(item["target"].numpy(), f["target"][start:start + n] / f.attrs["max"], atol=1e-6)
+        with h5py.File(item.file, "r") as f:  # the slab holds exactly those positions
+            assert np.allclose(item.target.numpy(), f["target"][start:start + n] / f.attrs["max"], atol=1e-6)
     assert sorted(seen) == sorted(map(str, files))
     assert all((c == 1).all() for c in seen.values())
 
@@ -90,20 +90,20 @@ def test_masks_reproducible(data) -> None:
     a = SlabDataset(files, slab_size=4, train=False, **KNEE)
     b = SlabDataset(files, slab_size=4, train=False, **KNEE)
     # eval: fixed per file (same across instances and across the file's slabs), differs by file
-    masks = [a[i]["mask"] for i in range(len(a))]
-    assert all(torch.equal(m, b[i]["mask"]) for i, m in enumerate(masks))
+    masks = [a[i].mask for i in range(len(a))]
+    assert all(torch.equal(m, b[i].mask) for i, m in enumerate(masks))
     assert torch.equal(masks[0], masks[1])  # two slabs of file 0
     assert not torch.equal(masks[0], masks[2])  # file 1
     # training: random per sample, reproducible under the same torch seed
     t = SlabDataset(files, slab_size=4, train=True, **dict(KNEE, accelerations=[2.0, 3.0]))
     torch.manual_seed(123)
-    first = [(t[0]["mask"], int(t[0]["slice"])) for _ in range(6)]
+    first = [(t[0].mask, int(t[0].position)) for _ in range(6)]
     torch.manual_seed(123)
-    again = [(t[0]["mask"], int(t[0]["slice"])) for _ in range(6)]
+    again = [(t[0].mask, int(t[0].position)) for _ in range(6)]
     assert all(torch.equal(m1, m2) and s1 == s2 for (m1, s1), (m2, s2) in zip(first, again))
     assert len({m.numpy().tobytes() for m, _ in first}) > 1
     cine = CineDataset(find_files(data["cine"] / "train"), train=False, **CINE)
-    assert torch.equal(cine[0]["mask"], CineDataset(find_files(data["cine"] / "train"), train=False, **CINE)[0]["mask"])
+    assert torch.equal(cine[0].mask, CineDataset(find_files(data["cine"] / "train"), train=False, **CINE)[0].mask)
 
 
 class _CountingFile(io.RawIOBase):
@@ -150,29 +150,29 @@ def test_slab_read_touches_only_the_slab(tmp_path: Path) -> None:
     size = path.stat().st_size
     print("bytes read", counters[0].bytes_read, "of", size)
     assert counters[0].bytes_read < size / 50, (counters[0].bytes_read, size)
-    assert np.allclose(item["target"].numpy(), target[200:202] / np.abs(target).max(), atol=1e-6)
+    assert np.allclose(item.target.numpy(), target[200:202] / np.abs(target).max(), atol=1e-6)
 
 
 def test_cine_items_and_crop(data) -> None:
     files = find_files(data["cine"] / "train")
     ds = CineDataset(files, train=True, **CINE)
     item = ds[0]
-    assert item["kspace"].shape == (4, 4, 16, 12) and item["maps"].shape == (4, 1, 16, 12)
-    assert item["mask"].shape == (1, 4, 1, 12) and item["x0"].shape == item["target"].shape == (4, 16, 12)
-    x0 = _combine(item["kspace"].numpy(), item["maps"].numpy(), item["mask"].numpy())
-    assert np.abs(x0 - item["x0"].numpy()).max() < 1e-5 * np.abs(x0).max()
+    assert item.kspace.shape == (4, 4, 16, 12) and item.maps.shape == (4, 1, 16, 12)
+    assert item.mask.shape == (1, 4, 1, 12) and item.x0.shape == item.target.shape == (4, 16, 12)
+    x0 = _combine(item.kspace.numpy(), item.maps.numpy(), item.mask.numpy())
+    assert np.abs(x0 - item.x0.numpy()).max() < 1e-5 * np.abs(x0).max()
     # frames get different ky lines (k-t sampling)
-    assert not torch.equal(item["mask"][0, 0], item["mask"][0, 1])
+    assert not torch.equal(item.mask[0, 0], item.mask[0, 1])
 
     cropped = CineDataset(files, train=False, crop=(10, 8), **CINE)[0]
-    assert cropped["kspace"].shape == (4, 4, 10, 8) and cropped["target"].shape == (4, 10, 8)
+    assert cropped.kspace.shape == (4, 4, 10, 8) and cropped.target.shape == (4, 10, 8)
     with h5py.File(files[0], "r") as f:
         kf, mf, vmax = f["kspace"][0], f["maps"][0], f.attrs["max"]
     coil = ifftc_np(kf)[..., 3:13, 2:10]  # centre crop 16 -> 10 (start 8 - 5), 12 -> 8 (start 6 - 4)
-    ref = _combine(fftc_np(coil) / vmax, mf[:, None, 3:13, 2:10], cropped["mask"].numpy())
-    assert np.abs(ref - cropped["x0"].numpy()).max() < 1e-5 * np.abs(ref).max()
+    ref = _combine(fftc_np(coil) / vmax, mf[:, None, 3:13, 2:10], cropped.mask.numpy())
+    assert np.abs(ref - cropped.x0.numpy()).max() < 1e-5 * np.abs(ref).max()
     # consistency: the crop keeps S^H F^H k = target
-    assert np.allclose(np.sum(np.conj(mf[:, None, 3:13, 2:10]) * coil, 0) / vmax, cropped["target"].numpy(), atol=1e-5)
+    assert np.allclose(np.sum(np.conj(mf[:, None, 3:13, 2:10]) * coil, 0) / vmax, cropped.target.numpy(), atol=1e-5)
 
 
 def test_volume_sampler_keeps_files_on_one_rank(data) -> None:
@@ -225,6 +225,6 @@ def test_cine_volume_is_the_file_data_range_and_acceleration(tmp_path: Path) -> 
     with h5py.File(files[0], "r") as f:
         expected = np.abs(f["target"][()][..., 3:13, 2:10]).max() / f.attrs["max"]
     for it in items:
-        assert float(it["max"]) == pytest.approx(expected, rel=1e-6)
-    assert len({round(float(it["acceleration"]), 6) for it in items}) == 1
-    assert not torch.equal(items[0]["mask"], items[1]["mask"])
+        assert float(it.max) == pytest.approx(expected, rel=1e-6)
+    assert len({round(float(it.acceleration), 6) for it in items}) == 1
+    assert not torch.equal(items[0].mask, items[1].mask)

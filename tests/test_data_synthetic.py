@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +13,20 @@ from melrecon.data.phantoms import cardiac_waveform, cine_series, knee_volume
 from melrecon.data.synthetic import PRESETS, generate_dataset, main, make_cine_case, make_knee_case
 
 
-def test_tiny_presets_are_fast_and_valid(tmp_path: Path) -> None:
-    make_cine_case((16, 16), 4, 1, 4, 50.0, 0.02, 0)  # warm imports (sigpy) outside the timing
-    t0 = time.perf_counter()
+def test_tiny_presets_are_small_and_valid(tmp_path: Path) -> None:
+    """What makes the tests' datasets cheap: four files of the tiny shapes, one case each.
+
+    (A wall-clock bound here failed on a loaded machine; the work done is what is checked.)"""
     generate_dataset(tmp_path / "k", "knee3d", "tiny", progress=False)
     generate_dataset(tmp_path / "c", "cine", "tiny", progress=False)
-    assert time.perf_counter() - t0 < 3.0  # well under a second on an idle core
+    tiny = {"volume3d": (4, 8, 16, 16), "cine": (1, 4, 4, 16, 16)}  # coils, X, Y, Z / slices, coils, T, X, Y
     for kind, root in (("volume3d", tmp_path / "k"), ("cine", tmp_path / "c")):
         files = find_files(root)
         assert len(files) == 4 and {p.parent.name for p in files} == {"train", "val", "test"}
-        assert all(validate_file(p).kind == kind for p in files)
+        infos = [validate_file(p) for p in files]
+        assert all(info.kind == kind and info.shape == tiny[kind] for info in infos)
+        # k-space, maps and target in complex64 (knee: 64 + 64 + 16 KiB) plus HDF5 overhead
+        assert all(p.stat().st_size < 200_000 for p in files)
 
 
 def test_cases_are_seeded_and_independent_of_count(tmp_path: Path) -> None:

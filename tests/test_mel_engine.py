@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import max_rel_error
 from melrecon.mel import (
     FusedResult,
     InvertibleChain,
@@ -99,10 +100,6 @@ def grads_of(chain, x, loss_fn=lambda y: (y**2).sum()):
     return [t.grad.clone() for t in xs] + [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in chain.parameters()], y
 
 
-def max_rel(a, b):
-    return max(float((p - q).norm() / q.norm()) for p, q in zip(a, b))
-
-
 def make_chain(mode, anchor_every=None, shared=False, n=6, seed=0, **layer_kw):
     torch.manual_seed(seed)
     if shared:
@@ -121,7 +118,7 @@ def test_modes_match_standard(mode, anchor, shared):
     chain = make_chain(mode, anchor, shared=shared)
     g, y = grads_of(chain, x)
     assert torch.equal(y, yref)  # same forward in every mode
-    assert max_rel(g, ref) < 1e-10
+    assert max_rel_error(g, ref) < 1e-10
     assert chain.stats.fallbacks == 0
     if mode == "mel" and anchor is None:
         assert chain.stats.anchors == 0 and chain.stats.inv_iters > 0
@@ -138,7 +135,7 @@ def test_tuple_state_and_fused_hook(fused):
         chain = InvertibleChain(layers, memory="mel", anchor_every=ae)
         g, y = grads_of(chain, x)
         assert isinstance(y, tuple) and all(torch.equal(a, b) for a, b in zip(y, yref))
-        assert max_rel(g, ref) < 1e-12
+        assert max_rel_error(g, ref) < 1e-12
     if fused:
         assert layers[3].fused_calls > 0  # the engine used the hook
 
@@ -173,11 +170,11 @@ def test_nonconvergent_inverse_falls_back_with_one_warning():
     with pytest.warns(RuntimeWarning, match="did not converge"):
         g, _ = grads_of(chain, x)
     assert chain.stats.fallbacks >= 1
-    assert max_rel(g, ref) < 1e-12  # recomputed from the anchor: exact
+    assert max_rel_error(g, ref) < 1e-12  # recomputed from the anchor: exact
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once per chain: the second step is silent
         g2, _ = grads_of(chain, x)
-    assert max_rel(g2, ref) < 1e-12
+    assert max_rel_error(g2, ref) < 1e-12
 
 
 class Noisy(Contractive):
@@ -197,7 +194,7 @@ def test_drift_above_tolerance_is_recomputed():
     with pytest.warns(RuntimeWarning, match="drift"):
         g, _ = grads_of(chain, x)
     assert chain.stats.drift > 1e-5 and chain.stats.fallbacks == 2
-    assert max_rel(g, ref) < 1e-12
+    assert max_rel_error(g, ref) < 1e-12
 
 
 def test_auto_controller_narrows_and_widens():
@@ -231,7 +228,7 @@ def test_dropout_and_batchnorm_frozen_for_the_step():
     for mode in ("checkpoint", "mel"):
         g, y, rm, nb = out[mode]
         assert torch.equal(y, y0)
-        assert max_rel(g, g0) < 1e-10
+        assert max_rel_error(g, g0) < 1e-10
         assert nb == nb0 and torch.equal(rm, rm0)  # recompute/inversion did not touch the statistics
 
 
@@ -265,7 +262,7 @@ def test_torch_spectral_norm_advances_once_per_step():
     torch.manual_seed(0)
     l3 = SNLayer()
     g_mel, _ = grads_of(InvertibleChain([l3] * 5, memory="mel", anchor_every=None), x)
-    assert max_rel(g_mel, g_ref) < 1e-10
+    assert max_rel_error(g_mel, g_ref) < 1e-10
 
 
 @pytest.mark.parametrize(

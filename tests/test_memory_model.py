@@ -7,15 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from melrecon.mel import MemoryProbe
-from melrecon.mel.invertible import InvertibleLayer, InvertResult, default_tolerance, invert_residual_map
-from melrecon.mel.tiled import tiled_forward
 from melrecon.models import ProximalDC, ResidualCNN, UnrolledNet
 from melrecon.models.memory_model import choose_tile, main, predict_peak
-from melrecon.models.regularizers import BoundedConv
+from melrecon.physics.problems import random_sense_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "benchmarks" / "memory.py")
@@ -25,46 +21,10 @@ _spec.loader.exec_module(bench)
 SLACK = 256  # bytes: the model leaves out the 0-dim tensors graphs save (lam, norm scales: 8 bytes each)
 
 
-class _Stack(nn.Module):
-    def __init__(self, chans: list[int], bound: float) -> None:
-        super().__init__()
-        self.convs = nn.ModuleList(
-            BoundedConv(3, chans[i], chans[i + 1], 3, True, bound) for i in range(len(chans) - 1)
-        )
-
-    def forward(self, h):
-        for i, conv in enumerate(self.convs):
-            h = conv(h)
-            h = F.relu(h) if i < len(self.convs) - 1 else h
-        return h
-
-
-class TiledResidualCNN(InvertibleLayer):
-    """Stand-in for ResidualCNN with its CNN evaluated by tiled_forward (the same graph as
-    ResidualCNN's: complex <-> 2 real channels, conv/ReLU stack of BoundedConvs, x + R(x)),
-    until ResidualCNN takes a ``tile`` option."""
-
-    def __init__(self, width: int, depth: int, tile, lipschitz: float = 0.9) -> None:
-        super().__init__()
-        self.lipschitz, self.tile = lipschitz, tile
-        self.stack = _Stack([2] + [width] * (depth - 1) + [2], lipschitz ** (1 / depth))
-
-    def residual(self, x):
-        h = tiled_forward(self.stack, torch.view_as_real(x).movedim(-1, 1), self.tile)
-        return torch.view_as_complex(h.movedim(1, -1).contiguous())
-
-    def forward(self, x, data=None):
-        return x + self.residual(x)
-
-    def inverse(self, y, data=None):
-        r = invert_residual_map(self.residual, y, default_tolerance(y.dtype), 100)
-        return InvertResult(r.x, r.residual, r.iterations, r.converged)
-
-
 def measured_peak(volume, coils, width, depth, n, memory, tile):
-    prob = bench.make_problem("slab", volume, coils, torch.complex128, seed=1)
+    prob = random_sense_problem("slab", volume, coils, torch.complex128, seed=1)
     torch.manual_seed(0)
-    reg = ResidualCNN(3, width, depth, lipschitz=0.9) if tile is None else TiledResidualCNN(width, depth, tile)
+    reg = ResidualCNN(3, width, depth, lipschitz=0.9, tile=tile)
     net = UnrolledNet(reg, ProximalDC(lam_init=1.0), n, True, memory, anchor_every=None).double()
     bench.training_step(net, prob)  # the norm estimates start on the first call
     net.zero_grad(set_to_none=True)
@@ -77,7 +37,7 @@ def measured_peak(volume, coils, width, depth, n, memory, tile):
 @pytest.mark.parametrize("tile", [None, (4, 4, 4), (3, 8, 5)])
 @pytest.mark.parametrize("n", [1, 3])
 def test_model_predicts_probe_peak(memory, tile, n):
-    """Real ResidualCNN untiled; the tiled stand-in otherwise (width 4, depth 3, 2 coils)."""
+    """ResidualCNN, untiled and tiled (width 4, depth 3, 2 coils)."""
     volume = (8, 8, 8) if tile != (3, 8, 5) else (7, 8, 10)
     got = measured_peak(volume, 2, 4, 3, n, memory, tile)
     pred = predict_peak(volume, coils=2, width=4, depth=3, num_unrolls=n, memory=memory, tile=tile, real_bytes=8)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy.ndimage import uniform_filter
 
-from melrecon.lit.metrics import VolumeAccumulator, as_slices, ssim_slices, volume_nmse, volume_psnr
+from melrecon.metrics import VolumeAccumulator, as_slices, ssim_loss, ssim_map, ssim_slices, volume_metrics
 
 
 def ref_ssim_2d(x: np.ndarray, y: np.ndarray, data_range: float, win: int = 7) -> float:
@@ -87,9 +87,13 @@ def test_volume_psnr_nmse_match_fastmri():
     gt = np.abs(phantom((4, 16, 16), 4))
     pred = np.abs(noisy(phantom((4, 16, 16), 4), 5))
     ref = ref_volume_metrics(gt, pred)
-    assert math.isclose(float(volume_psnr(torch.tensor(pred), torch.tensor(gt), float(gt.max()))), ref["psnr"],
-                        rel_tol=1e-6)  # torchmetrics keeps a float32 constant
-    assert math.isclose(float(volume_nmse(torch.tensor(pred), torch.tensor(gt))), ref["nmse"], rel_tol=1e-10)
+    got = volume_metrics(torch.tensor(pred), torch.tensor(gt), float(gt.max()))
+    assert math.isclose(got["psnr"], ref["psnr"], rel_tol=1e-10)
+    assert math.isclose(got["nmse"], ref["nmse"], rel_tol=1e-10)
+    assert math.isclose(got["ssim"], ref["ssim"], rel_tol=1e-10)
+    # complex input: magnitudes are scored
+    phase = np.exp(1j * np.random.default_rng(6).uniform(0, 2 * np.pi, gt.shape))
+    assert volume_metrics(torch.tensor(pred * phase), torch.tensor(gt), float(gt.max())) == pytest.approx(got, rel=1e-12)
 
 
 @pytest.mark.parametrize("layout", ["slab3d", "cine"])
@@ -140,3 +144,27 @@ def test_as_slices_layouts():
     assert as_slices(torch.zeros(6, 7)).shape == (1, 6, 7)      # 2D
     with pytest.raises(ValueError):
         as_slices(torch.zeros(5))
+
+
+def test_small_slices_have_no_ssim_and_validation_refuses_them():
+    """A whole-volume score of slices below the 7x7 window gives SSIM NaN (reconstruct still
+    reports PSNR and NMSE); the validation accumulator raises instead of logging NaN."""
+    x = torch.rand(3, 5, 6)
+    got = volume_metrics(x, x + 0.1, 1.0)
+    assert math.isnan(got["ssim"]) and math.isclose(got["psnr"], 20.0, rel_tol=1e-6) and got["nmse"] > 0
+    with pytest.raises(ValueError, match="smaller than"):
+        VolumeAccumulator().update(x[None], x[None], torch.tensor([1.0]), ["v.h5"])
+    with pytest.raises(ValueError, match="data range"):
+        volume_metrics(x, x, 0.0)
+
+
+def test_ssim_loss_is_one_minus_the_metric_and_differentiable():
+    """The loss and the metric are one formula: per-item data ranges, slices of every item."""
+    g = torch.Generator().manual_seed(0)
+    pred = torch.rand(2, 3, 9, 8, generator=g, dtype=torch.float64)
+    tgt = torch.rand(2, 3, 9, 8, generator=g, dtype=torch.float64)
+    dr = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    per_slice = torch.cat([ssim_slices(pred[b], tgt[b], float(dr[b])) for b in range(2)])
+    assert math.isclose(float(ssim_loss(pred, tgt, dr)), 1 - float(per_slice.mean()), rel_tol=1e-5)  # float32 loss
+    x = pred.reshape(6, 9, 8).clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: ssim_map(a, tgt.reshape(6, 9, 8), dr.repeat_interleave(3)), (x,))

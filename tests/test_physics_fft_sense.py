@@ -1,16 +1,11 @@
-"""FFT convention, SENSE adjointness, A^H A = I, autograd and shape errors."""
+"""FFT convention, SENSE adjointness and operator algebra, A^H A = I, autograd and shape errors."""
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import assert_adjoint, make_sense_problem, rand_complex
 from melrecon.physics import SenseOperator, birdcage_maps, fftc, ifftc
-
-
-def _rand(shape, dtype, gen):
-    real = torch.randn(shape, generator=gen, dtype=torch.float64)
-    imag = torch.randn(shape, generator=gen, dtype=torch.float64)
-    return torch.complex(real, imag).to(dtype)
 
 
 @pytest.mark.parametrize("shape", [(7, 5), (8, 6), (3, 9, 4), (6, 5, 7)])
@@ -38,57 +33,63 @@ def test_fftc_rejects_bad_dims():
         fftc(torch.zeros(4, 4, dtype=torch.complex64), (0, 3))
 
 
-def _slab_problem(batch, dtype, gen, maps_batch=None):
-    b_maps = batch if maps_batch is None else maps_batch
-    x_shape, c = (batch, 3, 6, 5), 4
-    maps = _rand((b_maps, c, 3, 6, 5), dtype, gen)
-    mask = (torch.rand((batch, 1, 1, 6, 5), generator=gen) > 0.5).float()
-    return x_shape, maps, mask, (batch, c, 3, 6, 5)
+# hand-sized problems: odd and even FFT sizes, several batch sizes; image axes after B
+SHAPES = {"slab": (3, 6, 5), "cine": (4, 7, 6)}
+COILS = {"slab": 4, "cine": 3}
 
 
-def _cine_problem(batch, dtype, gen, maps_batch=None):
-    b_maps = batch if maps_batch is None else maps_batch
-    x_shape, c = (batch, 4, 7, 6), 3
-    maps = _rand((b_maps, c, 1, 7, 6), dtype, gen)
-    mask = (torch.rand((batch, 1, 4, 1, 6), generator=gen) > 0.5).float()
-    return x_shape, maps, mask, (batch, c, 4, 7, 6)
+def _problem(layout, batch, dtype, seed=0):
+    return make_sense_problem(layout, SHAPES[layout], COILS[layout], dtype, seed=seed, batch=batch)
 
 
-@pytest.mark.parametrize("layout", [_slab_problem, _cine_problem])
+@pytest.mark.parametrize("layout", ["slab", "cine"])
 @pytest.mark.parametrize("dtype,tol", [(torch.complex64, 1e-5), (torch.complex128, 1e-12)])
 @pytest.mark.parametrize("batch,maps_batch", [(1, None), (3, None), (2, 1)])
 def test_adjoint_dot_product(layout, dtype, tol, batch, maps_batch):
-    gen = torch.Generator().manual_seed(batch * 7 + (maps_batch or 0))
-    x_shape, maps, mask, k_shape = layout(batch, dtype, gen, maps_batch)
-    op = SenseOperator(maps, mask)
-    x, k = _rand(x_shape, dtype, gen), _rand(k_shape, dtype, gen)
-    lhs = torch.vdot(op.forward(x).flatten(), k.flatten())
-    rhs = torch.vdot(x.flatten(), op.adjoint(k).flatten())
-    assert abs(lhs - rhs) / abs(lhs) < tol
-    np.testing.assert_allclose(
-        op.normal(x).numpy(), op.adjoint(op.forward(x)).numpy(), rtol=tol * 10, atol=tol * 10
-    )
+    p = _problem(layout, batch, dtype, seed=batch * 7 + (maps_batch or 0))
+    maps = p.maps if maps_batch is None else p.maps[:maps_batch]  # maps broadcast over the batch
+    op = SenseOperator(maps, p.mask)
+    assert_adjoint(op, p.x0.shape, dtype, tol)
+    assert_adjoint(op.H, p.kspace.shape, dtype, tol)  # the adjoint operator's adjoint is A
+    x = rand_complex(p.x0.shape, dtype, seed=3)
+    np.testing.assert_allclose(op.normal(x).numpy(), op.adjoint(op.forward(x)).numpy(), rtol=tol * 10, atol=tol * 10)
+    np.testing.assert_allclose(op.gram(x).numpy(), (op.H @ op)(x).numpy(), rtol=tol * 10, atol=tol * 10)
+
+
+def test_operator_algebra_matches_its_definition():
+    """``op.gram + lam``, ``c * op``, ``1 - a * gram``, ``@`` and ``.H`` apply what they say, and
+    every combination passes the dot-product test against its own adjoint."""
+    p = _problem("cine", 2, torch.complex128)
+    op, x = p.op, rand_complex(p.x0.shape, torch.complex128, seed=5)
+    lam = torch.tensor(0.3, dtype=torch.complex128)
+    torch.testing.assert_close((op.gram + lam)(x), op.normal(x) + 0.3 * x, rtol=1e-14, atol=0)
+    torch.testing.assert_close((lam + op.gram)(x), op.normal(x) + 0.3 * x, rtol=1e-14, atol=0)
+    torch.testing.assert_close((1 - 0.5 * op.gram)(x), x - 0.5 * op.normal(x), rtol=1e-14, atol=0)
+    torch.testing.assert_close((op.gram - op.gram)(x), torch.zeros_like(x), rtol=0, atol=0)
+    torch.testing.assert_close((2j * op)(x), 2j * op(x), rtol=1e-14, atol=0)
+    assert op.H.H is op
+    for combo in (op.gram + lam, 2j * op, op.H @ op, 1 - 0.5 * op.gram, -op, op + op):  # image -> ...
+        assert_adjoint(combo, p.x0.shape, torch.complex128, 1e-12)
+    assert_adjoint(1j * op.H, p.kspace.shape, torch.complex128, 1e-12)  # adjoint of c A^H is conj(c) A
 
 
 def test_full_sampling_with_birdcage_maps_is_identity():
-    gen = torch.Generator().manual_seed(1)
     maps3d = birdcage_maps((8, 4, 12, 10), dtype=torch.complex128)  # (C, X, Y, Z)
     op = SenseOperator(maps3d[None], torch.ones(1, 1, 1, 12, 10, dtype=torch.float64))
-    x = _rand((1, 4, 12, 10), torch.complex128, gen)
+    x = rand_complex((1, 4, 12, 10), seed=1)
     torch.testing.assert_close(op.normal(x), x, rtol=1e-12, atol=1e-12)
     maps2d = birdcage_maps((6, 10, 9), dtype=torch.complex128)  # cine: (C, X, Y)
     op = SenseOperator(maps2d[None, :, None], torch.ones(1, 1, 5, 1, 9, dtype=torch.float64))
-    x = _rand((1, 5, 10, 9), torch.complex128, gen)
+    x = rand_complex((1, 5, 10, 9), seed=2)
     torch.testing.assert_close(op.normal(x), x, rtol=1e-12, atol=1e-12)
 
 
 def test_gradcheck_forward_and_adjoint():
-    gen = torch.Generator().manual_seed(2)
-    for layout in (_slab_problem, _cine_problem):
-        x_shape, maps, mask, k_shape = layout(2, torch.complex128, gen)
-        op = SenseOperator(maps, mask)
-        x = _rand(x_shape, torch.complex128, gen).requires_grad_()
-        k = _rand(k_shape, torch.complex128, gen).requires_grad_()
+    for layout in ("slab", "cine"):
+        p = _problem(layout, 2, torch.complex128, seed=2)
+        op, maps, mask = p.op, p.maps, p.mask
+        x = rand_complex(p.x0.shape, seed=3).requires_grad_()
+        k = rand_complex(p.kspace.shape, seed=4).requires_grad_()
         assert torch.autograd.gradcheck(op.forward, (x,))
         assert torch.autograd.gradcheck(op.adjoint, (k,))
         # the maps are differentiable too (needed for learned-map extensions)
@@ -97,19 +98,17 @@ def test_gradcheck_forward_and_adjoint():
 
 
 def test_autograd_of_forward_is_adjoint():
-    gen = torch.Generator().manual_seed(3)
-    x_shape, maps, mask, k_shape = _cine_problem(2, torch.complex128, gen)
-    op = SenseOperator(maps, mask)
-    x = _rand(x_shape, torch.complex128, gen).requires_grad_()
-    k = _rand(k_shape, torch.complex128, gen)
+    p = _problem("cine", 2, torch.complex128, seed=3)
+    op = p.op
+    x = rand_complex(p.x0.shape, seed=4).requires_grad_()
+    k = rand_complex(p.kspace.shape, seed=5)
     (g,) = torch.autograd.grad(op.forward(x), x, grad_outputs=k)
     torch.testing.assert_close(g, op.adjoint(k))
 
 
 def test_shape_and_dtype_mismatches_name_both_shapes():
-    gen = torch.Generator().manual_seed(4)
-    x_shape, maps, mask, k_shape = _slab_problem(2, torch.complex64, gen)
-    op = SenseOperator(maps, mask)
+    p = _problem("slab", 2, torch.complex64, seed=4)
+    x_shape, maps, mask, op = p.x0.shape, p.maps, p.mask, p.op
     with pytest.raises(ValueError, match=r"\(2, 3, 6, 4\).*\(2, 4, 3, 6, 5\)"):
         op.forward(torch.zeros(2, 3, 6, 4, dtype=torch.complex64))
     with pytest.raises(ValueError, match="image shape"):
@@ -130,9 +129,8 @@ def test_shape_and_dtype_mismatches_name_both_shapes():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sense_on_cuda_matches_cpu():
-    gen = torch.Generator().manual_seed(5)
-    x_shape, maps, mask, k_shape = _cine_problem(2, torch.complex64, gen)
-    x = _rand(x_shape, torch.complex64, gen)
-    cpu = SenseOperator(maps, mask)
-    gpu = SenseOperator(maps.cuda(), mask.cuda())
+    p = _problem("cine", 2, torch.complex64, seed=5)
+    x = rand_complex(p.x0.shape, torch.complex64, seed=6)
+    cpu = p.op
+    gpu = SenseOperator(p.maps.cuda(), p.mask.cuda())
     torch.testing.assert_close(gpu.normal(x.cuda()).cpu(), cpu.normal(x), rtol=1e-5, atol=1e-5)

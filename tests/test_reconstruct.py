@@ -18,12 +18,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import CONF, TINY, TINY_MODEL, run_train
+from conftest import CONF, run_train
 from torch.utils.data import default_collate
 
 from melrecon import reconstruct as rc
 from melrecon.data.h5 import read_scan, write_scan
-from melrecon.lit.metrics import VolumeAccumulator, as_slices, ssim_slices, volume_nmse, volume_psnr
+from melrecon.metrics import VolumeAccumulator, as_slices, ssim_slices, volume_metrics
 
 SLAB = 3  # 8 readout positions -> slabs [0, 3), [3, 6), [6, 8)
 
@@ -36,7 +36,7 @@ def _train_run(run_dir: Path, overrides: list[str]) -> Path:
     from melrecon.lit import app
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*TINY, *TINY_MODEL, "logger=none", *overrides])
+        cfg = compose(config_name="train", overrides=["debug=tiny", "logger=none", *overrides])
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
     torch.manual_seed(0)
@@ -127,10 +127,10 @@ def test_volume3d_stitched_slabs_equal_network_on_dataset_items(runs, env, tmp_p
     with torch.no_grad():
         for i in range(len(ds)):
             batch = default_collate([ds[i]])
-            s, n = int(batch["slice"]), batch["x0"].shape[1]
+            s, n = int(batch.position), batch.x0.shape[1]
             recon[s:s + n] = module(batch)[0].numpy() * info.max  # undo the per-file normalisation
-            zf[s:s + n] = batch["x0"][0].numpy() * info.max
-            assert np.array_equal(arrays["mask"], batch["mask"][0, 0, 0].numpy())
+            zf[s:s + n] = batch.x0[0].numpy() * info.max
+            assert np.array_equal(arrays["mask"], batch.mask[0, 0, 0].numpy())
     scale = np.abs(recon).max()
     # batched CG (2 slabs per call) may stop at another iteration than one slab alone
     assert np.abs(arrays["reconstruction"] - recon).max() <= 5e-5 * scale
@@ -155,7 +155,7 @@ def test_batch_size_one_is_bitwise_the_network_on_each_item(runs, env, tmp_path)
     with torch.no_grad():
         for i in range(len(ds)):
             batch = default_collate([ds[i]])
-            s, n = int(batch["slice"]), batch["x0"].shape[1]
+            s, n = int(batch.position), batch.x0.shape[1]
             want = (module(batch)[0].numpy() * ds.infos[0].max).astype(np.complex64)
             np.testing.assert_allclose(arrays["reconstruction"][s:s + n], want, rtol=0, atol=1e-6 * np.abs(want).max())
 
@@ -170,8 +170,8 @@ def test_metrics_in_file_and_csv_are_the_projects_metrics(runs, env, tmp_path):
     t = torch.from_numpy(np.abs(scan["target"]))
     for suffix, name in (("", "reconstruction"), ("_zf", "zero_filled")):
         p = torch.from_numpy(np.abs(arrays[name]))
-        assert attrs[f"psnr{suffix}"] == pytest.approx(float(volume_psnr(p, t, info.max)), rel=1e-6)
-        assert attrs[f"nmse{suffix}"] == pytest.approx(float(volume_nmse(p, t)), rel=1e-5)
+        assert attrs[f"psnr{suffix}"] == pytest.approx(volume_metrics(p, t, info.max)["psnr"], rel=1e-6)
+        assert attrs[f"nmse{suffix}"] == pytest.approx(volume_metrics(p, t, info.max)["nmse"], rel=1e-5)
         assert attrs[f"ssim{suffix}"] == pytest.approx(float(ssim_slices(as_slices(p), as_slices(t), info.max).mean()), rel=1e-6)
     # the validation path (per-tile accumulation in normalised units) gives the same numbers
     ds = _val_dataset(run, env / "synthetic_knee3d")
@@ -180,8 +180,8 @@ def test_metrics_in_file_and_csv_are_the_projects_metrics(runs, env, tmp_path):
     with torch.no_grad():
         for i in range(len(ds)):
             b = default_collate([ds[i]])
-            acc["recon"].update(module(b), b["target"], b["max"], list(b["file"]), b["slice"])
-            acc["zf"].update(b["x0"], b["target"], b["max"], list(b["file"]), b["slice"])
+            acc["recon"].update(module(b), b.target, b.max, list(b.file), b.position)
+            acc["zf"].update(b.x0, b.target, b.max, list(b.file), b.position)
     val = {k: v[str(src)] for k, v in ((k, a.compute()) for k, a in acc.items())}
     for m in ("psnr", "ssim", "nmse"):
         assert attrs[m] == pytest.approx(val["recon"][m], rel=1e-4)
@@ -247,11 +247,11 @@ def test_cine_every_slice_equals_network_on_dataset_items(runs, env, tmp_path):
     with torch.no_grad():
         for i in range(len(ds)):
             b = default_collate([ds[i]])
-            name, s = Path(b["file"][0]).name, int(b["slice"])
+            name, s = Path(b.file[0]).name, int(b.position)
             vmax = ds.infos[ds.file_index(i)].max
             want = module(b)[0].numpy() * vmax
             assert np.abs(got[name][s] - want).max() <= 1e-4 * np.abs(want).max(), (name, s)
-            assert np.array_equal(masks[name][s], b["mask"][0, 0, :, 0].numpy())
+            assert np.array_equal(masks[name][s], b.mask[0, 0, :, 0].numpy())
             seen += 1
     assert seen == 3
     # slice 1 holds the test series at twice the scale: it is reconstructed at that scale
@@ -380,7 +380,7 @@ def test_train_py_run_folder_then_command_line(tmp_path, data_dir):
     import sys
 
     run_dir = tmp_path / "run"
-    res = run_train([*TINY, *TINY_MODEL, "logger=none", f"hydra.run.dir={run_dir}"], tmp_path, data_dir)
+    res = run_train(["debug=tiny", "logger=none", f"hydra.run.dir={run_dir}"], tmp_path, data_dir)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -404,3 +404,42 @@ def test_num_unrolls_runs_a_shared_weight_network_at_another_depth(runs, env, tm
     assert np.array_equal(a, b) and not np.allclose(a, c)
     assert _main(run, src, "--out", tmp_path / "d", "--num-unrolls", 0) == 2
     assert "--num-unrolls 0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- masks keyed once
+class _ZeroFilled(torch.nn.Module):
+    """A 'network' that returns its input A^H y: enough to follow masks through reconstruct."""
+
+    def forward(self, x0, kspace, maps, mask):
+        return x0
+
+
+def test_cine_acceleration_and_masks_are_the_ones_validation_used(tmp_path):
+    """eval_acceleration null, several accelerations, several slices per file: reconstruct
+    records for every file the acceleration validation sampled it at, and the same masks.
+
+    Validation picks one R per file and one mask per slice; reconstruct once keyed the R by
+    slice instead and recorded another R for most multi-slice files."""
+    from melrecon.data.datamodule import KspaceDataModule
+    from melrecon.data.synthetic import generate_dataset
+
+    generate_dataset(tmp_path / "d", "cine", "tiny", seed=0, progress=False, slices=3, num_train=1,
+                     num_val=4, num_test=1)
+    dm = KspaceDataModule(kind="cine", root=tmp_path / "d", accelerations=[2.0, 4.0], eval_acceleration=None,
+                          calib=2, synthetic=None)
+    dm.setup("validate")
+    val = dm.datasets["val"]
+    requested = set()
+    for fi, path in enumerate(val.files):
+        items = [val[i] for i in range(len(val)) if val.file_index(i) == fi]
+        assert len(items) == 3
+        result = rc.reconstruct_scan(_ZeroFilled(), rc.eval_dataset(dm, [path]))
+        for s, item in enumerate(items):
+            assert np.array_equal(result.mask[s], item.mask[0, :, 0].numpy()), (path, s)
+        achieved = [float(item.acceleration) for item in items]
+        # the R validation sampled this file at: every slice's mask achieves it (16 ky lines)
+        assert max(achieved) == pytest.approx(min(achieved), rel=1e-6)
+        assert result.acceleration_requested == pytest.approx(achieved[0], rel=0.05), path
+        assert result.acceleration == pytest.approx(achieved[0], rel=1e-6)
+        requested.add(result.acceleration_requested)
+    assert requested == {2.0, 4.0}  # both accelerations occur among the files

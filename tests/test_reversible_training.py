@@ -3,7 +3,7 @@
 Both networks are built from their Hydra model configs (conf/model/modl_cine.yaml and
 conf/model/rev_cine.yaml, narrowed for the CPU), trained with Adam for the same number of
 steps on the same items in the same order, and scored by validation PSNR (magnitudes, data
-range of the whole target series, as in melrecon.lit.metrics). The reversible network trains
+range of the whole target series, as in melrecon.metrics). The reversible network trains
 under pure MEL (no anchors); MoDL under standard backprop (memory modes do not change the
 gradients, so this is the same training as any other mode).
 """
@@ -16,6 +16,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from helpers import model_config
+
 ROOT = Path(__file__).resolve().parents[1]
 UNROLLS, WIDTH, STEPS = 5, 8, 100
 
@@ -24,19 +26,19 @@ def _model(name: str, **over):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")
+    cfg = model_config(name)
     cfg.merge_with(OmegaConf.create(over))
     return instantiate(cfg)
 
 
 def _evaluate(net, items) -> float:
-    from melrecon.lit.metrics import volume_psnr
+    from melrecon.metrics import volume_metrics
 
     psnrs = []
     with torch.no_grad():
         for b in DataLoader(items, batch_size=1):
-            out = net(b["x0"], b["kspace"], b["maps"], b["mask"])
-            psnrs.append(float(volume_psnr(out.abs(), b["target"].abs(), float(b["max"]))))
+            out = net(b.x0, b.kspace, b.maps, b.mask)
+            psnrs.append(volume_metrics(out, b.target, float(b.max))["psnr"])
     return sum(psnrs) / len(psnrs)
 
 
@@ -47,8 +49,8 @@ def _train(net, items, steps: int, seed: int = 0) -> None:
     done = 0
     while done < steps:
         for b in DataLoader(items, batch_size=1, shuffle=True, generator=order):
-            out = net(b["x0"], b["kspace"], b["maps"], b["mask"])
-            loss = (out - b["target"]).abs().mean()
+            out = net(b.x0, b.kspace, b.maps, b.mask)
+            loss = (out - b.target).abs().mean()
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -2,15 +2,15 @@
 
 
 import pytest
-from conftest import TINY, run_train
+from conftest import run_train
 
-FAST = [*TINY, "trainer.limit_train_batches=1", "logger=csv", "callbacks=none"]
+FAST = ["debug=tiny", "trainer.limit_train_batches=1", "logger=csv", "callbacks=none"]
 
 
 @pytest.mark.slow
 def test_two_job_multirun(tmp_path, data_dir):
     sweep = tmp_path / "multi"
-    res = run_train(["-m", *FAST, "logger=wandb_csv", "model.regularizer.width=4", "model.num_unrolls=1,2",
+    res = run_train(["-m", *FAST, "logger=wandb_csv", "model.num_unrolls=1,2",
                      f"hydra.sweep.dir={sweep}"], tmp_path, data_dir, env={"WANDB_MODE": "offline"})
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
@@ -29,7 +29,7 @@ def test_optuna_two_trials_persist_and_resume(tmp_path, data_dir):
     import optuna
 
     db = tmp_path / "study.db"
-    args = ["hparams_search=cine_optuna", *FAST, "model.num_unrolls=2", "hydra.sweeper.n_trials=2",
+    args = ["hparams_search=cine_optuna", *FAST, "hydra.sweeper.n_trials=2",
             "hydra.sweeper.sampler.n_startup_trials=2", f"hydra.sweeper.storage=sqlite:///{db}",
             "hydra.sweeper.study_name=t", f"hydra.sweep.dir={tmp_path / 'opt1'}"]
     res = run_train(args, tmp_path, data_dir)

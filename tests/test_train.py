@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, TINY, TINY_DATA, TINY_MODEL, read_wandb_history, run_train
+from conftest import CONF, read_wandb_history, run_train
 
 from melrecon.lit import app
 
@@ -25,18 +25,8 @@ def logged(rows, key):
     return [float(r[key]) for r in rows if r.get(key) not in (None, "")]
 
 
-def shrink_network(cfg) -> None:
-    """CPU-size whatever network an experiment names (paper sizes take minutes per step)."""
-    from omegaconf import OmegaConf, open_dict
-
-    with open_dict(cfg):
-        for key in ("model.regularizer.width", "model.hidden_channels"):
-            if OmegaConf.select(cfg, key) is not None:
-                OmegaConf.update(cfg, key, 4)
-
-
 def test_default_run_fast_dev_run(compose_cfg):
-    cfg = compose_cfg(*TINY, *TINY_MODEL, "logger=none", "trainer.fast_dev_run=true", "test=true")
+    cfg = compose_cfg("debug=tiny", "logger=none", "trainer.fast_dev_run=true", "test=true")
     metrics = app.run(cfg)
     assert {"train/loss", *VAL_KEYS, "test/psnr", "test/ssim", "test/nmse"} <= set(metrics)
     assert app.metric_value(metrics, "val/ssim") == metrics["val/ssim"]
@@ -46,9 +36,10 @@ def test_default_run_fast_dev_run(compose_cfg):
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) for n in EXPERIMENTS])
 def test_experiment_fast_dev_run(compose_cfg, name):
-    """One smoke run per experiment file (found by glob), on the tiny synthetic preset."""
-    cfg = compose_cfg(f"+experiment={name}", *TINY, "logger=none", "trainer.fast_dev_run=true")
-    shrink_network(cfg)
+    """One smoke run per experiment file (found by glob), on the tiny synthetic preset, with the
+    experiment's network narrowed to 4 channels (paper sizes take minutes per step)."""
+    cfg = compose_cfg(f"+experiment={name}", "debug=smoke", "model.regularizer.width=4", "logger=none",
+                      "trainer.fast_dev_run=true")
     metrics = app.run(cfg)
     for k in ("train/loss", *VAL_KEYS):
         assert k in metrics and metrics[k] == metrics[k], f"{name}: {k} missing or NaN"
@@ -56,7 +47,7 @@ def test_experiment_fast_dev_run(compose_cfg, name):
 
 def test_wandb_offline_and_csv_hold_metrics(compose_cfg, monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = compose_cfg(*TINY, *TINY_MODEL, "logger=wandb_csv")
+    cfg = compose_cfg("debug=tiny", "logger=wandb_csv")
     try:
         app.run(cfg)
     finally:
@@ -87,7 +78,7 @@ def test_wandb_offline_and_csv_hold_metrics(compose_cfg, monkeypatch, tmp_path):
 
 def test_resume_continues_step_and_wandb_run(compose_cfg, monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    first = compose_cfg(*TINY, *TINY_MODEL, "logger=wandb_csv")
+    first = compose_cfg("debug=tiny", "logger=wandb_csv")
     try:
         app.run(first)
     finally:
@@ -96,7 +87,7 @@ def test_resume_continues_step_and_wandb_run(compose_cfg, monkeypatch, tmp_path)
     ck = torch.load(last, map_location="cpu", weights_only=False)
     assert ck["global_step"] == 2 and ck["melrecon"]["wandb_id"]
 
-    second = compose_cfg(*TINY, *TINY_MODEL, "logger=wandb_csv", "trainer.max_epochs=2", f"ckpt_path={last}")
+    second = compose_cfg("debug=tiny", "logger=wandb_csv", "trainer.max_epochs=2", f"ckpt_path={last}")
     second.paths.output_dir = str(tmp_path / "run2")
     try:
         app.run(second)
@@ -114,9 +105,8 @@ def test_resume_continues_step_and_wandb_run(compose_cfg, monkeypatch, tmp_path)
 @pytest.mark.slow
 def test_ddp_two_processes_score_each_volume_once(tmp_path, data_dir):
     """2-process DDP on CPU (gloo): validation metrics equal the single-process ones."""
-    common = [*TINY_DATA, "+data.synthetic.num_val=3", f"data.root={tmp_path / 'ddpdata'}",
-              *TINY_MODEL, "train=false", "validate=true", "logger=csv", "callbacks=none",
-              "trainer.enable_progress_bar=false"]
+    common = ["debug=tiny", "+data.synthetic.num_val=3", f"data.root={tmp_path / 'ddpdata'}",
+              "train=false", "validate=true", "logger=csv", "callbacks=none"]
     single = run_train([*common, f"hydra.run.dir={tmp_path / 'single'}"], tmp_path, data_dir)
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = run_train([*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",

@@ -12,9 +12,17 @@ import pytorch_lightning as pl
 import torch
 from conftest import TinyCineDataModule, TinyCineDataset, TinyNet
 from pytorch_lightning.loggers import CSVLogger
+from torch.utils.data import default_collate
 
-from melrecon.lit import NetStatsLogger, PeakMemoryMonitor, ReconImageLogger, ReconLoss, ReconModule
-from melrecon.lit.metrics import ssim_slices
+from melrecon.lit import (
+    LearningRateMonitor,
+    NetStatsLogger,
+    PeakMemoryMonitor,
+    ReconImageLogger,
+    ReconLoss,
+    ReconModule,
+)
+from melrecon.metrics import ssim_slices
 
 
 def make_module(lr=1e-2, **kw):
@@ -57,9 +65,8 @@ def test_logs_fastmri_metrics_peak_memory_and_net_stats(tmp_path):
     per_vol = {}
     with torch.no_grad():
         for it in ds:
-            b = {k: (v[None] if torch.is_tensor(v) else [v]) for k, v in it.items()}
-            p, t = module(b)[0].abs().double(), it["target"].abs().double()
-            d = per_vol.setdefault(it["file"], {"p": [], "t": [], "max": float(it["max"])})
+            p, t = module(default_collate([it]))[0].abs().double(), it.target.abs().double()
+            d = per_vol.setdefault(it.file, {"p": [], "t": [], "max": float(it.max)})
             d["p"].append(p)
             d["t"].append(t)
     psnrs, ssims = [], []
@@ -172,3 +179,29 @@ def test_loss_options():
         ReconLoss(mse=-1)
     with pytest.raises(ValueError, match="scheduler_interval"):
         make_module(scheduler_interval="batch")
+
+
+def test_learning_rate_monitor_logs_train_lr_and_ssim_best_is_the_running_max(tmp_path):
+    """Lightning's LearningRateMonitor under the key train/lr (with and without a scheduler);
+    val/ssim_best (torchmetrics MaxMetric) is the running maximum of val/ssim."""
+    sched = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
+    for name, kw, want in (("plain", {}, [1e-2] * 12), ("step", {"scheduler": sched}, [1e-2] * 4 + [5e-3] * 4 + [2.5e-3] * 4)):
+        trainer = make_trainer(tmp_path / name, max_epochs=3, callbacks=[LearningRateMonitor()])
+        trainer.fit(make_module(**kw), datamodule=TinyCineDataModule())  # 4 steps per epoch
+        rows = read_csv(tmp_path / name)
+        assert column(rows, "train/lr") == pytest.approx(want, rel=1e-12), name
+        ssim, best = column(rows, "val/ssim"), column(rows, "val/ssim_best")
+        assert len(ssim) == 3 and best == list(np.maximum.accumulate(ssim))
+    # without a logger there is nowhere to log: the callback stays out of the way
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, callbacks=[LearningRateMonitor()],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(make_module(), datamodule=TinyCineDataModule())
+    assert trainer.global_step == 4
+
+
+def test_module_takes_a_recon_batch():
+    module = make_module()
+    item = TinyCineDataset(1)[0]
+    with pytest.raises(ValueError, match="expected a ReconBatch"):
+        module({k: getattr(item, k) for k in item._fields})

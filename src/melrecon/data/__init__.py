@@ -3,7 +3,8 @@
 Submodules: :mod:`~melrecon.data.h5` (layout writer/reader), :mod:`~melrecon.data.validate`
 (CLI), :mod:`~melrecon.data.synthetic` (CLI + presets), :mod:`~melrecon.data.phantoms`,
 :mod:`~melrecon.data.convert` (CLI, one module per format), :mod:`~melrecon.data.datasets`,
-:mod:`~melrecon.data.samplers`, :mod:`~melrecon.data.subsample`, :mod:`~melrecon.data.datamodule`.
+:mod:`~melrecon.data.samplers`, :mod:`~melrecon.data.subsample`, :mod:`~melrecon.data.datamodule`,
+:mod:`~melrecon.data.batch` (the item/batch type).
 
 Names are imported lazily so that the CLIs do not pay for importing Lightning.
 """
@@ -14,6 +15,7 @@ import importlib
 from typing import Any
 
 _NAMES = {
+    "ReconBatch": "batch",
     "KspaceDataModule": "datamodule",
     "SlabDataset": "datasets",
     "CineDataset": "datasets",

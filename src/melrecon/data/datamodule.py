@@ -1,11 +1,8 @@
 """LightningDataModule over melrecon-layout files (3D slabs or cine), with synthetic first run.
 
 ``KspaceDataModule(kind="volume3d" | "cine", root=..., ...)`` reads ``root/<split>`` folders (or
-split files listing paths) and serves batches of the documented shapes (DESIGN.md):
-
-- volume3d: kspace/maps (B, C, S, Y, Z), mask (B, 1, 1, Y, Z), x0/target (B, S, Y, Z);
-- cine: kspace (B, C, T, X, Y), maps (B, C, 1, X, Y), mask (B, 1, T, 1, Y), x0/target (B, T, X, Y);
-- plus ``max`` (B,), ``file`` (list of B str), ``slice`` (B,) long, ``acceleration`` (B,).
+split files listing paths) and serves batches of type :class:`melrecon.data.batch.ReconBatch`
+(collated by torch's ``default_collate``: a leading batch axis B on every field).
 
 ``prepare_data()`` generates the synthetic dataset (``synthetic`` section) when ``root`` is
 missing or has no ``.h5`` file, so a new user's first run needs no download; with

@@ -1,20 +1,10 @@
 """Datasets over files in the melrecon layout: 3D slabs and cine series.
 
-Every item is a dict (DESIGN.md, "Interfaces"):
-
-- ``kspace``: undersampled k-space y = M k, complex64 — slab (C, S, Y, Z), cine (C, T, X, Y);
-- ``mask``: float32 0/1 — slab (1, 1, Y, Z), cine (1, T, 1, Y);
-- ``maps``: complex64 — slab (C, S, Y, Z), cine (C, 1, X, Y);
-- ``x0``: A^H y (same operator as the network: :class:`melrecon.physics.sense.SenseOperator`);
-- ``target``: complex64 fully-sampled S^H F^H k — slab (S, Y, Z), cine (T, X, Y);
-- ``max``: float32 scalar, the target-volume magnitude maximum in the item's units;
-- ``file`` (str), ``slice`` (int64 scalar: slab start or cine slice index),
-  ``acceleration`` (float32 scalar, the achieved R of the mask).
-
-Items are divided by the file's ``max`` attribute (``normalize=True``) so targets are O(1) and
-``max`` is 1 (cine with ``crop``: the cropped series' maximum). Files are opened lazily, once per
-worker process, and only the slab / slice is read (h5py hyperslab; the layout chunks one readout
-position per chunk).
+Every item is a :class:`melrecon.data.batch.ReconBatch` (its docstring lists the fields with
+their shapes, dtypes and units). Items are divided by the file's ``max`` attribute
+(``normalize=True``) so targets are O(1) and ``max`` is 1 (cine with ``crop``: the cropped
+series' maximum). Files are opened lazily, once per worker process, and only the slab / slice
+is read (h5py hyperslab; the layout chunks one readout position per chunk).
 """
 
 from __future__ import annotations
@@ -31,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from melrecon.data.batch import ReconBatch
 from melrecon.data.h5 import ScanInfo, read_info
 from melrecon.data.npfft import fftc_np, ifftc_np
 from melrecon.data.subsample import MaskSampler, check_mask_options, cine_mask, volume_mask
@@ -57,6 +48,7 @@ class _H5Dataset(Dataset):
         mask_pool: int | None = None,
         eval_acceleration: float | None = None,
         normalize: bool = True,
+        mask_per_position: bool = False,
     ) -> None:
         self.files = [str(f) for f in files]
         if not self.files:
@@ -67,7 +59,7 @@ class _H5Dataset(Dataset):
         self.calib = int(calib)
         self.mask_type = mask_type
         self.normalize = normalize
-        self.masks = MaskSampler(accelerations, train, mask_pool, eval_acceleration)
+        self.masks = MaskSampler(accelerations, train, mask_pool, eval_acceleration, mask_per_position)
         self.infos: list[ScanInfo] = []
         for path in self.files:
             with h5py.File(path, "r") as f:
@@ -110,21 +102,21 @@ class _H5Dataset(Dataset):
     def _item(
         self, kspace: np.ndarray, maps: np.ndarray, target: np.ndarray, mask: torch.Tensor,
         vmax: float, scale: float, file: str, position: int,
-    ) -> dict[str, Any]:
+    ) -> ReconBatch:
         maps_t = torch.from_numpy(np.ascontiguousarray(maps))
         # one pass over the (large) k-space: scale folded into the small broadcast mask
         y = torch.from_numpy(np.ascontiguousarray(kspace)) * (mask * scale)
-        return {
-            "kspace": y,
-            "mask": mask,
-            "maps": maps_t,
-            "x0": _x0(y, maps_t, mask),
-            "target": torch.from_numpy(np.ascontiguousarray(target)) * scale,
-            "max": torch.tensor(vmax * scale, dtype=torch.float32),
-            "file": file,
-            "slice": torch.tensor(position, dtype=torch.long),
-            "acceleration": torch.tensor(float(mask.numel() / mask.sum().clamp_min(1)), dtype=torch.float32),
-        }
+        return ReconBatch(
+            kspace=y,
+            mask=mask,
+            maps=maps_t,
+            x0=_x0(y, maps_t, mask),
+            target=torch.from_numpy(np.ascontiguousarray(target)) * scale,
+            max=torch.tensor(vmax * scale, dtype=torch.float32),
+            file=file,
+            position=torch.tensor(position, dtype=torch.long),
+            acceleration=torch.tensor(float(mask.numel() / mask.sum().clamp_min(1)), dtype=torch.float32),
+        )
 
 
 class SlabDataset(_H5Dataset):
@@ -193,7 +185,7 @@ class SlabDataset(_H5Dataset):
         start = int(torch.randint(nx - self.slab_size + 1, ()).item())
         return fi, start, start + self.slab_size
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> ReconBatch:
         fi, start, stop = self.slab_bounds(index)
         info = self.infos[fi]
         f = self._file(fi)
@@ -201,7 +193,7 @@ class SlabDataset(_H5Dataset):
         maps = f["maps"][:, start:stop]
         target = f["target"][start:stop]
         name = Path(info.path).name
-        accel, seed = self.masks(name)
+        accel, seed = self.masks(name, start)
         mask = volume_mask(info.shape[2:4], accel, self.calib, self.mask_type, seed)
         scale = 1.0 / info.max if self.normalize else 1.0
         return self._item(kspace, maps, target, mask, info.max, scale, info.path, start)
@@ -246,7 +238,9 @@ class CineDataset(_H5Dataset):
         normalize: bool = True,
         crop: Sequence[int] | None = None,
     ) -> None:
-        super().__init__(files, train, accelerations, calib, mask_type, mask_pool, eval_acceleration, normalize)
+        # each slice of a multi-slice series is its own 2D+t acquisition: its own mask
+        super().__init__(files, train, accelerations, calib, mask_type, mask_pool, eval_acceleration, normalize,
+                         mask_per_position=True)
         if crop is not None:
             crop = tuple(int(c) for c in crop)
             if len(crop) != 2 or min(crop) < 1:
@@ -269,7 +263,7 @@ class CineDataset(_H5Dataset):
     def file_index(self, index: int) -> int:
         return self.items[index][0]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> ReconBatch:
         fi, s = self.items[index]
         info = self.infos[fi]
         f = self._file(fi)
@@ -283,7 +277,7 @@ class CineDataset(_H5Dataset):
             maps = _center_crop(maps, self.crop)
             target = _center_crop(target, self.crop)
         name = Path(info.path).name
-        accel, seed = self.masks(name, f"#{s}")
+        accel, seed = self.masks(name, s)
         mask = cine_mask(kspace.shape[1], kspace.shape[-1], accel, self.calib, self.mask_type, seed)
         scale = 1.0 / info.max if self.normalize else 1.0
         return self._item(kspace, maps, target, mask, vmax, scale, info.path, s)

@@ -51,9 +51,8 @@ class LayoutError(ValueError):
 class ScanInfo:
     """Metadata of a validated file.
 
-    ``shape`` is the kspace shape as stored; for cine files ``num_slices`` is 1 when the slice
-    axis is omitted. ``positions`` is the number of items along the slab/slice axis (X for
-    volume3d, S for cine).
+    ``shape`` is the kspace shape as stored. ``positions`` is the number of items along the
+    slab/slice axis: X for volume3d, S for cine (1 when the slice axis is omitted).
     """
 
     path: str
@@ -73,11 +72,6 @@ class ScanInfo:
         if self.kind == "volume3d":
             return self.shape[1]
         return self.shape[0] if self.has_slice_axis else 1
-
-    @property
-    def image_shape(self) -> tuple[int, ...]:
-        """Per-item image shape: (X, Y, Z) for volume3d, (T, X, Y) for one cine slice."""
-        return self.shape[-3:]
 
 
 def expected_shapes(kind: str, axes: str, kshape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:

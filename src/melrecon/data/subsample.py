@@ -1,8 +1,10 @@
-"""Per-sample undersampling masks for the datasets, drawn from a seed.
+"""Per-item undersampling masks for the datasets, drawn from a seed.
 
-Training draws a fresh seed per sample (from torch's RNG, which Lightning/DataLoader seed per
-worker); validation and test derive the seed from the file name with a stable hash (CRC32,
-not Python's salted ``hash()``), so every run and every worker sees the same mask per file.
+Training draws a fresh seed per item (from torch's RNG, which Lightning/DataLoader seed per
+worker); validation and test derive the acceleration from the file name and the seed from the
+file name (cine: and the slice) with a stable hash (CRC32, not Python's salted ``hash()``), so
+every run, every worker and ``python -m melrecon.reconstruct`` see the same masks
+(:class:`MaskSampler` is the one place that keys them).
 
 Mask types:
 
@@ -85,16 +87,19 @@ def cine_mask(frames: int, ny: int, accel: float, calib: int, mask_type: str, se
 
 
 class MaskSampler:
-    """Chooses acceleration and seed per sample.
+    """Chooses acceleration and seed per item; the one place that keys evaluation masks.
 
     Args:
         accelerations: values to sample from (training) — one value means fixed.
-        train: random per sample if True; fixed per file name otherwise.
+        train: random per item if True; fixed per file name otherwise.
         mask_pool: in training, draw seeds from ``range(mask_pool)`` instead of 2^31 values,
             so that slow Poisson-disc masks come from the physics cache after the first epoch
             (dl-cs trained with a few masks per R). ``None``: unlimited.
         eval_acceleration: fixed acceleration for validation/test; default: picked per file
             from ``accelerations`` by the file's stable hash (all values are represented).
+        mask_per_position: in evaluation, a mask of its own for every position of a file (cine
+            slices) rather than one for the whole file (the slabs of a volume share one mask,
+            as a 3D acquisition samples the whole volume with one ky-kz pattern).
     """
 
     def __init__(
@@ -103,6 +108,7 @@ class MaskSampler:
         train: bool,
         mask_pool: int | None = None,
         eval_acceleration: float | None = None,
+        mask_per_position: bool = False,
     ) -> None:
         self.accelerations = [float(a) for a in accelerations]
         self.train = train
@@ -110,12 +116,14 @@ class MaskSampler:
             raise ValueError(f"mask_pool must be >= 1 or null, got {mask_pool}")
         self.mask_pool = None if mask_pool is None else int(mask_pool)
         self.eval_acceleration = None if eval_acceleration is None else float(eval_acceleration)
+        self.mask_per_position = bool(mask_per_position)
 
-    def __call__(self, file_name: str, part: str = "") -> tuple[float, int]:
-        """(acceleration, seed) for one sample of ``file_name`` (basename is used in eval).
+    def __call__(self, file_name: str, position: int) -> tuple[float, int]:
+        """(acceleration, seed) of the item at ``position`` of ``file_name`` (a base name).
 
-        In evaluation the acceleration depends on the file only and the seed on the file and
-        ``part`` (e.g. the cine slice), so every slice of a file has the same R and its own mask.
+        Evaluation: the acceleration depends on the file only, so every item of a file is
+        sampled at one R; the seed on the file, and on the position too with
+        ``mask_per_position``. Training: both drawn from torch's RNG.
         """
         if self.train:
             i = int(torch.randint(len(self.accelerations), ()).item())
@@ -124,4 +132,5 @@ class MaskSampler:
         accel = self.eval_acceleration
         if accel is None:
             accel = self.accelerations[stable_seed(file_name) % len(self.accelerations)]
-        return accel, stable_seed(file_name + part) if part else stable_seed(file_name)
+        key = f"{file_name}#{int(position)}" if self.mask_per_position else file_name
+        return accel, stable_seed(key)

@@ -1,9 +1,11 @@
-"""Lightning side of melrecon: the training module, fastMRI metrics, callbacks, the app."""
+"""Lightning side of melrecon: the training module, its loss, callbacks, the app.
 
-from melrecon.lit.callbacks import NetStatsLogger, PeakMemoryMonitor, ReconImageLogger
+The metrics it logs are :mod:`melrecon.metrics` (shared with ``python -m melrecon.reconstruct``).
+"""
+
+from melrecon.lit.callbacks import LearningRateMonitor, NetStatsLogger, PeakMemoryMonitor, ReconImageLogger
 from melrecon.lit.losses import ReconLoss
-from melrecon.lit.metrics import VolumeAccumulator, ssim_slices, volume_nmse, volume_psnr
 from melrecon.lit.module import ReconModule
 
-__all__ = ["ReconModule", "ReconLoss", "VolumeAccumulator", "ssim_slices", "volume_psnr", "volume_nmse",
-           "PeakMemoryMonitor", "NetStatsLogger", "ReconImageLogger"]
+__all__ = ["ReconModule", "ReconLoss", "LearningRateMonitor", "PeakMemoryMonitor", "NetStatsLogger",
+           "ReconImageLogger"]

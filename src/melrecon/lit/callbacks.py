@@ -1,4 +1,5 @@
-"""Callbacks: peak memory and step time, network statistics (MEL drift, lam), images/videos."""
+"""Callbacks: peak memory and step time, learning rate, network statistics (MEL drift, lam),
+images/videos."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
+
+from melrecon.data.batch import ReconBatch
 
 GIB = float(2**30)
 
@@ -57,6 +60,57 @@ class PeakMemoryMonitor(pl.Callback):
         pl_module.log("train/peak_mem_gib", peak, on_step=True, on_epoch=False, batch_size=1)
         if self.log_step_time:
             pl_module.log("train/step_time_s", dt, on_step=True, on_epoch=False, batch_size=1)
+
+
+class LearningRateMonitor(pl.callbacks.LearningRateMonitor):
+    """Lightning's ``LearningRateMonitor``, logging under melrecon's key ``train/lr``.
+
+    Lightning names the value ``lr-<Optimizer>`` (e.g. ``lr-Adam``); ``train/lr`` replaces that
+    prefix (suffixes Lightning adds for several optimizers or parameter groups stay). A run
+    without a logger (``logger=none``) has nowhere to log it: the callback then does nothing,
+    where Lightning's would refuse to start.
+    """
+
+    def __init__(self, logging_interval: str | None = "step", key: str = "train/lr", **kwargs: Any) -> None:
+        super().__init__(logging_interval=logging_interval, **kwargs)
+        self.key = key
+        self._active = True
+
+    def _rename(self, names: list[list[str]], optimizers: list[Any | None]) -> list[list[str]]:
+        """``lr-<Optimizer>...`` -> ``<key>...`` for the groups of ``optimizers`` (None: keep)."""
+        out = []
+        for group, opt in zip(names, optimizers):
+            if opt is None:
+                out.append(group)
+                continue
+            prefix = "lr-" + type(getattr(opt, "optimizer", opt)).__name__
+            out.append([self.key + n[len(prefix):] if n.startswith(prefix) else n for n in group])
+        return out
+
+    # the two places Lightning makes names (used at train start and at every logging step)
+    def _find_names_from_schedulers(self, lr_scheduler_configs):  # type: ignore[override]
+        names, seen, types = super()._find_names_from_schedulers(lr_scheduler_configs)
+        # a scheduler configured with its own ``name`` keeps it
+        unnamed = [c.scheduler.optimizer if c.name is None else None for c in lr_scheduler_configs]
+        return self._rename(names, unnamed), seen, types
+
+    def _find_names_from_optimizers(self, optimizers, seen_optimizers, seen_optimizer_types):  # type: ignore[override]
+        names, without_scheduler = super()._find_names_from_optimizers(optimizers, seen_optimizers,
+                                                                       seen_optimizer_types)
+        return self._rename(names, without_scheduler), without_scheduler
+
+    def on_train_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._active = bool(trainer.loggers)
+        if self._active:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if self._active:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if self._active:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
 
 
 class NetStatsLogger(pl.Callback):
@@ -122,22 +176,22 @@ class ReconImageLogger(pl.Callback):
 
     @rank_zero_only
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+                                batch: ReconBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if (trainer.sanity_checking or batch_idx not in self._indices or not isinstance(outputs, dict)
                 or trainer.current_epoch % self.every_n_epochs):
             return
         item = sorted(self._indices).index(batch_idx)
-        zf = batch["x0"][0].detach().abs().float().cpu().numpy()
+        zf = batch.x0[0].detach().abs().float().cpu().numpy()
         rec = outputs["pred"][0].abs().float().cpu().numpy()
-        tgt = batch["target"][0].detach().abs().float().cpu().numpy()
-        vmax = float(torch.as_tensor(batch["max"]).reshape(-1)[0])
-        # cine: maps (B, C, 1, X, Y) and image (B, T, X, Y); 3D slab: maps (B, C, X, Y, Z)
-        is_cine = batch["maps"].ndim == 5 and batch["maps"].shape[2] == 1 and zf.ndim == 3
+        tgt = batch.target[0].detach().abs().float().cpu().numpy()
+        vmax = float(batch.max.reshape(-1)[0])
+        # cine maps have a singleton time axis (ReconBatch), slab maps one per readout position
+        is_cine = batch.maps.ndim == 5 and batch.maps.shape[2] == 1 and zf.ndim == 3
         lead = zf.reshape(-1, *zf.shape[-2:]), rec.reshape(-1, *rec.shape[-2:]), tgt.reshape(-1, *tgt.shape[-2:])
         c = lead[0].shape[0] // 2
         strip = _panel(lead[0][c], lead[1][c], lead[2][c], vmax)
-        caption = f"{batch['file'][0]} @ {int(torch.as_tensor(batch['slice']).reshape(-1)[0]) if 'slice' in batch else 0}" \
-                  f" (centre {'frame' if is_cine else 'plane'}): zero-filled | recon | target | error (own scale)"
+        caption = (f"{batch.file[0]} @ {int(batch.position.reshape(-1)[0])} (centre {'frame' if is_cine else 'plane'}):"
+                   " zero-filled | recon | target | error (own scale)")
         frames = [_panel(a, b, t, vmax) for a, b, t in zip(*lead)] if is_cine else None
         self._emit(trainer, item, strip, caption, frames)
 

@@ -4,13 +4,14 @@ The network is built from the ``model`` config group and passed in; it must have
 signature ``net(x0, kspace, maps, mask) -> image`` (x0's shape, complex) and may offer
 ``log_stats() -> dict[str, float]`` (logged by :class:`melrecon.lit.callbacks.NetStatsLogger`).
 
-Batches are dicts (DESIGN.md, "Interfaces"): ``kspace``, ``mask``, ``maps``, ``x0``,
-``target`` (complex64), ``max`` (B,) data range, ``file`` (list[str]), ``slice`` (B,).
+Batches are :class:`melrecon.data.batch.ReconBatch` (fields, shapes and units there).
 
-Logged keys: ``train/loss`` (+ ``train/l1`` ... per loss term), ``train/lr``, ``val/loss``, and per-volume
-fastMRI metrics of the reconstruction ``val/{psnr,ssim,nmse}`` and of the zero-filled input
-``val/{psnr,ssim,nmse}_zf``, ``val/num_volumes`` (volumes scored, summed over ranks) and
-``val/ssim_best``; the same under ``test/`` for ``trainer.test``.
+Logged keys: ``train/loss`` (+ ``train/l1`` ... per loss term), ``val/loss``, and per-volume
+fastMRI metrics (:mod:`melrecon.metrics`) of the reconstruction ``val/{psnr,ssim,nmse}`` and of
+the zero-filled input ``val/{psnr,ssim,nmse}_zf``, ``val/num_volumes`` (volumes scored, summed
+over ranks) and ``val/ssim_best`` (best ``val/ssim`` so far, torchmetrics ``MaxMetric``, kept in
+the checkpoint); the same under ``test/`` for ``trainer.test``. ``train/lr`` comes from the
+:class:`melrecon.lit.callbacks.LearningRateMonitor` callback.
 """
 
 from __future__ import annotations
@@ -22,13 +23,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
-from torchmetrics import MeanMetric, SumMetric
+from torchmetrics import MaxMetric, MeanMetric, SumMetric
 
+from melrecon.data.batch import ReconBatch
 from melrecon.lit.losses import ReconLoss
-from melrecon.lit.metrics import VolumeAccumulator
-
-METRICS = ("psnr", "ssim", "nmse")
-BATCH_KEYS = ("kspace", "mask", "maps", "x0", "target", "max", "file")
+from melrecon.metrics import METRICS, VolumeAccumulator
 
 
 class ReconModule(pl.LightningModule):
@@ -67,24 +66,28 @@ class ReconModule(pl.LightningModule):
         # per-volume values averaged across volumes and ranks (MeanMetric syncs on compute)
         self.vol_means = nn.ModuleDict({f"{src}_{m}": MeanMetric() for src in ("recon", "zf") for m in METRICS})
         self.vol_count = SumMetric()
-        self.best_ssim = -math.inf
+        self.ssim_best = MaxMetric()
 
     # ------------------------------------------------------------------ forward / steps
-    def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """Reconstruct a batch: returns a complex image with the shape of ``batch['x0']``."""
-        missing = [k for k in BATCH_KEYS if k not in batch]
-        if missing:
-            raise ValueError(f"ReconModule: batch lacks keys {missing} (has {sorted(batch)})")
-        return self.net(batch["x0"], batch["kspace"], batch["maps"], batch["mask"])
+    @property
+    def best_ssim(self) -> float:
+        """The best validation SSIM so far (-inf before the first validation)."""
+        return float(self.ssim_best.max_value)
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+    def forward(self, batch: ReconBatch) -> torch.Tensor:
+        """Reconstruct a batch: returns a complex image with the shape of ``batch.x0``."""
+        if not isinstance(batch, ReconBatch):
+            raise ValueError(f"ReconModule: expected a ReconBatch (melrecon.data.batch), got {type(batch).__name__}")
+        return self.net(batch.x0, batch.kspace, batch.maps, batch.mask)
+
+    def training_step(self, batch: ReconBatch, batch_idx: int) -> torch.Tensor:
         pred = self(batch)
-        terms = self.loss_fn(pred, batch["target"], batch["max"])
+        terms = self.loss_fn(pred, batch.target, batch.max)
         if not torch.isfinite(terms["loss"]):
             # stop before the optimizer sees it: a NaN step silently ruins every weight
             raise FloatingPointError(
                 f"non-finite training loss {float(terms['loss'])} at global step {self.global_step} "
-                f"(files {list(batch['file'])}); the last checkpoint is intact: lower "
+                f"(files {list(batch.file)}); the last checkpoint is intact: lower "
                 "module.optimizer.lr, set trainer.gradient_clip_val, or check these files with "
                 "python -m melrecon.data.validate"
             )
@@ -93,10 +96,6 @@ class ReconModule(pl.LightningModule):
         for k, v in terms.items():
             if k != "loss":
                 self.log(f"train/{k}", v, on_step=True, on_epoch=False, batch_size=bs)
-        if self._trainer is not None and self.trainer.optimizers:
-            # the learning rate (LearningRateMonitor refuses to run without a logger)
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True,
-                     on_epoch=False, batch_size=bs)
         return terms["loss"]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -107,20 +106,20 @@ class ReconModule(pl.LightningModule):
                 f"{' ...' if len(bad) > 5 else ''}; the optimizer step was not taken"
             )
 
-    def _eval_step(self, stage: str, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def _eval_step(self, stage: str, batch: ReconBatch) -> dict[str, torch.Tensor]:
         pred = self(batch)
-        terms = self.loss_fn(pred, batch["target"], batch["max"])
+        terms = self.loss_fn(pred, batch.target, batch.max)
         self.log(f"{stage}/loss", terms["loss"], on_step=False, on_epoch=True, sync_dist=True,
                  batch_size=pred.shape[0])
-        pos = batch.get("slice")
-        self._acc["recon"].update(pred, batch["target"], batch["max"], list(batch["file"]), pos)
-        self._acc["zf"].update(batch["x0"], batch["target"], batch["max"], list(batch["file"]), pos)
+        files = list(batch.file)
+        self._acc["recon"].update(pred, batch.target, batch.max, files, batch.position)
+        self._acc["zf"].update(batch.x0, batch.target, batch.max, files, batch.position)
         return {"pred": pred.detach()}
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+    def validation_step(self, batch: ReconBatch, batch_idx: int) -> dict[str, torch.Tensor]:
         return self._eval_step("val", batch)
 
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+    def test_step(self, batch: ReconBatch, batch_idx: int) -> dict[str, torch.Tensor]:
         return self._eval_step("test", batch)
 
     # ------------------------------------------------------------------ per-volume metrics
@@ -153,9 +152,9 @@ class ReconModule(pl.LightningModule):
                 self.vol_count.update(torch.tensor(float(len(vols)), device=self.device))
                 out[f"{stage}/num_volumes"] = float(self.vol_count.compute())
         if stage == "val" and not self.trainer.sanity_checking:
-            if out["val/ssim"] > self.best_ssim:
-                self.best_ssim = out["val/ssim"]
-            out["val/ssim_best"] = self.best_ssim
+            # NaN (no volume scored) is ignored by MaxMetric's default nan_strategy
+            self.ssim_best.update(torch.tensor(out["val/ssim"], device=self.device))
+            out["val/ssim_best"] = float(self.ssim_best.compute())
         # values are already reduced over ranks and equal on all of them; sync_dist only
         # averages identical numbers (and keeps Lightning's DDP logging check quiet)
         self.log_dict(out, on_step=False, on_epoch=True, sync_dist=True)
@@ -191,4 +190,7 @@ class ReconModule(pl.LightningModule):
         checkpoint["melrecon"] = extra
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.best_ssim = float(checkpoint.get("melrecon", {}).get("best_ssim", -math.inf))
+        self.ssim_best.reset()
+        best = float(checkpoint.get("melrecon", {}).get("best_ssim", -math.inf))
+        if math.isfinite(best):
+            self.ssim_best.update(torch.tensor(best, device=self.ssim_best.max_value.device))

@@ -3,14 +3,17 @@ each layer's input by inversion instead of storing it.  Knows nothing about MRI.
 
 - :mod:`.invertible`: the ``InvertibleLayer`` contract (state = tensor or tuple of tensors),
   ``InvertResult``/``FusedResult``, ``SequentialInvertible``, the fixed-point inverse helper.
-- :mod:`.function`: ``InvertibleChain`` (memory modes standard/checkpoint/mel, anchors,
-  the "auto" anchor controller, drift measurement, fallback) and its autograd Function.
+- :mod:`.chain`: ``InvertibleChain`` (memory modes standard/checkpoint/mel).
+- :mod:`.anchors`: where anchors go; the "auto" anchor controller.
+- :mod:`.backward`: ``ChainRun``, the checkpoint/MEL backward (inversion, drift measurement,
+  fallback) and the autograd Function that hands it to autograd.
 - :mod:`.freeze`: ``StepFreezer`` (spectral norm / dropout / batch norm frozen per step).
 - :mod:`.memory`: ``MemoryProbe`` (bytes held for backward, deduplicated, and their peak).
 """
 
+from melrecon.mel.backward import ChainStats
+from melrecon.mel.chain import MEMORY_MODES, InvertibleChain, check_depth_and_memory
 from melrecon.mel.freeze import StepFreezer
-from melrecon.mel.function import MEMORY_MODES, ChainStats, InvertibleChain
 from melrecon.mel.invertible import (
     FixedPointResult,
     FusedResult,
@@ -41,6 +44,7 @@ __all__ = [
     "State",
     "StepFreezer",
     "as_tuple",
+    "check_depth_and_memory",
     "default_tolerance",
     "has_fused_backward",
     "hold",

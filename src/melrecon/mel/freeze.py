@@ -13,7 +13,7 @@ change a module between calls in training mode:
 - batch-norm running statistics: snapshot before an inversion/recompute and restored after
   it, so that the running averages are updated exactly once per step, by the forward pass.
 
-The freezer is used by :class:`melrecon.mel.function.InvertibleChain` in every memory
+The freezer is used by :class:`melrecon.mel.chain.InvertibleChain` in every memory
 mode, so the three modes compute the same function.
 """
 

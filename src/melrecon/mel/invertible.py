@@ -222,7 +222,9 @@ def invert_residual_map(
             x = _anderson_step(hist_x, hist_f)
         else:
             x = gx
-    # one more residual check on the last iterate is implied by the loop; report failure
+    # out of iterations: x is one update past the last iterate checked, and ``res`` is that
+    # iterate's residual (x's own is at most Lip(R) * res for the plain iteration; Anderson
+    # gives no such bound); the tolerance was not met, and the caller is told so
     return FixedPointResult(x, res, max_iter, False)
 
 

@@ -23,7 +23,7 @@ graph of one tile at a time (with autograd, from the saved input), backpropagate
 tile's slice of the output gradient, adds the tile's input gradient into the E region of
 the input gradient (neighbouring E regions overlap: their contributions add) and sums the
 parameter gradients, which it returns through its parameter inputs (as
-:class:`melrecon.mel.function._MELFunction` does).  Memory: the input, the output gradient
+the MEL backward (:mod:`melrecon.mel.backward`) does).  Memory: the input, the output gradient
 and the input gradient (volume-sized) plus one tile's graph, instead of the whole volume's
 graph.  Compute: one extra forward pass, and the halo overlap (a factor
 ``prod_a (t_a + 2 r_a) / t_a`` on interior tiles).
@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import product
 from typing import Union
@@ -80,7 +80,7 @@ from torch.nn.utils import parametrize
 
 from melrecon.mel import memory as _memory
 from melrecon.mel.freeze import _is_torch_spectral_norm
-from melrecon.mel.function import _autocast_like, _autocast_state
+from melrecon.mel.backward import _autocast_like, _autocast_state
 
 TileSpec = Union[int, Sequence[Union[int, None]], None]
 
@@ -88,6 +88,7 @@ __all__ = [
     "NonLocalModuleError",
     "Tile",
     "TiledModule",
+    "check_tile_spec",
     "receptive_halo",
     "tile_grid",
     "tiled_forward",
@@ -243,7 +244,8 @@ def _is_size(t: object) -> bool:
     return isinstance(t, int) and not isinstance(t, bool) and t >= 1
 
 
-def _check_tile_spec(tile: TileSpec) -> None:
+def check_tile_spec(tile: TileSpec) -> None:
+    """Raise ValueError unless ``tile`` is None, a positive int or a sequence of them/None."""
     ok = tile is None or _is_size(tile) or (
         isinstance(tile, Sequence) and not isinstance(tile, str) and len(tile) > 0
         and all(t is None or _is_size(t) for t in tile)
@@ -257,7 +259,7 @@ def _check_tile_spec(tile: TileSpec) -> None:
 
 def _normalise_tile(tile: TileSpec, spatial: Sequence[int]) -> tuple[int, ...]:
     """Per-axis tile size; None (whole or per axis) = that axis is not cut."""
-    _check_tile_spec(tile)
+    check_tile_spec(tile)
     nd = len(spatial)
     if tile is None:
         return tuple(int(s) for s in spatial)
@@ -335,12 +337,12 @@ def _index(region: tuple[slice, ...]) -> tuple[slice, ...]:
     return (slice(None), slice(None), *region)
 
 
-def _evaluate(net: nn.Module, x: Tensor, tiles: list[Tile]) -> Tensor:
-    """Tile-by-tile forward pass (no graph is kept); returns the whole output."""
+def _evaluate(net: nn.Module, fn: Callable[[Tensor], Tensor], x: Tensor, tiles: list[Tile]) -> Tensor:
+    """Tile-by-tile forward pass of ``fn`` (no graph is kept); returns the whole output."""
     out: Tensor | None = None
     for tile in tiles:
         xs = x[_index(tile.ext)]
-        y = net(xs)
+        y = fn(xs)
         if y.ndim != x.ndim or tuple(y.shape[2:]) != tuple(xs.shape[2:]) or y.shape[0] != x.shape[0]:
             raise NonLocalModuleError(
                 f"{type(net).__name__} mapped a tile of shape {tuple(xs.shape)} to {tuple(y.shape)}: tiling needs a "
@@ -356,15 +358,19 @@ def _evaluate(net: nn.Module, x: Tensor, tiles: list[Tile]) -> Tensor:
 class _TiledFunction(torch.autograd.Function):
     """Tiled forward (no graph) and tile-by-tile recompute backward.
 
-    Inputs: (net, tiles, spatial, x, *params).  The parameters are passed only so that
-    autograd routes their gradients; the module reads its own parameters.
+    Inputs: (net, fn, tiles, spatial, x, *params).  ``fn`` evaluates ``net`` on one tile.
+    The parameters are passed only so that autograd routes their gradients; the module
+    reads its own parameters.
     """
 
     @staticmethod
-    def forward(ctx, net: nn.Module, tiles: list[Tile], spatial: tuple[int, ...], x: Tensor, *params: Tensor):
+    def forward(
+        ctx, net: nn.Module, fn: Callable[[Tensor], Tensor], tiles: list[Tile], spatial: tuple[int, ...],
+        x: Tensor, *params: Tensor,
+    ):  # fmt: skip
         with _tiling_scope(net, spatial):
-            out = _evaluate(net, x, tiles)
-        ctx.net, ctx.tiles, ctx.spatial, ctx.params = net, tiles, spatial, params
+            out = _evaluate(net, fn, x, tiles)
+        ctx.net, ctx.fn, ctx.tiles, ctx.spatial, ctx.params = net, fn, tiles, spatial, params
         ctx.autocast = _autocast_state(x.device.type)
         ctx.save_for_backward(x)
         return out
@@ -374,8 +380,8 @@ class _TiledFunction(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         (x,) = ctx.saved_tensors
         net: nn.Module = ctx.net
-        need_x = ctx.needs_input_grad[3]
-        params = [p for p, need in zip(ctx.params, ctx.needs_input_grad[4:]) if need]
+        need_x = ctx.needs_input_grad[4]
+        params = [p for p, need in zip(ctx.params, ctx.needs_input_grad[5:]) if need]
         gx = torch.zeros_like(x) if need_x else None
         acc: list[Tensor | None] = [None] * len(params)
         flags = [p.requires_grad for p in params]
@@ -387,7 +393,7 @@ class _TiledFunction(torch.autograd.Function):
                 for tile in ctx.tiles:
                     xs = x[_index(tile.ext)].detach().requires_grad_(need_x)
                     with torch.enable_grad():
-                        y = net(xs)[_index(tile.crop)]
+                        y = ctx.fn(xs)[_index(tile.crop)]
                     inputs = ([xs] if need_x else []) + params
                     if not inputs or not y.requires_grad:
                         continue
@@ -403,11 +409,17 @@ class _TiledFunction(torch.autograd.Function):
             for p, f in zip(params, flags):
                 p.requires_grad_(f)
         it = iter(acc)
-        grads_p = [next(it) if need else None for need in ctx.needs_input_grad[4:]]
-        return (None, None, None, gx, *grads_p)
+        grads_p = [next(it) if need else None for need in ctx.needs_input_grad[5:]]
+        return (None, None, None, None, gx, *grads_p)
 
 
-def tiled_forward(net: nn.Module, x: Tensor, tile: TileSpec, halo: Sequence[int] | None = None) -> Tensor:
+def tiled_forward(
+    net: nn.Module,
+    x: Tensor,
+    tile: TileSpec,
+    halo: Sequence[int] | None = None,
+    fn: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """``net(x)`` evaluated tile by tile (module docstring); exact for local modules.
 
     Args:
@@ -417,6 +429,10 @@ def tiled_forward(net: nn.Module, x: Tensor, tile: TileSpec, halo: Sequence[int]
             (None = do not cut that axis), or None (no tiling: a plain call).  A tile at
             least as large as the volume is a plain call too.
         halo: voxels of context per spatial axis; None = :func:`receptive_halo` of ``net``.
+        fn: what evaluates ``net`` on one tile (default ``net`` itself).  A module that tiles
+            its own ``forward`` passes its untiled body here (e.g.
+            :class:`melrecon.models.regularizers.ConvStack`); ``net`` still names the
+            parameters that get gradients and the submodules whose scopes apply.
 
     Returns the output, with a graph whose backward recomputes one tile at a time when
     grad is enabled and ``x`` or a parameter of ``net`` requires grad.
@@ -426,16 +442,17 @@ def tiled_forward(net: nn.Module, x: Tensor, tile: TileSpec, halo: Sequence[int]
     spatial = tuple(int(s) for s in x.shape[2:])
     h = receptive_halo(net) if halo is None else halo
     tiles = tile_grid(spatial, tile, h)
+    fn = net if fn is None else fn
     if len(tiles) == 1:
-        return net(x)
+        return fn(x)
     check_call_modes(net)
     _advance_spectral_norms(net)
     params = [p for p in net.parameters() if p.requires_grad]
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or bool(params))
     if not needs_grad:
         with _tiling_scope(net, spatial):
-            return _evaluate(net, x, tiles)
-    return _TiledFunction.apply(net, tiles, spatial, x, *params)
+            return _evaluate(net, fn, x, tiles)
+    return _TiledFunction.apply(net, fn, tiles, spatial, x, *params)
 
 
 class TiledModule(nn.Module):
@@ -453,7 +470,7 @@ class TiledModule(nn.Module):
         self.net = net
         self.tile = tile
         self.halo = receptive_halo(net) if halo is None else tuple(int(r) for r in halo)
-        _check_tile_spec(tile)  # fail at construction, not at the first call
+        check_tile_spec(tile)  # fail at construction, not at the first call
 
     def forward(self, x: Tensor) -> Tensor:
         return tiled_forward(self.net, x, self.tile, self.halo)

@@ -1,7 +1,7 @@
 """Data-consistency (DC) layers with their inverses, for the MEL contract.
 
-Both layers read ``data``: a :class:`SenseData` (SENSE operator ``A``, k-space ``b`` and
-``A^H b``), built once per batch by :class:`melrecon.models.unrolled.UnrolledNet`.
+Both layers read ``data``: a :class:`SenseData` (SENSE operator ``A``, ``A^H b`` and the CG
+log of the call), built once per network call by :class:`melrecon.models.base.UnrolledBase`.
 
 - :class:`ProximalDC` (MoDL): ``y = (A^H A + lam I)^{-1} (A^H b + lam z)``, solved by CG
   to a tolerance, with an implicit backward (a second CG solve with the same matrix; no
@@ -14,35 +14,43 @@ Both layers read ``data``: a :class:`SenseData` (SENSE operator ``A``, k-space `
 The learned weight is kept positive: ``lam = softplus(raw)`` (default) or ``exp(raw)``;
 the gradient step ``a = a_max * sigmoid(raw)``.
 
-Inversion accuracy: the closed-form inverse inverts the *exact* proximal step, so a CG
-residual r in the forward solve becomes an input error r / lam; the default CG tolerance is
-therefore tight (1e-7 in single, 1e-13 in double precision).  Gradients with respect to
-the data (k-space, maps) are not computed by these layers.
+Every CG solve of the proximal step (forward and implicit backward) is recorded in the call's
+``data.cg`` (:class:`melrecon.physics.cg.CGLog`): the network logs it, and the closed-form
+inverse reports ``converged=False`` after an unconverged solve, since it inverts the *exact*
+proximal step. For the same reason a CG residual r in the forward solve becomes an input
+error r / lam, so the default CG tolerance is tight (1e-7 in single, 1e-13 in double
+precision). Gradients with respect to the data (k-space, maps) are not computed by these
+layers.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from melrecon.mel.invertible import InvertibleLayer, InvertResult
-from melrecon.physics.cg import conjugate_gradient
+from melrecon.physics.cg import CGLog, conjugate_gradient
 from melrecon.physics.sense import SenseOperator
 
 
 @dataclass
 class SenseData:
-    """Per-batch context of the DC layers: operator, k-space (B, C, ...), A^H b (image)."""
+    """Per-call context of the DC layers: the operator, ``A^H b`` (image shape) and the log of
+    the call's CG solves (forward and backward)."""
 
     op: SenseOperator
-    kspace: Tensor
     aty: Tensor
+    cg: CGLog = field(default_factory=CGLog)
+
+    @classmethod
+    def from_kspace(cls, op: SenseOperator, kspace: Tensor) -> SenseData:
+        """The context of k-space ``b`` (B, C, ...) under ``op``: ``A^H b`` and an empty log."""
+        return cls(op, op.H(kspace))
 
 
 def cg_tolerance(dtype: torch.dtype) -> float:
@@ -55,31 +63,22 @@ def _positive(raw: Tensor, kind: str) -> Tensor:
     return F.softplus(raw) if kind == "softplus" else torch.exp(raw)
 
 
-def _inverse_positive(value: float, kind: str) -> float:
+def inverse_positive(value: float, kind: str = "softplus") -> float:
+    """The raw parameter whose ``softplus`` (or ``exp``) is ``value`` (> 0)."""
+    if not value > 0:
+        raise ValueError(f"a positive value is required, got {value!r}")
     if kind == "softplus":
         # softplus^{-1}(v) = log(expm1(v)), stable for large v
         return value + math.log(-math.expm1(-value))
     return math.log(value)
 
 
-def _record_cg(stats: dict, res: Any) -> None:
-    """Accumulate CG iterations, convergence and the worst final residual of this step."""
-    stats["cg_iters"] = stats.get("cg_iters", 0) + res.iterations
-    stats["cg_converged"] = stats.get("cg_converged", True) and res.converged
-    stats["cg_residual"] = max(stats.get("cg_residual", 0.0), float(res.residuals[-1].max()))
+class DataConsistency(InvertibleLayer):
+    """A DC layer: ``forward(x, data)`` and ``inverse(y, data)`` with ``data`` a
+    :class:`SenseData`, and ``learned()``: its learned scalars by name, for logging."""
 
-
-def dc_log_stats(dcs: Any) -> dict[str, float]:
-    """``dc/cg_iters`` (forward + implicit backward solves of the last step), ``dc/cg_converged``
-    (1 if every solve reached its tolerance) and ``dc/cg_residual`` (worst final residual)."""
-    stats = [d.stats for d in dcs if getattr(d, "stats", None)]
-    if not any("cg_iters" in st for st in stats):
-        return {}
-    return {
-        "dc/cg_iters": float(sum(st.get("cg_iters", 0) for st in stats)),
-        "dc/cg_converged": float(all(st.get("cg_converged", True) for st in stats)),
-        "dc/cg_residual": max(st.get("cg_residual", 0.0) for st in stats),
-    }
+    def learned(self) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
 class _ProxSolve(torch.autograd.Function):
@@ -87,26 +86,23 @@ class _ProxSolve(torch.autograd.Function):
 
     For M = A^H A + lam I (Hermitian), dy = M^{-1}(lam dz + dlam (z - y)), hence
     grad_z = lam M^{-1} g and grad_lam = Re <M^{-1} g, z - y> (lam real, scalar).
+    Both solves are recorded in ``log``.
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, lam: Tensor, op: SenseOperator, aty: Tensor, tol: float, max_iter: int, stats: dict):
+    def forward(ctx, z: Tensor, lam: Tensor, op: SenseOperator, aty: Tensor, tol: float, max_iter: int, log: CGLog):
         lam_c = lam.detach().to(z.dtype)
-        res = conjugate_gradient(lambda v: op.normal(v) + lam_c * v, aty + lam_c * z, x0=z, tol=tol, max_iter=max_iter)
-        _record_cg(stats, res)
+        res = log.record(conjugate_gradient(op.gram + lam_c, aty + lam_c * z, x0=z, tol=tol, max_iter=max_iter))
         ctx.save_for_backward(z, res.x, lam)
-        ctx.op, ctx.tol, ctx.max_iter, ctx.stats = op, tol, max_iter, stats
+        ctx.op, ctx.tol, ctx.max_iter, ctx.log = op, tol, max_iter, log
         return res.x
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the adjoint solve is not itself differentiated
     def backward(ctx, g: Tensor):
         z, y, lam = ctx.saved_tensors
-        op = ctx.op
         lam_c = lam.detach().to(g.dtype)
-        res = conjugate_gradient(lambda v: op.normal(v) + lam_c * v, g, tol=ctx.tol, max_iter=ctx.max_iter)
-        _record_cg(ctx.stats, res)
-        w = res.x
+        w = ctx.log.record(conjugate_gradient(ctx.op.gram + lam_c, g, tol=ctx.tol, max_iter=ctx.max_iter)).x
         grad_z = lam_c * w if ctx.needs_input_grad[0] else None
         grad_lam = None
         if ctx.needs_input_grad[1]:
@@ -114,7 +110,7 @@ class _ProxSolve(torch.autograd.Function):
         return grad_z, grad_lam, None, None, None, None, None
 
 
-class ProximalDC(InvertibleLayer):
+class ProximalDC(DataConsistency):
     """MoDL proximal data consistency (see module docstring).
 
     Args:
@@ -147,30 +143,32 @@ class ProximalDC(InvertibleLayer):
         self.positivity = positivity
         self.cg_tol = cg_tol
         self.cg_max_iter = int(cg_max_iter)
-        raw = torch.tensor(_inverse_positive(self.lam_init, positivity))
+        raw = torch.tensor(inverse_positive(self.lam_init, positivity))
         self.raw_lam = nn.Parameter(raw, requires_grad=learn_lam)
-        self.stats: dict[str, Any] = {}
         self._warned = False
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
-            self.raw_lam.fill_(_inverse_positive(self.lam_init, self.positivity))
+            self.raw_lam.fill_(inverse_positive(self.lam_init, self.positivity))
 
     @property
     def lam(self) -> Tensor:
         """The positive weight lam (0-dim real tensor, differentiable in raw_lam)."""
         return _positive(self.raw_lam, self.positivity)
 
+    def learned(self) -> dict[str, Tensor]:
+        return {"lam": self.lam}
+
     def _tol(self, dtype: torch.dtype) -> float:
         return self.cg_tol if self.cg_tol is not None else cg_tolerance(dtype)
 
     def forward(self, z: Tensor, data: SenseData) -> Tensor:
-        y = _ProxSolve.apply(z, self.lam, data.op, data.aty, self._tol(z.dtype), self.cg_max_iter, self.stats)
-        if not self.stats.get("cg_converged", True) and not self._warned:
+        y = _ProxSolve.apply(z, self.lam, data.op, data.aty, self._tol(z.dtype), self.cg_max_iter, data.cg)
+        if not data.cg.converged and not self._warned:
             self._warned = True
             warnings.warn(
                 f"ProximalDC: CG stopped at dc.cg_max_iter={self.cg_max_iter} with relative residual "
-                f"{self.stats.get('cg_residual', float('nan')):.3g} > dc.cg_tol={self._tol(z.dtype):.3g} "
+                f"{data.cg.residual:.3g} > dc.cg_tol={self._tol(z.dtype):.3g} "
                 f"(lam={float(self.lam):.3g}); raise model.dc.cg_max_iter (logged as dc/cg_converged)",
                 stacklevel=2,
             )
@@ -179,13 +177,13 @@ class ProximalDC(InvertibleLayer):
     def inverse(self, y: Tensor, data: SenseData) -> InvertResult:
         with torch.no_grad():
             lam = self.lam.to(y.dtype)
-            z = (data.op.normal(y) + lam * y - data.aty) / lam
-        # the closed form inverts the exact solve: after an unconverged CG the engine must
-        # recompute from an anchor instead
-        return InvertResult(z, 0.0, 0, bool(self.stats.get("cg_converged", True)))
+            z = ((data.op.gram + lam)(y) - data.aty) / lam
+        # the closed form inverts the exact solve: after an unconverged CG in this call the
+        # engine must recompute from an anchor instead
+        return InvertResult(z, 0.0, 0, data.cg.converged)
 
 
-class GradientStepDC(InvertibleLayer):
+class GradientStepDC(DataConsistency):
     """Gradient-step data consistency ``y = x - a A^H(A x - b)`` (see module docstring).
 
     Args:
@@ -223,23 +221,20 @@ class GradientStepDC(InvertibleLayer):
 
     @property
     def step(self) -> Tensor:
+        """The step size a in (0, step_max) (0-dim real tensor, differentiable in raw_step)."""
         return self.step_max * torch.sigmoid(self.raw_step)
 
-    @property
-    def lam(self) -> Tensor:
-        """Alias used for logging (the learned DC weight)."""
-        return self.step
+    def learned(self) -> dict[str, Tensor]:
+        return {"step": self.step}
 
     def forward(self, x: Tensor, data: SenseData) -> Tensor:
         a = self.step.to(x.dtype)
-        return x - a * (data.op.normal(x) - data.aty)
+        return x - a * (data.op.gram(x) - data.aty)
 
     def inverse(self, y: Tensor, data: SenseData) -> InvertResult:
         tol = self.inv_tol if self.inv_tol is not None else cg_tolerance(y.dtype)
         with torch.no_grad():
             a = self.step.to(y.dtype)
-            res = conjugate_gradient(
-                lambda v: v - a * data.op.normal(v), y - a * data.aty, x0=y, tol=tol, max_iter=self.inv_max_iter
-            )
+            res = conjugate_gradient(1 - a * data.op.gram, y - a * data.aty, x0=y, tol=tol, max_iter=self.inv_max_iter)
         final = float(res.residuals[-1].max())
         return InvertResult(res.x, final, res.iterations, res.converged)

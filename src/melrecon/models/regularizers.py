@@ -1,14 +1,15 @@
-"""Residual CNN regularizers ``y = x + R(x)`` on complex images, invertible when Lip(R) < 1.
+"""CNN regularizers on complex images: one conv stack, and the residual CNN ``y = x + R(x)``.
 
-``R`` is a plain CNN (conv, ReLU, ..., conv; default 5 convs, 64 channels, kernel 3, as in
-the MEL paper) on real channels: the complex image is split into (real, imag) channels at
-the input and recombined at the output (an isometry, so Lipschitz constants carry over).
-
-- ``conv_dim=3``: 3D convs over the three axes after the batch: (X, Y, Z) of a slab
-  (B, X, Y, Z), or (T, X, Y) of a cine series (B, T, X, Y).
-- ``conv_dim=2``: 2D convs over the last two axes; a leading spatial axis is folded into the
-  batch (slab (B, X, Y, Z) -> (B*X, 2, Y, Z): the slice-by-slice baseline; cine
-  frame-by-frame).  A 3-axis input (B, Y, Z) is a plain 2D image.
+- :class:`ConvLayout`: complex image (B, *spatial) <-> real channels (B', 2, *conv_spatial),
+  (real, imag) on the channel axis (an isometry, so Lipschitz constants carry over). The CNN
+  convolves the last ``conv_dim`` axes and folds the leading spatial axes into the batch:
+  ``conv_dim=3`` convolves (X, Y, Z) of a slab or (T, X, Y) of a cine series jointly;
+  ``conv_dim=2`` convolves the last two axes slice by slice (slab) or frame by frame (cine).
+- :class:`ConvStack`: conv, ReLU, ..., conv (default 5 convs, 64 channels, kernel 3, as in the
+  MEL paper) of :class:`BoundedConv` layers, optionally with a Lipschitz bound. It is ``R`` of
+  :class:`ResidualCNN` and the two CNNs of the reversible unrolls.
+- :class:`ResidualCNN`: ``y = x + R(x)`` with ``R`` a 2 -> 2 channel ConvStack on the image,
+  invertible when Lip(R) < 1 (the MoDL family's regularizer).
 
 Lipschitz bound (``lipschitz=c``, needed by MEL): every conv is spectrally normalised to
 operator norm at most ``c**(1/depth)``, so Lip(R) <= c (ReLU is 1-Lipschitz, the product
@@ -27,15 +28,15 @@ calls at the start of every training step.  The first forward call (or a new inp
 starts the estimate with a short Lanczos run (accurate to ~1e-5 where power iteration
 would need hundreds of steps: the top of a conv's spectrum is dense).
 
-Inverse: the fixed-point iteration ``x <- y - R(x)`` (rate Lip(R) <= c), stopped at a
-relative residual ``inv_tol`` (default by dtype: 1e-6 single, 1e-12 double) or after
-``inv_max_iter`` evaluations; optional Anderson acceleration (``anderson`` = memory).
+Inverse of the residual CNN: the fixed-point iteration ``x <- y - R(x)`` (rate Lip(R) <= c),
+stopped at a relative residual ``inv_tol`` (default by dtype: 1e-6 single, 1e-12 double) or
+after ``inv_max_iter`` evaluations; optional Anderson acceleration (``anderson`` = memory).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from melrecon.mel.invertible import InvertibleLayer, InvertResult, default_tolerance, invert_residual_map
+from melrecon.mel.tiled import TileSpec, check_tile_spec, tiled_forward
 
 
 class BoundedConv(nn.Module):
@@ -219,11 +221,155 @@ class BoundedConv(nn.Module):
         return out
 
 
-class ResidualCNN(InvertibleLayer):
-    """``y = x + R(x)`` on complex images; invertible by fixed point when Lip(R) < 1.
+class ConvLayout:
+    """Complex images <-> real CNN channels for a CNN over the last ``conv_dim`` axes.
+
+    Channel layout: ``(B * prod(leading spatial axes), 2, *conv_spatial)`` real, channels
+    (real, imag); the image is (B, *spatial) with at least ``conv_dim`` spatial axes.
+    """
+
+    def __init__(self, conv_dim: int) -> None:
+        self.conv_dim = conv_dim
+
+    def check(self, x: Tensor) -> None:
+        """Raise ValueError unless ``x`` is a complex image with enough spatial axes."""
+        if not torch.is_complex(x):
+            raise ValueError(f"regularizer input must be complex, got dtype {x.dtype}")
+        if x.ndim < 1 + self.conv_dim:
+            raise ValueError(
+                f"image shape {tuple(x.shape)} has fewer than conv_dim={self.conv_dim} "
+                "spatial axes after the batch axis"
+            )
+
+    def to_channels(self, x: Tensor) -> Tensor:
+        """Complex image (B, *spatial) -> real (B', 2, *conv_spatial)."""
+        x = x.reshape(-1, *x.shape[x.ndim - self.conv_dim:])
+        return torch.view_as_real(x).movedim(-1, 1)
+
+    @staticmethod
+    def from_channels(t: Tensor, image_shape: Sequence[int]) -> Tensor:
+        """Real (B', 2, *conv_spatial) -> complex image of ``image_shape``."""
+        return torch.view_as_complex(t.movedim(1, -1).contiguous()).reshape(image_shape)
+
+    def latent_shape(self, image_shape: Sequence[int], channels: int) -> tuple[int, ...]:
+        """Shape of a ``channels``-channel tensor in the CNN layout for this image shape."""
+        lead = math.prod(image_shape[: len(image_shape) - self.conv_dim])
+        return (lead, channels, *image_shape[len(image_shape) - self.conv_dim:])
+
+
+class ConvStack(nn.Module):
+    """CNN ``in_channels -> out_channels``: ``depth`` convs with ReLU between them.
 
     Args:
-        conv_dim: 3 (slabs, cine) or 2 (slice-by-slice baseline).
+        in_channels, out_channels: real channels of input and output.
+        width: hidden channels.  depth: number of convs (>= 1).  kernel_size: odd.
+        conv_dim: 2 or 3 (the convolved axes; see :class:`ConvLayout`).
+        out_scale: if given, the last conv's weights are scaled by it and its bias zeroed
+            at (re-)initialisation, so a fresh network starts close to what surrounds the CNN
+            (the reversible unrolls start near their physics part); None keeps nn.ConvNd's
+            initialisation.
+        lipschitz: bound c on the Lipschitz constant of the whole stack (each conv
+            spectrally normalised to ``c**(1/depth)``), or None for plain convs.
+        bias: conv biases.  probe_cap: cap per axis of the spectral-norm probe.
+        tile: evaluate the stack in spatial tiles of this size (one entry per convolved
+            axis, None = do not cut that axis; an int = every axis), with the halo of its
+            receptive field and a tile-by-tile recompute backward
+            (:func:`melrecon.mel.tiled.tiled_forward`): the same output and gradients, with
+            one tile's graph instead of the whole volume's.  None: untiled.  A setting, not
+            state: it is not saved with the weights and can be changed at any time
+            (``stack.tile = ...``), e.g. to run a slab-trained network on a whole volume.
+
+    No normalisation or dropout: nothing changes between the forward pass and a recompute.
+    Input/output: (B, C, *spatial) real with ``len(spatial) == conv_dim``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        width: int = 64,
+        depth: int = 5,
+        kernel_size: int = 3,
+        conv_dim: int = 3,
+        out_scale: float | None = None,
+        lipschitz: float | None = None,
+        bias: bool = True,
+        probe_cap: int = 32,
+        tile: TileSpec = None,
+    ) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"regularizer.depth must be >= 1, got {depth!r}")
+        if width < 1:
+            raise ValueError(f"regularizer.width must be >= 1, got {width!r}")
+        if lipschitz is not None and not lipschitz > 0:
+            raise ValueError(f"regularizer.lipschitz must be positive or None, got {lipschitz!r}")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.conv_dim = conv_dim
+        self.lipschitz = lipschitz
+        self.out_scale = None if out_scale is None else float(out_scale)
+        per_conv = None if lipschitz is None else lipschitz ** (1.0 / depth)
+        chans = [in_channels] + [width] * (depth - 1) + [out_channels]
+        self.convs = nn.ModuleList(
+            BoundedConv(conv_dim, chans[i], chans[i + 1], kernel_size, bias, per_conv, probe_cap)
+            for i in range(depth)
+        )
+        self.halo = tuple(sum(r) for r in zip(*(c.receptive_halo() for c in self.convs)))
+        self.tile = tile
+        self._scale_last()
+
+    @property
+    def tile(self) -> TileSpec:
+        """Tile size of the tiled evaluation (None: untiled); see the class docstring."""
+        return self._tile
+
+    @tile.setter
+    def tile(self, tile: TileSpec) -> None:
+        if isinstance(tile, Sequence) and not isinstance(tile, str):
+            tile = tuple(tile)  # also accepts Hydra's ListConfig
+            if len(tile) != self.conv_dim:
+                raise ValueError(
+                    f"regularizer.tile {list(tile)} needs one entry per convolved axis (conv_dim={self.conv_dim})"
+                )
+        check_tile_spec(tile)
+        self._tile = tile
+
+    def _scale_last(self) -> None:
+        if self.out_scale is None:
+            return
+        with torch.no_grad():
+            self.convs[-1].weight.mul_(self.out_scale)
+            if self.convs[-1].bias is not None:
+                self.convs[-1].bias.zero_()
+
+    def reset_parameters(self) -> None:
+        for c in self.convs:
+            c.reset_parameters()
+        self._scale_last()
+
+    def _run(self, t: Tensor) -> Tensor:
+        """The untiled stack (what every tile evaluates)."""
+        for i, conv in enumerate(self.convs):
+            t = conv(t)
+            if i < len(self.convs) - 1:
+                t = F.relu(t)
+        return t
+
+    def forward(self, t: Tensor) -> Tensor:
+        if self._tile is None:
+            return self._run(t)
+        return tiled_forward(self, t, self._tile, self.halo, fn=self._run)
+
+    def extra_repr(self) -> str:
+        return "" if self._tile is None else f"tile={self._tile}, halo={self.halo}"
+
+
+class ResidualCNN(InvertibleLayer):
+    """``y = x + R(x)`` on complex images, R a 2 -> 2 channel :class:`ConvStack`; invertible
+    by fixed point when Lip(R) < 1.
+
+    Args:
+        conv_dim: 3 (slabs, cine) or 2 (slice-by-slice / frame-by-frame).
         width: hidden channels.  depth: number of convs (>= 2).  kernel_size: odd.
         lipschitz: bound c on Lip(R) (spectral normalisation), or None for a plain CNN
             (then ``memory="mel"`` is refused by UnrolledNet).
@@ -231,8 +377,10 @@ class ResidualCNN(InvertibleLayer):
         inv_tol: relative residual of the inverse (None: by dtype).  inv_max_iter: cap.
         anderson: Anderson memory for the inverse (0 = plain fixed point).
         bias: conv biases.
+        tile: tiled evaluation of R (see :class:`ConvStack`), in the forward pass, its
+            backward and the fixed-point inverse; None: untiled.
 
-    Shapes: x complex (B, S0, S1, S2) (or (B, S1, S2) with conv_dim=2); output same.
+    Shapes: x complex (B, *spatial) with at least ``conv_dim`` spatial axes; output same.
     """
 
     def __init__(
@@ -247,65 +395,35 @@ class ResidualCNN(InvertibleLayer):
         inv_max_iter: int = 100,
         anderson: int = 0,
         bias: bool = True,
+        tile: TileSpec = None,
     ) -> None:
         super().__init__()
-        if conv_dim not in (2, 3):
-            raise ValueError(f"regularizer.conv_dim must be 2 or 3, got {conv_dim!r}")
         if depth < 2:
             raise ValueError(f"regularizer.depth must be >= 2, got {depth!r}")
-        if width < 1:
-            raise ValueError(f"regularizer.width must be >= 1, got {width!r}")
-        if lipschitz is not None and not lipschitz > 0:
-            raise ValueError(f"regularizer.lipschitz must be positive or None, got {lipschitz!r}")
         if inv_tol is not None and not inv_tol > 0:
             raise ValueError(f"regularizer.inv_tol must be positive or None, got {inv_tol!r}")
         if inv_max_iter < 1:
             raise ValueError(f"regularizer.inv_max_iter must be >= 1, got {inv_max_iter!r}")
         if anderson < 0:
             raise ValueError(f"regularizer.anderson must be >= 0, got {anderson!r}")
-        self.conv_dim = conv_dim
-        self.lipschitz = lipschitz
+        self.cnn = ConvStack(2, 2, width, depth, kernel_size, conv_dim, None, lipschitz, bias, probe_cap, tile)
+        self.layout = ConvLayout(conv_dim)
         self.inv_tol = inv_tol
         self.inv_max_iter = inv_max_iter
         self.anderson = anderson
-        per_conv = None if lipschitz is None else lipschitz ** (1.0 / depth)
-        chans = [2] + [width] * (depth - 1) + [2]
-        self.convs = nn.ModuleList(
-            BoundedConv(conv_dim, chans[i], chans[i + 1], kernel_size, bias, per_conv, probe_cap)
-            for i in range(depth)
-        )
+
+    @property
+    def lipschitz(self) -> float | None:
+        """The bound c on Lip(R) (None: unbounded)."""
+        return self.cnn.lipschitz
 
     def reset_parameters(self) -> None:
-        for c in self.convs:
-            c.reset_parameters()
-
-    # ------------------------------------------------------------------ R
-    def _to_channels(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-        if not torch.is_complex(x):
-            raise ValueError(f"regularizer input must be complex, got dtype {x.dtype}")
-        shape = tuple(x.shape)
-        if self.conv_dim == 3:
-            if x.ndim != 4:
-                raise ValueError(f"3D regularizer expects (B, S0, S1, S2), got shape {shape}")
-            return torch.view_as_real(x).movedim(-1, 1), shape
-        if x.ndim == 4:  # fold the leading spatial axis into the batch (slice by slice)
-            x = x.reshape(shape[0] * shape[1], shape[2], shape[3])
-        elif x.ndim != 3:
-            raise ValueError(f"2D regularizer expects (B, S0, S1, S2) or (B, S1, S2), got shape {shape}")
-        return torch.view_as_real(x).movedim(-1, 1), shape
-
-    @staticmethod
-    def _to_complex(h: Tensor, shape: tuple[int, ...]) -> Tensor:
-        return torch.view_as_complex(h.movedim(1, -1).contiguous()).reshape(shape)
+        self.cnn.reset_parameters()
 
     def residual(self, x: Tensor) -> Tensor:
         """R(x): complex in, complex out (same shape)."""
-        h, shape = self._to_channels(x)
-        for i, conv in enumerate(self.convs):
-            h = conv(h)
-            if i < len(self.convs) - 1:
-                h = F.relu(h)
-        return self._to_complex(h, shape)
+        self.layout.check(x)
+        return self.layout.from_channels(self.cnn(self.layout.to_channels(x)), x.shape)
 
     # ------------------------------------------------------------------ contract
     def forward(self, x: Tensor, data: Any = None) -> Tensor:
@@ -316,11 +434,3 @@ class ResidualCNN(InvertibleLayer):
         with torch.no_grad():
             r = invert_residual_map(self.residual, y, tol, self.inv_max_iter, self.anderson)
         return InvertResult(r.x, r.residual, r.iterations, r.converged)
-
-    @torch.no_grad()
-    def lipschitz_upper_bound(self) -> float:
-        """Product of the convs' current operator-norm estimates after scaling (<= c)."""
-        prod = 1.0
-        for c in self.convs:
-            prod *= float(c.sigma * c.scale()) if c.bound is not None else float("nan")
-        return prod

@@ -6,18 +6,20 @@ One unroll maps a two-stream state ``(x, v)`` to ``(x', v')``:
     x' = x + G_n(v'),  G_n(v) = u[:, :2] + Q_n(u),  u = gamma_n v
 
 where ``d(x)`` is the physics direction: the negative data gradient ``A^H b - A^H A x``
-(``physics="gradient"``) or MoDL's proximal step ``P_lam(x) - x`` with
-``P_lam(x) = (A^H A + lam I)^{-1}(A^H b + lam x)`` solved by CG (``physics="proximal"``).
+(``dc=None``) or MoDL's proximal step ``P_lam(x) - x`` with
+``P_lam(x) = (A^H A + lam I)^{-1}(A^H b + lam x)`` solved by CG (``dc`` a ProximalDC).
 Both are functions of ``x`` alone, so the coupling stays exactly invertible.
 
 ``x`` is the complex image (the layouts of DESIGN.md), ``v`` a real latent "velocity" with
-``latent_channels`` channels in the CNN layout (see :class:`ConvLayout`). ``R_n`` and ``Q_n``
-are plain CNNs (no Lipschitz bound needed), ``eta_n > 0`` and ``gamma_n > 0`` learned step
-sizes. With ``v = 0`` an unroll is ``x' = x + s + Q(s)``, ``s = R(x, d) + eta d``: a
-denoising plus data-consistency step; ``v`` adds momentum ``gamma_n / gamma_{n-1}`` (the
+K channels in the CNN layout (:class:`~melrecon.models.regularizers.ConvLayout`). ``R_n``
+(4 -> K channels) and ``Q_n`` (K -> 2) are plain :class:`~melrecon.models.regularizers.ConvStack`
+CNNs (no Lipschitz bound needed), ``eta_n > 0`` and ``gamma_n > 0`` learned step sizes.
+With ``v = 0`` an unroll is ``x' = x + s + Q(s)``, ``s = R(x, d) + eta d``: a denoising plus
+data-consistency step; ``v`` adds momentum ``gamma_n / gamma_{n-1}`` (the
 ratio of consecutive steps; ``gamma_decay`` < 1 damps it at initialisation). With
 ``R = Q = 0`` and the gradient direction it is a heavy-ball gradient method whose step sizes
-may differ per unroll (three-term polynomial methods, Chebyshev included, are reachable). The inverse is closed form and costs one evaluation of each half:
+may differ per unroll (three-term polynomial methods, Chebyshev included, are reachable).
+The inverse is closed form and costs one evaluation of each half:
 
     x = x' - G_n(v'),   v = v' - F_n(x)
 
@@ -27,134 +29,25 @@ conditioning of the map itself (``det = 1``: the coupling preserves volume).
 The inverse and the backward pass are fused (RevNet): ``inverse_and_backward`` evaluates
 ``G_n(v')`` *with* its graph, uses the value to recover ``x`` and the graph to backpropagate,
 then does the same with ``F_n(x)``; every half is evaluated once during the backward pass, so a
-MEL step costs what a checkpointed step costs. The chain runner is
-:class:`melrecon.mel.function.InvertibleChain` (``standard | checkpoint | mel`` memory modes).
+MEL step costs what a checkpointed step costs. The network is an
+:class:`~melrecon.models.base.UnrolledBase` whose chain state is ``(x, v)``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from melrecon.mel.function import InvertibleChain, check_depth_and_memory
-from melrecon.mel.shared_state import deduplicate_state_dict
-from melrecon.mel.invertible import FusedResult, InvertibleLayer, InvertResult
-from melrecon.models.dc import ProximalDC, SenseData, dc_log_stats
-from melrecon.models.regularizers import BoundedConv
-from melrecon.physics.sense import SenseOperator
+from melrecon.mel.invertible import FusedResult, InvertibleLayer, InvertResult, State
+from melrecon.models.base import UnrolledBase
+from melrecon.models.dc import ProximalDC, SenseData, inverse_positive
+from melrecon.models.regularizers import ConvLayout, ConvStack
 
-__all__ = [
-    "ConvLayout",
-    "ConvStack",
-    "sense_direction",
-    "ReversibleUnroll",
-    "ReversibleUnrolledNet",
-]
-
-
-# ----------------------------------------------------------------------------- layout
-
-
-class ConvLayout:
-    """Converts complex images to real CNN channels and back.
-
-    The image is ``(B, *spatial)``; the CNN convolves the last ``conv_dim`` spatial axes and
-    folds the leading spatial axes into the batch (``conv_dim=2`` on a slab (B, X, Y, Z)
-    gives slice-by-slice 2D convs on (Y, Z); on cine (B, T, X, Y) frame-by-frame convs on
-    (X, Y); ``conv_dim=3`` convolves (X, Y, Z) or (T, X, Y) jointly).
-
-    Channel layout: ``(B * prod(leading), 2, *conv_spatial)`` real, channels (real, imag).
-    """
-
-    def __init__(self, conv_dim: int) -> None:
-        if conv_dim not in (2, 3):
-            raise ValueError(f"regularizer.conv_dim must be 2 or 3, got {conv_dim!r}")
-        self.conv_dim = conv_dim
-
-    def check(self, image_shape: Sequence[int]) -> None:
-        if len(image_shape) < 1 + self.conv_dim:
-            raise ValueError(
-                f"image shape {tuple(image_shape)} has fewer than conv_dim={self.conv_dim} "
-                "spatial axes after the batch axis"
-            )
-
-    def to_channels(self, x: Tensor) -> Tensor:
-        """Complex image (B, *spatial) -> real (B', 2, *conv_spatial)."""
-        conv_sp = x.shape[x.ndim - self.conv_dim:]
-        x = x.reshape(-1, *conv_sp)
-        return torch.stack([x.real, x.imag], dim=1)
-
-    def from_channels(self, t: Tensor, image_shape: Sequence[int]) -> Tensor:
-        """Real (B', 2, *conv_spatial) -> complex image of ``image_shape``."""
-        return torch.complex(t[:, 0], t[:, 1]).reshape(image_shape)
-
-    def latent_shape(self, image_shape: Sequence[int], channels: int) -> tuple[int, ...]:
-        """Shape of a ``channels``-channel latent in the CNN layout for this image shape."""
-        lead = math.prod(image_shape[: len(image_shape) - self.conv_dim])
-        return (lead, channels, *image_shape[len(image_shape) - self.conv_dim:])
-
-
-class ConvStack(nn.Module):
-    """Plain CNN ``in_channels -> out_channels``: ``depth`` convs, ReLU between them.
-
-    Built from :class:`melrecon.models.regularizers.BoundedConv` without a bound: no
-    normalisation, dropout or spectral norm, i.e. nothing that changes between the forward
-    pass and the recompute, and no Lipschitz constraint (the coupling inverts in closed
-    form). The last conv's weights are scaled by ``out_scale`` and its bias zeroed at
-    construction, so a fresh network starts close to its physics part (a gradient method)
-    and deep chains start well conditioned.
-
-    Input/output: (B, C, *spatial) real with ``len(spatial) == conv_dim``.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        width: int = 32,
-        depth: int = 5,
-        kernel_size: int = 3,
-        conv_dim: int = 3,
-        out_scale: float = 0.1,
-    ) -> None:
-        super().__init__()
-        if depth < 1:
-            raise ValueError(f"regularizer.depth must be >= 1, got {depth}")
-        if width < 1:
-            raise ValueError(f"regularizer.width must be >= 1, got {width}")
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"regularizer.kernel_size must be a positive odd integer, got {kernel_size}")
-        if conv_dim not in (2, 3):
-            raise ValueError(f"regularizer.conv_dim must be 2 or 3, got {conv_dim!r}")
-        chans = [in_channels] + [width] * (depth - 1) + [out_channels]
-        self.convs = nn.ModuleList(
-            BoundedConv(conv_dim, chans[i], chans[i + 1], kernel_size, bias=True, bound=None)
-            for i in range(depth)
-        )
-        self.out_scale = float(out_scale)
-        self._scale_last()
-
-    def _scale_last(self) -> None:
-        with torch.no_grad():
-            self.convs[-1].weight.mul_(self.out_scale)
-            self.convs[-1].bias.zero_()
-
-    def reset_parameters(self) -> None:
-        for c in self.convs:
-            c.reset_parameters()
-        self._scale_last()
-
-    def forward(self, t: Tensor) -> Tensor:
-        for i, conv in enumerate(self.convs):
-            t = conv(t)
-            if i < len(self.convs) - 1:
-                t = F.relu(t)
-        return t
+__all__ = ["sense_direction", "ReversibleUnroll", "ReversibleUnrolledNet"]
 
 
 # ----------------------------------------------------------------------------- data
@@ -162,13 +55,7 @@ class ConvStack(nn.Module):
 
 def sense_direction(x: Tensor, data: SenseData) -> Tensor:
     """Negative gradient of ``||A x - b||^2 / 2``: ``A^H b - A^H A x`` (image shape)."""
-    return data.aty - data.op.normal(x)
-
-
-def _softplus_inv(y: float) -> float:
-    if y <= 0:
-        raise ValueError(f"a positive step size is required, got {y}")
-    return y + math.log(-math.expm1(-y))
+    return data.aty - data.op.gram(x)
 
 
 # ----------------------------------------------------------------------------- one unroll
@@ -178,8 +65,8 @@ class ReversibleUnroll(InvertibleLayer):
     """One additive-coupling unroll (module docstring); an ``InvertibleLayer`` on ``(x, v)``.
 
     Args:
-        r_net: CNN ``4 -> latent_channels`` on ``[x, d(x)]`` (may be shared between unrolls).
-        q_net: CNN ``latent_channels -> 2`` on ``u = gamma v`` (may be shared between unrolls).
+        r_net: R, CNN ``4 -> K`` on ``[x, d(x)]`` (may be shared between unrolls).
+        q_net: Q, CNN ``K -> 2`` on ``u = gamma v`` (may be shared between unrolls).
         layout: the complex <-> channel conversion.
         eta_init, gamma_init: initial step sizes (> 0), owned by this unroll.
         learn_steps: whether the step sizes are trained.
@@ -206,8 +93,8 @@ class ReversibleUnroll(InvertibleLayer):
         self.r_net = r_net
         self.q_net = q_net
         self.layout = layout
-        self.eta_raw = nn.Parameter(torch.tensor(_softplus_inv(eta_init)), requires_grad=learn_steps)
-        self.gamma_raw = nn.Parameter(torch.tensor(_softplus_inv(gamma_init)), requires_grad=learn_steps)
+        self.eta_raw = nn.Parameter(torch.tensor(inverse_positive(eta_init)), requires_grad=learn_steps)
+        self.gamma_raw = nn.Parameter(torch.tensor(inverse_positive(gamma_init)), requires_grad=learn_steps)
 
     @property
     def eta(self) -> Tensor:
@@ -299,28 +186,27 @@ class ReversibleUnroll(InvertibleLayer):
 # ----------------------------------------------------------------------------- the network
 
 
-REGULARIZER_DEFAULTS: dict[str, Any] = dict(conv_dim=3, width=64, depth=5, kernel_size=3, out_scale=0.1)
-
-
-class ReversibleUnrolledNet(nn.Module):
+class ReversibleUnrolledNet(UnrolledBase):
     """A chain of ``num_unrolls`` reversible unrolls with a selectable memory mode.
 
     ``forward(x0, kspace, maps, mask) -> x_N`` (x0's shape and dtype). The latent starts at
     ``v_0 = 0``; only the image stream is returned.
 
     Args:
-        num_unrolls: N >= 1.
-        share_weights: one pair of CNNs for all unrolls (step sizes stay per unroll).
-        memory: ``standard | checkpoint | mel``.
-        anchor_every: ``mel`` anchors (None = pure MEL: the coupling needs none).
-        drift_tol: relative drift above which the engine recomputes (it measures it at the
-            chain input in pure MEL).
-        regularizer: the two CNNs of every unroll (mapping; missing keys take defaults):
-            ``conv_dim`` 3 (slabs, cine) or 2 (slice-by-slice / frame-by-frame), ``width``
-            (hidden channels), ``depth`` (convs per CNN), ``kernel_size``, ``out_scale``
-            (initial scale of each CNN's last conv).
-        latent_channels: channels K of the latent stream v (>= 2; the first two carry the
-            gradient step).
+        regularizer: R, a :class:`ConvStack` from 4 channels (``[x, d(x)]``, real and
+            imaginary parts) to the K latent channels of v (K >= 2; the first two carry the
+            physics step); the template of every unroll. Its ``conv_dim`` is the network's:
+            3 (slabs, cine) or 2 (slice by slice / frame by frame).
+        step_net: Q, a :class:`ConvStack` from K to 2 channels on the step ``u = gamma v``,
+            with R's ``conv_dim``; the template of every unroll.
+        dc: None for the gradient direction ``d(x) = A^H b - A^H A x`` (one normal-operator
+            application per unroll), or a :class:`ProximalDC` for the proximal direction
+            ``d(x) = P_lam(x) - x`` (MoDL's CG data consistency, lam learned); the template
+            of every unroll.
+        num_unrolls, share_weights, memory, anchor_every, drift_tol, auto_start, fft_dims:
+            see :class:`~melrecon.models.base.UnrolledBase`. ``share_weights``: one R, Q and
+            DC for all unrolls (the step sizes stay per unroll). ``anchor_every``: None
+            (pure MEL) needs no anchors here; the drift is measured at the chain input.
         eta_init, gamma_init: initial step sizes (> 0).
         learn_steps: train the step sizes.
         gamma_decay: unroll n starts at ``gamma_init * gamma_decay**n``, i.e. momentum
@@ -328,135 +214,90 @@ class ReversibleUnrolledNet(nn.Module):
             unrolls). Damping is paid for in the inverse: rounding grows by about
             ``gamma_decay**-N``; keep ``gamma_decay**N >= 1e-10`` with double-precision
             streams (e.g. 0.8 at N = 50, 0.9 at N = 100) and ~1 with ``state_precision=input``.
-        physics: ``"gradient"`` (d(x) = A^H b - A^H A x: one normal-operator application per
-            unroll) or ``"proximal"`` (d(x) = P_lam(x) - x, MoDL's CG data consistency, lam
-            learned; shared like the CNNs).
-        dc: ``"proximal"`` only: keyword arguments of :class:`ProximalDC` (lam_init,
-            learn_lam, positivity, cg_tol, cg_max_iter).
         state_precision: ``"double"`` keeps the two streams (only they: the additions of the
             coupling) in float64/complex128 while CNNs and physics run in the input's
             precision, so the recomputed inputs are exact to ~1e-15 however deep the chain;
             ``"input"`` keeps everything in the input's precision (drift ~ N^1.5 * eps).
-        fft_dims: k-space axes of the SENSE operator.
     """
 
     def __init__(
         self,
+        regularizer: ConvStack,
+        step_net: ConvStack,
+        dc: ProximalDC | None = None,
         num_unrolls: int = 10,
         share_weights: bool = False,
         memory: str = "mel",
         anchor_every: Any = None,
         drift_tol: float = 1e-5,
-        regularizer: Mapping[str, Any] | None = None,
-        latent_channels: int = 2,
         eta_init: float = 1.0,
         gamma_init: float = 1.0,
         learn_steps: bool = True,
         gamma_decay: float = 1.0,
-        physics: str = "proximal",
-        dc: Mapping[str, Any] | None = None,
         state_precision: str = "double",
+        auto_start: int = 4,
         fft_dims: Sequence[int] = (-2, -1),
     ) -> None:
-        super().__init__()
-        check_depth_and_memory(num_unrolls, memory)
-        if latent_channels < 2:
-            raise ValueError(f"latent_channels must be >= 2, got {latent_channels}")
+        super().__init__(num_unrolls, share_weights, memory, anchor_every, drift_tol, auto_start, fft_dims)
+        _check_cnns(regularizer, step_net)
+        if dc is not None and not isinstance(dc, ProximalDC):
+            raise ValueError(
+                f"dc must be a ProximalDC (proximal direction) or None (gradient direction), "
+                f"got {type(dc).__name__}; in a config, model.dc needs a _target_ or null"
+            )
         for name, val in (("eta_init", eta_init), ("gamma_init", gamma_init), ("gamma_decay", gamma_decay)):
             if not val > 0:
                 raise ValueError(f"{name} must be > 0, got {val}")
         if state_precision not in ("double", "input"):
             raise ValueError(f"state_precision must be 'double' or 'input', got {state_precision!r}")
-        if physics not in ("gradient", "proximal"):
-            raise ValueError(f"physics must be 'gradient' or 'proximal', got {physics!r}")
-        dc_kw = {k: v for k, v in dict(dc or {}).items() if k != "_target_"}
-        if dc_kw and physics != "proximal":
-            raise ValueError("dc settings are only used with physics='proximal'")
-        spec = dict(REGULARIZER_DEFAULTS)
-        for key, val in dict(regularizer or {}).items():
-            if key not in REGULARIZER_DEFAULTS:
-                raise ValueError(
-                    f"regularizer.{key} is not a setting of the reversible CNNs; "
-                    f"known: {sorted(REGULARIZER_DEFAULTS)}"
-                )
-            spec[key] = val
         self.state_precision = state_precision
-        self.num_unrolls = num_unrolls
-        self.share_weights = bool(share_weights)
-        self.layout = ConvLayout(spec["conv_dim"])
-        self.latent_channels = latent_channels
-        self.fft_dims = tuple(fft_dims)
-
-        def make_pair() -> tuple[nn.Module, nn.Module]:
-            return ConvStack(4, latent_channels, **spec), ConvStack(latent_channels, 2, **spec)
-
-        def make_dc() -> ProximalDC | None:
-            return ProximalDC(**dc_kw) if physics == "proximal" else None
-
-        self.physics = physics
-        shared = (*make_pair(), make_dc()) if share_weights else None
-        unrolls = []
-        for n in range(num_unrolls):
-            r_net, q_net, dc_n = shared if shared is not None else (*make_pair(), make_dc())
-            g_n = gamma_init * gamma_decay**n
-            unrolls.append(ReversibleUnroll(r_net, q_net, self.layout, eta_init, g_n, learn_steps, dc_n))
-        self.chain = InvertibleChain(unrolls, memory=memory, anchor_every=anchor_every, drift_tol=drift_tol)
-        deduplicate_state_dict(self)  # shared weights: one checkpoint entry, any number of unrolls
+        self.layout = ConvLayout(regularizer.conv_dim)
+        self.latent_channels = regularizer.out_channels
+        self.set_unrolls([
+            ReversibleUnroll(r, q, self.layout, eta_init, gamma_init * gamma_decay**n, learn_steps, d)
+            for n, (r, q, d) in enumerate(self.replicate(regularizer, step_net, dc))
+        ])
 
     @property
-    def dcs(self) -> list[ProximalDC]:
-        """The distinct proximal DC modules (empty for physics='gradient')."""
-        seen: dict[int, ProximalDC] = {}
-        for u in self.unrolls:
-            if u.dc is not None:
-                seen.setdefault(id(u.dc), u.dc)
-        return list(seen.values())
+    def physics(self) -> str:
+        """``"proximal"`` (d = P_lam(x) - x) or ``"gradient"`` (d = A^H b - A^H A x)."""
+        return "gradient" if self.unrolls[0].dc is None else "proximal"
 
-    @property
-    def unrolls(self) -> nn.ModuleList:
-        return self.chain.layers
-
-    @property
-    def memory(self) -> str:
-        return self.chain.memory
-
-    def forward(self, x0: Tensor, kspace: Tensor, maps: Tensor, mask: Tensor) -> Tensor:
-        """x0: complex image (B, *spatial); kspace, maps, mask: the SENSE layouts (DESIGN.md)."""
-        if not torch.is_complex(x0):
-            raise ValueError(f"x0 must be complex, got dtype {x0.dtype} (shape {tuple(x0.shape)})")
-        self.layout.check(x0.shape)
-        op = SenseOperator(maps.detach(), mask.detach(), fft_dims=self.fft_dims)
-        kspace = kspace.detach()
-        data = SenseData(op=op, kspace=kspace, aty=op.adjoint(kspace))
-        if data.aty.shape != x0.shape:
-            raise ValueError(f"x0 shape {tuple(x0.shape)} differs from the image shape "
-                             f"{tuple(data.aty.shape)} of kspace/maps")
-        for d in self.dcs:
-            d.stats.clear()
+    def to_state(self, x0: Tensor) -> State:
+        """``(x0, v0 = 0)``, the image stream in double precision if asked."""
+        self.layout.check(x0)
         xs = x0
         if self.state_precision == "double" and x0.dtype == torch.complex64:
             xs = x0.to(torch.complex128)
-        v0 = xs.real.new_zeros(self.layout.latent_shape(x0.shape, self.latent_channels))
-        x, _ = self.chain((xs, v0), data)
-        return x.to(x0.dtype)
+        return xs, xs.real.new_zeros(self.layout.latent_shape(x0.shape, self.latent_channels))
 
-    def log_stats(self) -> dict[str, float]:
-        """MEL drift/anchors/iterations of the last step and the learned step sizes."""
-        s = self.chain.stats
+    def to_image(self, state: State, x0: Tensor) -> Tensor:
+        return state[0].to(x0.dtype)
+
+    def family_stats(self) -> dict[str, float]:
+        """The learned step sizes, averaged over the unrolls."""
         with torch.no_grad():
-            etas = torch.stack([u.eta for u in self.unrolls])
-            gammas = torch.stack([u.gamma for u in self.unrolls])
-        out = {
-            "mel/drift": float(s.drift),
-            "mel/anchors": float(s.anchors),
-            "mel/inv_iters": float(s.inv_iters),
-            "mel/fallbacks": float(s.fallbacks),
-            "rev/eta_mean": float(etas.mean()),
-            "rev/gamma_mean": float(gammas.mean()),
-        }
-        dcs = self.dcs
-        if dcs:
-            with torch.no_grad():
-                out["dc/lam"] = float(torch.stack([d.lam.reshape(()) for d in dcs]).mean())
-            out.update(dc_log_stats(dcs))
-        return out
+            return {
+                "rev/eta_mean": float(torch.stack([u.eta for u in self.unrolls]).mean()),
+                "rev/gamma_mean": float(torch.stack([u.gamma for u in self.unrolls]).mean()),
+            }
+
+
+def _check_cnns(r: nn.Module, q: nn.Module) -> None:
+    """R maps 4 channels to K >= 2, Q maps K to 2, both over the same axes."""
+    for name, net in (("regularizer", r), ("step_net", q)):
+        if not all(hasattr(net, a) for a in ("in_channels", "out_channels", "conv_dim")):
+            raise ValueError(
+                f"{name} must be a ConvStack (in_channels, out_channels, conv_dim), got {type(net).__name__}"
+            )
+    if r.in_channels != 4:
+        raise ValueError(f"regularizer.in_channels must be 4 ([x, d(x)] as real channels), got {r.in_channels}")
+    if r.out_channels < 2:
+        raise ValueError(f"regularizer.out_channels (the latent channels of v) must be >= 2, got {r.out_channels}")
+    if (q.in_channels, q.out_channels) != (r.out_channels, 2):
+        raise ValueError(
+            f"step_net must map the {r.out_channels} latent channels to 2, got "
+            f"{q.in_channels} -> {q.out_channels} (step_net.in_channels, step_net.out_channels)"
+        )
+    if q.conv_dim != r.conv_dim:
+        raise ValueError(f"step_net.conv_dim ({q.conv_dim}) differs from regularizer.conv_dim ({r.conv_dim})")

@@ -1,16 +1,22 @@
 """Batched conjugate gradient for Hermitian positive-definite systems (CG-SENSE, MoDL DC).
 
-Solves ``N x = b`` for every batch item independently, where ``N`` is e.g.
-``A^H A + lam I``. Items stop updating once their relative residual ``|r| / |b|`` falls below
-``tol``; the solver returns when all items have converged or ``max_iter`` is reached.
+Solves ``N x = b`` for every batch item independently, where ``N`` is e.g. ``op.gram + lam``
+(``A^H A + lam I``, :mod:`melrecon.physics.operators`) or any shape-preserving callable. Items
+stop updating once their relative residual ``|r| / |b|`` falls below ``tol``; the solver
+returns when all items have converged or ``max_iter`` is reached, and says what it did
+(:class:`CGResult`). :class:`CGLog` sums what several solves did (e.g. the forward and
+implicit-backward solves of one training step).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+
+from melrecon.physics.operators import LinearOperator
 
 
 class CGResult(NamedTuple):
@@ -29,6 +35,25 @@ class CGResult(NamedTuple):
     converged: bool
 
 
+@dataclass
+class CGLog:
+    """What a group of CG solves did: their number, total iterations, whether every one
+    reached its tolerance, and the worst final relative residual."""
+
+    solves: int = 0
+    iterations: int = 0
+    converged: bool = True
+    residual: float = 0.0
+
+    def record(self, res: CGResult) -> CGResult:
+        """Add one solve's result; returns it unchanged."""
+        self.solves += 1
+        self.iterations += res.iterations
+        self.converged = self.converged and res.converged
+        self.residual = max(self.residual, float(res.residuals[-1].max()))
+        return res
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Real part of <a, b> per batch item (axis 0): shape (B,)."""
     return (a.conj() * b).real.reshape(a.shape[0], -1).sum(dim=1)
@@ -44,7 +69,8 @@ def conjugate_gradient(
     """Conjugate gradient on ``normal_op(x) = rhs``, batched over axis 0.
 
     Args:
-        normal_op: Hermitian positive-definite linear map, shape-preserving.
+        normal_op: Hermitian positive-definite linear map, shape-preserving (an operator
+            such as ``op.gram + lam``, or any callable).
         rhs: right-hand side, shape (B, ...), real or complex.
         x0: initial guess (default: zeros).
         tol: relative residual at which an item stops.
@@ -82,9 +108,11 @@ def conjugate_gradient(
     return CGResult(x=x, residuals=residuals, iterations=it, converged=not bool(active.any()))
 
 
-def cg_sense(op, kspace: torch.Tensor, lam: float = 0.0, tol: float = 1e-6, max_iter: int = 50) -> CGResult:
-    """CG-SENSE: solve ``(A^H A + lam I) x = A^H y`` for a :class:`SenseOperator` ``op``."""
+def cg_sense(
+    op: LinearOperator, kspace: torch.Tensor, lam: float = 0.0, tol: float = 1e-6, max_iter: int = 50
+) -> CGResult:
+    """CG-SENSE (the non-learned baseline): solve ``(A^H A + lam I) x = A^H y`` from x = 0 for
+    a SENSE operator ``op`` and k-space ``y``; ``lam`` >= 0 is a Tikhonov weight."""
     if lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
-    rhs = op.adjoint(kspace)
-    return conjugate_gradient(lambda v: op.normal(v) + lam * v, rhs, tol=tol, max_iter=max_iter)
+    return conjugate_gradient(op.gram + lam, op.H(kspace), tol=tol, max_iter=max_iter)

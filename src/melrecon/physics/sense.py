@@ -1,9 +1,8 @@
 """Multi-coil Cartesian SENSE operator ``A = M F S`` for 3D slabs and 2D+time cine.
 
-Layouts (DESIGN.md), batch first and coils second; the FFT acts on the last two axes:
-
-- 3D slab: image (B, X, Y, Z); maps and k-space (B, C, X, Y, Z); mask (B, 1, 1, Y, Z).
-- cine:    image (B, T, X, Y); k-space (B, C, T, X, Y); maps (B, C, 1, X, Y); mask (B, 1, T, 1, Y).
+Axis layouts (3D slab, cine): DESIGN.md, "Conventions"; batch first, coils second. The
+operator is a :class:`~melrecon.physics.operators.LinearOperator`: ``op(x)``, ``op.adjoint(k)``
+(or ``op.H(k)``) and ``op.gram`` (``A^H A``, fused), which compose (``op.gram + lam``).
 
 The image has the maps' shape without the coil axis; maps may be 1 along an image axis (cine
 maps are shared by all frames) and the mask may be 1 along any k-space axis. Nothing else is
@@ -27,6 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from melrecon.physics.fft import fftc, ifftc
+from melrecon.physics.operators import LinearOperator
 
 
 def _checkerboard(
@@ -41,7 +41,7 @@ def _checkerboard(
     return sign
 
 
-class SenseOperator:
+class SenseOperator(LinearOperator):
     """SENSE forward model with its adjoint and normal operator.
 
     Args:
@@ -105,61 +105,43 @@ class SenseOperator:
     def num_coils(self) -> int:
         return self.maps.shape[1]
 
-    def _check_image(self, x: torch.Tensor) -> None:
-        if x.dtype != self.maps.dtype:
-            raise ValueError(
-                f"image dtype {x.dtype} differs from maps dtype {self.maps.dtype} "
-                f"(image shape {tuple(x.shape)}, maps shape {tuple(self.maps.shape)})"
-            )
+    def _check(self, t: torch.Tensor, what: str) -> None:
+        """Check an ``"image"`` (B, *spatial) or a ``"k-space"`` (B, C, *spatial) against the
+        maps (dtype, shape) and the mask (broadcast), naming both shapes on failure."""
         mshape = self.maps.shape
-        ok = x.ndim == len(mshape) - 1 and mshape[0] in (1, x.shape[0])
-        ok = ok and all(m in (1, s) for m, s in zip(mshape[2:], x.shape[1:]))
-        if not ok:
+        if t.dtype != self.maps.dtype:
             raise ValueError(
-                f"image shape {tuple(x.shape)} does not match maps shape {tuple(mshape)}: "
-                "expected (B, *spatial) with each maps axis 1 or equal to the image axis"
+                f"{what} dtype {t.dtype} differs from maps dtype {self.maps.dtype} "
+                f"({what} shape {tuple(t.shape)}, maps shape {tuple(mshape)})"
             )
-        self._check_mask(x.shape[:1] + (self.num_coils,) + tuple(x.shape[1:]), "image")
-
-    def _check_mask(self, kshape: Sequence[int], what: str) -> None:
+        image = what == "image"
+        kshape = (t.shape[0], self.num_coils, *t.shape[1:]) if image else tuple(t.shape)
+        ok = len(kshape) == len(mshape) and kshape[1] == mshape[1] and mshape[0] in (1, kshape[0])
+        ok = ok and all(m in (1, s) for m, s in zip(mshape[2:], kshape[2:]))
+        if not ok:
+            expected = "(B, *spatial) with each maps axis 1 or equal to the image axis" if image else (
+                "(B, C, *spatial) with the maps' coil count")
+            raise ValueError(f"{what} shape {tuple(t.shape)} does not match maps shape {tuple(mshape)}: expected {expected}")
         if self.mask.ndim != len(kshape) or any(m not in (1, k) for m, k in zip(self.mask.shape, kshape)):
             raise ValueError(
                 f"mask shape {tuple(self.mask.shape)} does not broadcast to the k-space shape "
                 f"{tuple(kshape)} of this {what}"
             )
 
-    def _check_kspace(self, k: torch.Tensor) -> None:
-        if k.dtype != self.maps.dtype:
-            raise ValueError(
-                f"k-space dtype {k.dtype} differs from maps dtype {self.maps.dtype} "
-                f"(k-space shape {tuple(k.shape)})"
-            )
-        mshape = self.maps.shape
-        ok = k.ndim == len(mshape) and k.shape[1] == mshape[1] and mshape[0] in (1, k.shape[0])
-        ok = ok and all(m in (1, s) for m, s in zip(mshape[2:], k.shape[2:]))
-        if not ok:
-            raise ValueError(
-                f"k-space shape {tuple(k.shape)} does not match maps shape {tuple(mshape)}: "
-                "expected (B, C, *spatial) with the maps' coil count"
-            )
-        self._check_mask(k.shape, "k-space")
-
     # ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``A x = M F S x``: image (B, *spatial) -> k-space (B, C, *spatial)."""
-        self._check_image(x)
+        self._check(x, "image")
         return self._mask_fft * self._fft(self._maps_fft * x.unsqueeze(1))
-
-    __call__ = forward
 
     def adjoint(self, k: torch.Tensor) -> torch.Tensor:
         """``A^H k = S^H F^H M k``: k-space (B, C, *spatial) -> image (B, *spatial)."""
-        self._check_kspace(k)
+        self._check(k, "k-space")
         return (self._maps_fft.conj() * self._ifft(self._mask_fft * k)).sum(dim=1)
 
     def normal(self, x: torch.Tensor) -> torch.Tensor:
         """``A^H A x`` without materialising more than the coil images once."""
-        self._check_image(x)
+        self._check(x, "image")
         coil_k = self._fft(self._maps_fft * x.unsqueeze(1))
         coil_k = coil_k * (self.mask * self.mask)  # the modulation squares to one
         return (self._maps_fft.conj() * self._ifft(coil_k)).sum(dim=1)

@@ -1,0 +1,97 @@
+"""Test helpers shared by the physics, MEL and network tests (import as ``from helpers import ...``).
+
+- :func:`make_sense_problem`: a tiny random SENSE problem (:func:`melrecon.physics.problems.random_sense_problem`
+  with test-sized defaults);
+- :func:`assert_adjoint`: the dot-product test ``<A x, y> = <x, A^H y>`` for any operator;
+- :func:`rand_complex`: complex Gaussian noise from a seeded generator;
+- :func:`grads_of_step`: one training step's gradients (chain input first, then parameters);
+- :func:`rel_error`, :func:`max_rel_error`: relative errors of lists of tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from melrecon.physics.operators import LinearOperator
+from melrecon.physics.problems import SenseProblem, random_sense_problem
+
+# image axes after the batch axis: slab (X, Y, Z), cine (T, X, Y)
+TINY_SHAPES = {"slab": (4, 10, 12), "cine": (4, 10, 12)}
+
+
+def make_sense_problem(
+    layout: str = "cine",
+    shape: Sequence[int] | None = None,
+    coils: int = 3,
+    dtype: torch.dtype = torch.complex64,
+    seed: int = 0,
+    batch: int = 1,
+) -> SenseProblem:
+    """A random problem of ``layout`` ("slab" or "cine") at a test size (``TINY_SHAPES``)."""
+    return random_sense_problem(layout, shape or TINY_SHAPES[layout], coils, dtype, seed=seed, batch=batch)
+
+
+def rand_complex(shape: Sequence[int], dtype: torch.dtype = torch.complex128, seed: int = 0) -> Tensor:
+    """Complex Gaussian noise (drawn in float64, then cast) from a private generator."""
+    gen = torch.Generator().manual_seed(seed)
+    real = torch.randn(tuple(shape), generator=gen, dtype=torch.float64)
+    imag = torch.randn(tuple(shape), generator=gen, dtype=torch.float64)
+    return torch.complex(real, imag).to(dtype)
+
+
+def assert_adjoint(
+    op: LinearOperator, x_shape: Sequence[int], dtype: torch.dtype = torch.complex128, rtol: float = 1e-12, seed: int = 0
+) -> None:
+    """Assert ``<A x, y> == <x, A^H y>`` (relative to ``|<A x, y>|``) for random x and y."""
+    x = rand_complex(x_shape, dtype, seed)
+    ax = op(x)
+    y = rand_complex(ax.shape, dtype, seed + 1)
+    lhs = torch.vdot(ax.flatten(), y.flatten())
+    rhs = torch.vdot(x.flatten(), op.adjoint(y).flatten())
+    err = float(abs(lhs - rhs) / abs(lhs))
+    assert err < rtol, f"<Ax, y> = {complex(lhs)} vs <x, A^H y> = {complex(rhs)}: relative error {err:.3g} >= {rtol:g}"
+
+
+def grads_of_step(net: nn.Module, problem: SenseProblem) -> tuple[list[Tensor], Tensor]:
+    """One step of the loss ``sum |net(problem) - target|^2``: returns ``[dL/dx0, *dL/dparams]``
+    (parameters that require grad, in ``net.parameters()`` order) and the detached output."""
+    net.zero_grad(set_to_none=True)
+    x0 = problem.x0.detach().clone().requires_grad_()
+    out = net(x0, problem.kspace, problem.maps, problem.mask)
+    (out - problem.target).abs().pow(2).sum().backward()
+    params = [p for p in net.parameters() if p.requires_grad]
+    return [x0.grad] + [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params], out.detach()
+
+
+def _flat(ts: Sequence[Tensor]) -> Tensor:
+    return torch.cat([torch.view_as_real(t).flatten() if t.is_complex() else t.flatten() for t in ts])
+
+
+def rel_error(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+    """``||a - b|| / ||b||`` over all tensors of the lists together."""
+    return float((_flat(a) - _flat(b)).norm() / _flat(b).norm())
+
+
+def max_rel_error(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+    """The worst ``||a_i - b_i|| / ||b_i||`` over the pairs of tensors."""
+    return max(float((p - q).norm() / q.norm()) for p, q in zip(a, b))
+
+
+def model_config(name: str):
+    """``conf/model/<name>.yaml`` as Hydra composes it (its defaults list resolved), at the
+    family's paper sizes (no ``debug`` sizes), as a DictConfig ready for ``instantiate``."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"model={name}", "~debug"])
+    from omegaconf import OmegaConf
+
+    model = cfg.model
+    OmegaConf.set_struct(model, False)  # tests merge their own settings onto it
+    return model
