@@ -364,6 +364,15 @@ class ConvStack(nn.Module):
         return "" if self._tile is None else f"tile={self._tile}, halo={self.halo}"
 
 
+def set_tile(net: nn.Module, tile: TileSpec) -> int:
+    """Set the tile of every :class:`ConvStack` in ``net`` (e.g. a loaded network, to run it
+    on whole volumes); returns how many stacks were set.  Raises ValueError for a bad tile."""
+    stacks = [m for m in net.modules() if isinstance(m, ConvStack)]
+    for s in stacks:
+        s.tile = tile
+    return len(stacks)
+
+
 class ResidualCNN(InvertibleLayer):
     """``y = x + R(x)`` on complex images, R a 2 -> 2 channel :class:`ConvStack`; invertible
     by fixed point when Lip(R) < 1.
