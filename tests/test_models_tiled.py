@@ -117,3 +117,21 @@ def test_config_tile_reaches_every_cnn(family):
     net = instantiate(cfg)
     stacks = [m for m in net.modules() if isinstance(m, ConvStack)]
     assert stacks and all(s.tile == (8, None, 16) for s in stacks)
+
+
+@pytest.mark.parametrize("family", ["modl", "rev"])
+def test_dc_chunks_and_tiles_together_equal_the_plain_network(family):
+    """Whole-volume settings (tiled CNNs, SENSE in chunks of 2 readout positions) under MEL:
+    the same output and gradients as the plain network with standard backprop."""
+    prob = make_sense_problem("slab", SHAPE, coils=2, dtype=torch.complex128, seed=7)
+    build = modl if family == "modl" else rev
+    ref, net = build(None, "standard"), build(TILE, "mel")
+    net.dc_chunk = 2
+    g_ref, y_ref = step(ref, prob)
+    g, y = step(net, prob)
+    assert rel_error([y], [y_ref]) < 1e-10 and max_rel_error(g, g_ref) < 1e-9
+
+
+def test_bad_dc_chunk_is_refused_naming_the_option():
+    with pytest.raises(ValueError, match="model.dc_chunk"):
+        UnrolledNet(ResidualCNN(3, 4, 3), ProximalDC(), 2, dc_chunk=0)
