@@ -40,7 +40,8 @@ these terms are estimates until measured on a GPU:
   target (2I);
 - workspace of a CG solve (forward solve and adjoint solve in the backward): 7 I (CG
   vectors and their updates) + 2 C I (the normal operator's coil images: maps times image,
-  its FFT, masked copy and inverse FFT, two alive at a time);
+  its FFT, masked copy and inverse FFT, two alive at a time; with ``dc_chunk`` a chunk's
+  share of them, plus one image for joining the chunks);
 - workspace of a CNN backward: the incoming gradient of the unroll (I) + 2 A (the
   gradient entering and leaving a conv/ReLU pair); of a no-grad CNN evaluation (forward
   in the memory-saving modes, fixed-point inverse): 4 I + 2 A;
@@ -117,6 +118,7 @@ def predict_peak(
     batch: int = 1,
     kernel_size: int = 3,
     fft_even: bool | None = None,
+    dc_chunk: int | None = None,
 ) -> PeakPrediction:
     """Predict the memory of one MoDL training step (module docstring).
 
@@ -128,6 +130,9 @@ def predict_peak(
         real_bytes: b, 4 (complex64) or 8 (complex128).  batch: B.
         fft_even: whether both FFT axes (the last two) are even (the SENSE operator then
             keeps a modulated copy of the maps); None = from ``volume``.
+        dc_chunk: the model's ``dc_chunk`` (SENSE normal operator over this many positions of
+            the first axis at a time): the CG's coil-image workspace shrinks to a chunk's,
+            plus one image for joining the chunks.  None: whole image.
     """
     spatial = tuple(_positive_int("volume entries", int(s)) for s in volume)
     if not 1 <= len(spatial) <= 3:
@@ -163,7 +168,10 @@ def predict_peak(
         fft_even = len(spatial) >= 2 and all(s % 2 == 0 for s in spatial[-2:])
     data = (3 if fft_even else 2) * coil + 2 * img
     params = 4 * n_params * b
-    ws_cg = 7 * img + 2 * coil
+    if dc_chunk is not None and _positive_int("dc_chunk", dc_chunk) < spatial[0]:
+        ws_cg = 8 * img + 2 * coil * dc_chunk // spatial[0]
+    else:
+        ws_cg = 7 * img + 2 * coil
     ws_cnn_bwd = img + 2 * act
     ws_cnn_eval = 4 * img + 2 * act
     loss = 3 * img // 2
@@ -254,9 +262,10 @@ def main(argv: Sequence[str] | None = None) -> tuple[tuple[int, ...] | None, Pea
     ap.add_argument("--memory", default="mel", choices=MODES)
     ap.add_argument("--real-bytes", type=int, default=4, help="4: complex64, 8: complex128")
     ap.add_argument("--budget-gb", type=float, default=20.0)
+    ap.add_argument("--dc-chunk", type=int, default=None, help="model.dc_chunk (readout positions per SENSE chunk)")
     args = ap.parse_args(argv)
     kw = dict(coils=args.coils, width=args.width, depth=args.depth, num_unrolls=args.unrolls,
-              real_bytes=args.real_bytes)
+              real_bytes=args.real_bytes, dc_chunk=args.dc_chunk)
     print(f"volume {tuple(args.volume)}, {args.coils} coils, CNN {args.depth} x {args.width}, N = {args.unrolls}, "
           f"{args.real_bytes}-byte reals")
     tile: tuple[int, ...] | None = tuple(args.volume)
