@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "benchmarks" / "memory.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
+_spec = importlib.util.spec_from_file_location("bench_whole_volume", ROOT / "benchmarks" / "whole_volume.py")
+whole_volume = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(whole_volume)
 
 SLACK = 256  # bytes: the model leaves out the 0-dim tensors graphs save (lam, norm scales: 8 bytes each)
 
@@ -84,3 +87,26 @@ def test_model_rejects_bad_arguments():
             predict_peak(**{**good, key: bad})
     with pytest.raises(ValueError, match="no tile keeps"):
         choose_tile(1e3, (64, 64, 64), coils=8, width=64, depth=5, num_unrolls=2, memory="mel")
+
+
+def test_dc_chunk_shrinks_only_the_dc_workspace():
+    kw = dict(coils=8, width=64, depth=5, num_unrolls=10, memory="mel", tile=(160, 128, 160))
+    whole = predict_peak((320, 256, 320), **kw)
+    chunked = predict_peak((320, 256, 320), dc_chunk=32, **kw)
+    dc = {p.name: p.workspace for p in whole.phases}, {p.name: p.workspace for p in chunked.phases}
+    name = "backward: DC solve of one unroll"
+    assert dc[1][name] < dc[0][name] / 2 and chunked.probe_bytes == whole.probe_bytes
+    with pytest.raises(ValueError, match="dc_chunk"):
+        predict_peak((8, 8, 8), dc_chunk=0, **kw)
+
+
+def test_whole_volume_benchmark_graph_is_flat_in_volume_at_fixed_tile(capsys):
+    """benchmarks/whole_volume.py: probe == model in every row; at a fixed tile (every volume
+    has an interior tile) the CNN graph is one size for 1x and 2x volumes; untiled it grows."""
+    rows = whole_volume.main(["--volumes", "9,9,9", "18,9,9", "--tiles", "none", "3,3,3", "--depth", "2",
+                              "--width", "2", "--coils", "2", "--unrolls", "2"])
+    assert all(abs(r["probe_MB"] - r["model_MB"]) * 2**20 <= SLACK for r in rows)
+    tiled = [r["graph_MB"] for r in rows if r["tile"] != "none"]
+    plain = [r["graph_MB"] for r in rows if r["tile"] == "none"]
+    assert tiled[0] == tiled[1] < plain[0] < plain[1]
+    assert "prediction: volume (320, 256, 320)" in capsys.readouterr().out

@@ -384,6 +384,9 @@ def test_checkpoint_path_ckpt_flag_and_accel_override(runs, env, tmp_path):
     ("mismatch", "does not fit the run's model config"),
     ("bad_accel", "must be > 1, got 0.5"),
     ("bad_mask", "mask_type 'poisson' is not valid for cine"),
+    ("whole_and_slab", "--whole-volume and --slab-size exclude each other"),
+    ("bad_tile", "--tile 4 4: regularizer.tile [4, 4] needs one entry per convolved axis"),
+    ("bad_chunk", "--dc-chunk must be >= 1, got 0"),
 ])
 def test_usage_errors_are_one_line_with_status_2(runs, env, tmp_path, capsys, case, expect):
     from omegaconf import OmegaConf
@@ -404,6 +407,12 @@ def test_usage_errors_are_one_line_with_status_2(runs, env, tmp_path, capsys, ca
         args += ["--accel", "0.5"]
     elif case == "bad_mask":
         args += ["--mask-type", "poisson"]
+    elif case == "whole_and_slab":
+        args += ["--whole-volume", "--slab-size", "2"]
+    elif case == "bad_tile":
+        args += ["--tile", "4", "4"]
+    elif case == "bad_chunk":
+        args += ["--dc-chunk", "0"]
     code = _main(*args)
     err = capsys.readouterr().err
     assert code == 2
