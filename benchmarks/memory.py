@@ -11,10 +11,10 @@ the MEL drift, anchors and fallbacks.  Results print as a table and go to a CSV.
     python benchmarks/memory.py --device cuda --slab 21 256 320 --cine 20 192 160 \
         --coils 8 --width 64 --csv benchmarks/paper_scale.csv     # paper scale on a GPU
 
-Networks are built by :func:`build_network` from (family, kind, N, mode, options); a new
-family (e.g. reversible unrolls) is one more branch there.  Every mode gets ``--warmup``
-identical steps first (so spectral-norm estimates and the ``auto`` anchor controller are in
-their steady state, and all modes still compute the same function).
+Networks and the step are :mod:`melrecon.bench`'s (``build_network``, ``training_step``),
+shared with the GPU kit's benchmarks/gpu/bench.py.  Every mode gets ``--warmup`` identical
+steps first (so spectral-norm estimates and the ``auto`` anchor controller are in their steady
+state, and all modes still compute the same function).
 """
 
 from __future__ import annotations
@@ -29,60 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
+from melrecon.bench import FAMILIES, build_network, grad_rel_err, training_step  # noqa: E402
 from melrecon.mel.memory import MemoryProbe  # noqa: E402
-from melrecon.models import ConvStack, ProximalDC, ResidualCNN, ReversibleUnrolledNet, UnrolledNet  # noqa: E402
 from melrecon.physics.problems import LAYOUTS as KINDS  # noqa: E402
 from melrecon.physics.problems import SenseProblem, random_sense_problem  # noqa: E402
-
-FAMILIES = ("modl", "rev")
-
-
-def build_network(
-    family: str,
-    kind: str,
-    num_unrolls: int,
-    memory: str,
-    *,
-    width: int = 8,
-    depth: int = 5,
-    lam: float = 0.05,
-    anchor_every: Any = "auto",
-    drift_tol: float = 1e-5,
-    share_weights: bool = True,
-    lipschitz: float = 0.9,
-    anderson: int = 0,
-    seed: int = 0,
-) -> nn.Module:
-    """A network with ``forward(x0, kspace, maps, mask)`` for (family, kind, N, mode).
-
-    family "modl": UnrolledNet of a 3D residual CNN (over (X, Y, Z) for slabs, (T, X, Y)
-    for cine) and a proximal DC layer.  The seed makes every mode start from one network.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    torch.manual_seed(seed)
-    if family == "modl":
-        reg = ResidualCNN(conv_dim=3, width=width, depth=depth, lipschitz=lipschitz, anderson=anderson)
-        return UnrolledNet(reg, ProximalDC(lam_init=lam), num_unrolls, share_weights, memory, anchor_every, drift_tol)
-    if family == "rev":  # reversible unrolls (models/reversible.py): closed-form inverse, pure MEL, no anchors
-        r = ConvStack(4, 2, width, depth, conv_dim=3, out_scale=0.1)
-        q = ConvStack(2, 2, width, depth, conv_dim=3, out_scale=0.1)
-        return ReversibleUnrolledNet(r, q, ProximalDC(lam_init=lam), num_unrolls, share_weights, memory, None, drift_tol)
-    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-
-
-def training_step(net: nn.Module, problem: SenseProblem) -> torch.Tensor:
-    """Forward, mean-squared loss against the target, backward; returns the loss."""
-    out = net(problem.x0, problem.kspace, problem.maps, problem.mask)
-    loss = (out - problem.target).abs().pow(2).mean()
-    loss.backward()
-    return loss.detach()
 
 
 def run_case(
@@ -127,7 +82,7 @@ def run_case(
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--families", nargs="+", default=["modl"])
+    ap.add_argument("--families", nargs="+", default=["modl"], choices=FAMILIES)
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     ap.add_argument("--modes", nargs="+", default=["standard", "checkpoint", "mel"], choices=["standard", "checkpoint", "mel"])
     ap.add_argument("--unrolls", nargs="+", type=int, default=[1, 2, 5, 10, 20, 50])
@@ -181,9 +136,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                         ref = grads
                     net_err = float("nan")
                     if ref is not None and grads is not None and mode != "standard":
-                        net_err = max(
-                            float((g - r).norm()) / (float(r.norm()) or 1.0) for g, r in zip(grads, ref)
-                        )
+                        net_err = grad_rel_err(grads, ref)
                     row["grad_rel_err"] = net_err if mode != "standard" else 0.0
                     rows.append(row)
                     print(f"{family:6} {kind:5} {n:>3} {mode:10} {row['probe_peak_MB']:>9.3f} {row['cuda_peak_MB']:>8.1f} "

@@ -127,6 +127,7 @@ def test_shape_and_dtype_mismatches_name_both_shapes():
         SenseOperator(maps.real, mask)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sense_on_cuda_matches_cpu():
     p = _problem("cine", 2, torch.complex64, seed=5)
