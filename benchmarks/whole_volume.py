@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
+from melrecon.bench import training_step  # noqa: E402
 from melrecon.mel.memory import MemoryProbe  # noqa: E402
 from melrecon.models import ProximalDC, ResidualCNN, UnrolledNet  # noqa: E402
 from melrecon.models.memory_model import MODES, choose_tile, predict_peak  # noqa: E402
@@ -61,17 +62,13 @@ def measure(volume: Sequence[int], tile: tuple[int, ...] | None, opts: dict[str,
     if opts["double"]:
         net = net.double()
 
-    def step() -> None:
-        out = net(prob.x0, prob.kspace, prob.maps, prob.mask)
-        (out - prob.target).abs().pow(2).mean().backward()
-
-    step()  # norm estimates start on the first call
+    training_step(net, prob)  # norm estimates start on the first call
     net.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     with MemoryProbe(cuda=device.type == "cuda") as probe:
-        step()
+        training_step(net, prob)
     if device.type == "cuda":
         torch.cuda.synchronize()
     pred = predict_peak(volume, coils=opts["coils"], width=opts["width"], depth=opts["depth"],

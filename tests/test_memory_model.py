@@ -8,15 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from melrecon.bench import training_step
 from melrecon.mel import MemoryProbe
 from melrecon.models import ProximalDC, ResidualCNN, UnrolledNet
 from melrecon.models.memory_model import choose_tile, main, predict_peak
 from melrecon.physics.problems import random_sense_problem
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "benchmarks" / "memory.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
 _spec = importlib.util.spec_from_file_location("bench_whole_volume", ROOT / "benchmarks" / "whole_volume.py")
 whole_volume = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(whole_volume)
@@ -29,10 +27,10 @@ def measured_peak(volume, coils, width, depth, n, memory, tile):
     torch.manual_seed(0)
     reg = ResidualCNN(3, width, depth, lipschitz=0.9, tile=tile)
     net = UnrolledNet(reg, ProximalDC(lam_init=1.0), n, True, memory, anchor_every=None).double()
-    bench.training_step(net, prob)  # the norm estimates start on the first call
+    training_step(net, prob)  # the norm estimates start on the first call
     net.zero_grad(set_to_none=True)
     with MemoryProbe() as probe:
-        bench.training_step(net, prob)
+        training_step(net, prob)
     return probe.peak_bytes
 
 
