@@ -57,7 +57,9 @@ from the module at call time, so computed weights (spectral norm, frozen scales)
 recomputed per tile from the real parameters, which receive the gradients.
 
 Use :func:`tiled_forward` (functional; leaves the module's state dict untouched) or the
-drop-in wrapper :class:`TiledModule`.  Tiles are visited in a fixed (C) order, so the
+drop-in wrapper :class:`TiledModule`; a module that tiles its own ``forward`` passes its
+untiled body as ``fn`` (:class:`melrecon.models.regularizers.ConvStack` does, so its
+``tile`` option changes neither its parameters nor its state dict).  Tiles are visited in a fixed (C) order, so the
 result is deterministic.  Under ``torch.no_grad()`` (or when nothing requires grad) the
 tiles are just evaluated in a loop.
 """
