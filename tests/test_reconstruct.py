@@ -160,6 +160,46 @@ def test_batch_size_one_is_bitwise_the_network_on_each_item(runs, env, tmp_path)
             np.testing.assert_allclose(arrays["reconstruction"][s:s + n], want, rtol=0, atol=1e-6 * np.abs(want).max())
 
 
+def test_whole_volume_tiled_equals_untiled_and_differs_from_slabs_at_their_borders(runs, env, tmp_path, capsys):
+    """--whole-volume: one network call on the whole 8 x 16 x 16 volume (the Lightning-loaded
+    module on the whole-volume item); with --tile (every axis cut) and --dc-chunk it is the
+    same to float rounding. The slab-trained run's stitched slabs (3 readout positions) differ
+    from it: the CNN sees zero padding at every slab border instead of the neighbouring slab."""
+    run = runs["knee"]
+    src = env / "synthetic_knee3d" / "val" / "knee3d_val_0000.h5"
+    assert _main(run, src, "--out", tmp_path / "whole", "--whole-volume") == 0
+    assert _main(run, src, "--out", tmp_path / "tiled", "--whole-volume", "--tile", 3, 5, 7, "--dc-chunk", 3) == 0
+    assert _main(run, src, "--out", tmp_path / "slabs") == 0
+    (whole, attrs), (tiled, tattrs), (slabs, sattrs) = (_read(tmp_path / d / "knee3d_val_0000.h5")
+                                                   for d in ("whole", "tiled", "slabs"))
+    assert attrs["slab_size"] == -1 and attrs["tile"] == "None" and tattrs["tile"] == "(3, 5, 7)"
+    w, t, sl = whole["reconstruction"], tiled["reconstruction"], slabs["reconstruction"]
+    scale = np.abs(w).max()
+    assert np.abs(t - w).max() <= 2e-6 * scale  # complex64 rounding (tiles and chunks sum in another order)
+    assert np.array_equal(whole["mask"], slabs["mask"]) and np.array_equal(whole["zero_filled"], slabs["zero_filled"])
+    # the reference: the module on the dataset's one whole-volume item
+    from omegaconf import OmegaConf
+
+    cfg = _run_cfg(run)
+    OmegaConf.update(cfg, "data.slab_size", None)
+    import hydra
+
+    dm = hydra.utils.instantiate(cfg.data, root=str(env / "synthetic_knee3d"), synthetic=None)
+    dm.setup("validate")
+    ds = dm.datasets["val"]
+    assert len(ds) == 1  # one validation volume
+    with torch.no_grad():
+        want = _reference_module(run)(default_collate([ds[0]]))[0].numpy() * ds.infos[0].max
+    assert np.abs(w - want).max() <= 1e-6 * scale
+    # slab stitching: per readout position, the largest difference from the whole volume
+    diff = np.abs(sl - w).reshape(8, -1).max(axis=1) / scale
+    print("slabs [0,3) [3,6) [6,8) vs whole volume, max |difference| / max |whole| per readout position:",
+          " ".join(f"{d:.2e}" for d in diff), f"; tiled vs untiled {np.abs(t - w).max() / scale:.1e}; PSNR whole "
+          f"{attrs['psnr']:.2f} dB, tiled {tattrs['psnr']:.2f} dB, slabs {sattrs['psnr']:.2f} dB")
+    assert diff.max() > 1e3 * 2e-6  # seams: far above the tiled/untiled rounding
+    assert tattrs["psnr"] == pytest.approx(attrs["psnr"], abs=1e-3)
+
+
 def test_metrics_in_file_and_csv_are_the_projects_metrics(runs, env, tmp_path):
     run = runs["knee"]
     src = env / "synthetic_knee3d" / "val" / "knee3d_val_0000.h5"
@@ -344,6 +384,9 @@ def test_checkpoint_path_ckpt_flag_and_accel_override(runs, env, tmp_path):
     ("mismatch", "does not fit the run's model config"),
     ("bad_accel", "must be > 1, got 0.5"),
     ("bad_mask", "mask_type 'poisson' is not valid for cine"),
+    ("whole_and_slab", "--whole-volume and --slab-size exclude each other"),
+    ("bad_tile", "--tile 4 4: regularizer.tile [4, 4] needs one entry per convolved axis"),
+    ("bad_chunk", "--dc-chunk must be >= 1, got 0"),
 ])
 def test_usage_errors_are_one_line_with_status_2(runs, env, tmp_path, capsys, case, expect):
     from omegaconf import OmegaConf
@@ -364,6 +407,12 @@ def test_usage_errors_are_one_line_with_status_2(runs, env, tmp_path, capsys, ca
         args += ["--accel", "0.5"]
     elif case == "bad_mask":
         args += ["--mask-type", "poisson"]
+    elif case == "whole_and_slab":
+        args += ["--whole-volume", "--slab-size", "2"]
+    elif case == "bad_tile":
+        args += ["--tile", "4", "4"]
+    elif case == "bad_chunk":
+        args += ["--dc-chunk", "0"]
     code = _main(*args)
     err = capsys.readouterr().err
     assert code == 2

@@ -157,3 +157,21 @@ def test_console_line_per_validation_epoch_in_train_log(tmp_path, data_dir):
     console = res.stdout + res.stderr
     assert epochs[-1].group(0) in console
     assert "\r" not in console  # no progress bar redraws
+
+
+@pytest.mark.parametrize("name", ["knee3d_volume", "knee3d_rev_volume"])
+def test_whole_volume_experiment_with_tiles_that_cut_the_volume(compose_cfg, name):
+    """The whole-volume experiments at debug=tiny, with a tile and DC chunks smaller than the
+    tiny volume (8 x 16 x 16), so that every CNN call is tiled and every normal operator chunked."""
+    from hydra.utils import instantiate
+
+    overrides = (f"+experiment={name}", "debug=tiny", "logger=none", "trainer.fast_dev_run=true",
+                 "model.num_unrolls=2", "model.regularizer.tile=[5,8,null]", "model.dc_chunk=3")
+    cfg = compose_cfg(*overrides)
+    assert cfg.data.slab_size is None and cfg.model.regularizer.tile == [5, 8, None]
+    metrics = app.run(cfg)
+    for k in ("train/loss", *VAL_KEYS):
+        assert k in metrics and metrics[k] == metrics[k], f"{name}: {k} missing or NaN"
+    net = instantiate(cfg.model)
+    stacks = [m for m in net.modules() if hasattr(m, "halo")]
+    assert stacks and all(s.tile == (5, 8, None) for s in stacks) and net.dc_chunk == 3

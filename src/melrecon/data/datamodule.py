@@ -62,7 +62,8 @@ class KspaceDataModule(pl.LightningDataModule):
         batch_size: training batch size.
         val_batch_size: validation/test batch size (1: the last slab of a volume may be short).
         num_workers, pin_memory, persistent_workers: DataLoader options.
-        slab_size: S, readout positions per slab (volume3d; 1 = 2D slice baseline).
+        slab_size: S, readout positions per slab (volume3d; 1 = 2D slice baseline; None =
+            whole volumes, one item per file).
         accelerations: a number or a list to sample from per training item.
         eval_acceleration: fixed R for validation/test (default: per file from the list).
         calib: calibration box (Poisson) or number of central lines (line / k-t masks).
@@ -88,7 +89,7 @@ class KspaceDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
-        slab_size: int = 8,
+        slab_size: int | None = 8,
         accelerations: Sequence[float] | float = 8.0,
         eval_acceleration: float | None = None,
         calib: int = 24,
@@ -114,7 +115,7 @@ class KspaceDataModule(pl.LightningDataModule):
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
-        self.slab_size = int(slab_size)
+        self.slab_size = None if slab_size is None else int(slab_size)
         self.accelerations = [float(accelerations)] if isinstance(accelerations, (int, float)) else [float(a) for a in accelerations]
         self.eval_acceleration = eval_acceleration
         self.calib = int(calib)

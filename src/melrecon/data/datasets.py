@@ -143,11 +143,13 @@ class SlabDataset(_H5Dataset):
     by the cumulative counts and takes a uniformly random start in ``[0, X - S]``.
     Evaluation: deterministic tiling, starts 0, S, 2S, ... covering every readout position
     exactly once; the last slab of a volume may be shorter (batch size 1 then, or equal X % S).
-    ``slab_size=1`` is the 2D slice baseline (image (1, Y, Z)).
+    ``slab_size=1`` is the 2D slice baseline (image (1, Y, Z)).  ``slab_size=None``: whole
+    volumes, one item per file covering all its readout positions (image (X, Y, Z), start 0),
+    in training and evaluation alike; volumes of different X then need batch size 1.
 
     Args:
         files: volume3d files.
-        slab_size: S >= 1.
+        slab_size: S >= 1, or None for whole volumes.
         train: random slabs and masks if True; tiling and per-file masks otherwise.
         accelerations: one value or a list sampled per item (training).
         calib: calibration box / lines.
@@ -162,7 +164,7 @@ class SlabDataset(_H5Dataset):
     def __init__(
         self,
         files: Sequence[str | os.PathLike],
-        slab_size: int,
+        slab_size: int | None,
         train: bool,
         accelerations: Sequence[float] | float = 8.0,
         calib: int = 24,
@@ -172,13 +174,17 @@ class SlabDataset(_H5Dataset):
         normalize: bool = True,
     ) -> None:
         super().__init__(files, train, accelerations, calib, mask_type, mask_pool, eval_acceleration, normalize)
-        if int(slab_size) < 1:
-            raise ValueError(f"slab_size must be >= 1, got {slab_size}")
-        self.slab_size = int(slab_size)
+        if slab_size is not None and (isinstance(slab_size, bool) or int(slab_size) != slab_size or slab_size < 1):
+            raise ValueError(f"slab_size must be an integer >= 1 or None (whole volumes), got {slab_size!r}")
+        self.slab_size = None if slab_size is None else int(slab_size)
         counts = []
         self.tiles: list[tuple[int, int, int]] = []  # (file index, start, stop) in evaluation
         for i, info in enumerate(self.infos):
             nx = info.shape[1]
+            if self.slab_size is None:  # whole volume: one item, in training too
+                counts.append(1)
+                self.tiles.append((i, 0, nx))
+                continue
             if train and nx < self.slab_size:
                 raise ValueError(f"{info.path}: field 'kspace': {nx} readout positions < slab_size {self.slab_size}")
             counts.append(math.ceil(nx / self.slab_size))
@@ -195,7 +201,7 @@ class SlabDataset(_H5Dataset):
         """(file index, start, stop) of item ``index``; random start in training."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} slabs")
-        if not self.train:
+        if not self.train or self.slab_size is None:
             return self.tiles[index]
         fi = self.file_index(index)
         nx = self.infos[fi].shape[1]

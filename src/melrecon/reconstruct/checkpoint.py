@@ -87,21 +87,24 @@ def load_network(cfg: Any, ckpt_path: str | os.PathLike) -> nn.Module:
     return net.eval()
 
 
-def data_settings(cfg: Any, **overrides: Any) -> Any:
+def data_settings(cfg: Any, whole_volume: bool = False, **overrides: Any) -> Any:
     """The run's data settings as a :class:`KspaceDataModule` (no files are touched).
 
     ``root`` and ``synthetic`` are replaced (the run's data folder is not needed, and its path
     may use interpolations that only resolve inside Hydra). ``overrides`` with value ``None``
     are ignored; the others replace ``cfg.data`` keys (``eval_acceleration``, ``mask_type``,
-    ``calib``, ``slab_size``) and are checked by the DataModule/datasets.
+    ``calib``, ``slab_size``) and are checked by the DataModule/datasets.  ``whole_volume``:
+    ``slab_size=None``, one item per volume (as for a run trained on whole volumes).
     """
+    if whole_volume:
+        overrides = {**overrides, "slab_size": None}
     import hydra
 
     from melrecon.data.datamodule import KspaceDataModule
 
     if "data" not in cfg or "_target_" not in cfg.data:
         raise ReconstructError("the run config has no data section with a _target_")
-    kwargs = {k: v for k, v in overrides.items() if v is not None}
+    kwargs = {k: v for k, v in overrides.items() if v is not None or (k == "slab_size" and whole_volume)}
     try:
         dm = hydra.utils.instantiate(cfg.data, root=".", synthetic=None, **kwargs)
     except Exception as err:  # noqa: BLE001
@@ -115,7 +118,7 @@ def data_settings(cfg: Any, **overrides: Any) -> Any:
         raise ReconstructError(f"data settings: {err}") from None
     if dm.eval_acceleration is not None and not float(dm.eval_acceleration) > 1:
         raise ReconstructError(f"acceleration (--accel / data.eval_acceleration) must be > 1, got {dm.eval_acceleration}")
-    if dm.slab_size < 1:
+    if dm.slab_size is not None and dm.slab_size < 1:
         raise ReconstructError(f"slab size (--slab-size / data.slab_size) must be >= 1, got {dm.slab_size}")
     return dm
 

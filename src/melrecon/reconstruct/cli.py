@@ -23,6 +23,7 @@ from melrecon.reconstruct.checkpoint import (
     load_network,
     set_num_unrolls,
 )
+from melrecon.models.regularizers import ConvStack, set_tile
 from melrecon.reconstruct.output import (
     LOCK_NAME,
     csv_row,
@@ -50,6 +51,14 @@ def build_parser(prog: str = "python -m melrecon.reconstruct") -> argparse.Argum
     p.add_argument("--mask-type", help="mask type (volume3d: poisson|lines; cine: vd_kt|interleaved_kt)")
     p.add_argument("--calib", type=int, help="calibration region size (default: the run's data.calib)")
     p.add_argument("--slab-size", type=int, help="volume3d: readout positions per slab (default: the run's data.slab_size)")
+    p.add_argument("--whole-volume", action="store_true",
+                   help="volume3d: one network call per volume, all readout positions (no slabs, no seams); "
+                        "the default for runs trained on whole volumes (data.slab_size null)")
+    p.add_argument("--tile", type=int, nargs="+", metavar="T",
+                   help="evaluate every CNN in exact tiles of this size, one entry per convolved axis "
+                        "(bounds memory on whole volumes; default: the run's model.regularizer.tile)")
+    p.add_argument("--dc-chunk", type=int, metavar="N",
+                   help="apply the SENSE adjoint/normal in chunks of N readout positions (default: the run's model.dc_chunk)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     p.add_argument("--batch-size", type=int, default=1, help="items (slabs / slices) per network call (default 1)")
     p.add_argument("--num-unrolls", type=int,
@@ -82,6 +91,10 @@ def _setup(args: argparse.Namespace) -> tuple[nn.Module, nn.Module | None, Any, 
 
     if args.batch_size < 1:
         raise ReconstructError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.whole_volume and args.slab_size is not None:
+        raise ReconstructError("--whole-volume and --slab-size exclude each other")
+    if args.dc_chunk is not None and args.dc_chunk < 1:
+        raise ReconstructError(f"--dc-chunk must be >= 1, got {args.dc_chunk}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ReconstructError("--device cuda: no CUDA device is available (this torch build or machine)")
@@ -97,8 +110,20 @@ def _setup(args: argparse.Namespace) -> tuple[nn.Module, nn.Module | None, Any, 
             trained_cfg = OmegaConf.load(cfg_path)
             trained = load_network(trained_cfg, ckpt_path).to(device)
     dm = data_settings(cfg, eval_acceleration=args.accel, mask_type=args.mask_type, calib=args.calib,
-                       slab_size=args.slab_size)
+                       slab_size=args.slab_size, whole_volume=args.whole_volume)
     net = load_network(cfg, ckpt_path).to(device)
+    if args.tile is not None:
+        try:
+            if trained is not None:
+                set_tile(trained, args.tile)
+            if set_tile(net, args.tile) == 0:
+                raise ReconstructError("--tile: the run's network has no ConvStack CNN to tile")
+        except ValueError as err:
+            raise ReconstructError(f"--tile {' '.join(map(str, args.tile))}: {err}") from None
+    if args.dc_chunk is not None:
+        net.dc_chunk = args.dc_chunk
+        if trained is not None:
+            trained.dc_chunk = args.dc_chunk
     return net, trained, dm, ckpt_path.resolve(), cfg_path.resolve(), device
 
 
@@ -151,7 +176,8 @@ def _reconstruct_file(path: Path, out_path: Path, net: nn.Module, dm: Any, devic
         "has_target": result.has_target,
     }
     if info.kind == "volume3d":
-        attrs["slab_size"] = dm.slab_size
+        attrs["slab_size"] = -1 if dm.slab_size is None else dm.slab_size  # -1: the whole volume at once
+        attrs["tile"] = ", ".join(sorted({str(m.tile) for m in net.modules() if isinstance(m, ConvStack)}))
     at_trained = _trained_depth_metrics(trained, path, dm, device, batch_size, result)
     attrs.update({f"{k}_trained_depth": v for k, v in at_trained.items()})
     if "h5" in formats:
