@@ -67,6 +67,9 @@ class ReconModule(pl.LightningModule):
         self.vol_means = nn.ModuleDict({f"{src}_{m}": MeanMetric() for src in ("recon", "zf") for m in METRICS})
         self.vol_count = SumMetric()
         self.ssim_best = MaxMetric()
+        # the run's config record (melrecon.lit.runinfo.config_record), set by the app and
+        # stored in every checkpoint so that resume and reconstruct can refuse another config
+        self.run_record: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ forward / steps
     @property
@@ -177,8 +180,11 @@ class ReconModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoint extras
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the best SSIM and the W&B run id, so that a resumed run continues both."""
+        """Store the best SSIM, the W&B run id and the run's config record (model, its hash,
+        data, module, seed): a resumed run continues the first two and is checked against the last."""
         extra: dict[str, Any] = {"best_ssim": self.best_ssim}
+        if self.run_record is not None:
+            extra["config"] = self.run_record
         try:
             from pytorch_lightning.loggers import WandbLogger
 

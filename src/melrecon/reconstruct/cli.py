@@ -18,7 +18,6 @@ from melrecon.reconstruct.checkpoint import (
     eval_dataset,
     find_run,
     load_network,
-    set_num_unrolls,
 )
 from melrecon.reconstruct.output import print_table, write_csv, write_result
 from melrecon.reconstruct.stitch import ScanResult, reconstruct_scan
@@ -56,11 +55,9 @@ def _setup(args: argparse.Namespace) -> tuple[nn.Module, Any, Path, Path, torch.
         raise ReconstructError("--device cuda: no CUDA device is available (this torch build or machine)")
     ckpt_path, cfg_path = find_run(args.run, args.ckpt, args.config)
     cfg = OmegaConf.load(cfg_path)
-    if args.num_unrolls is not None:
-        set_num_unrolls(cfg, args.num_unrolls)
     dm = data_settings(cfg, eval_acceleration=args.accel, mask_type=args.mask_type, calib=args.calib,
                        slab_size=args.slab_size)
-    net = load_network(cfg, ckpt_path).to(device)
+    net = load_network(cfg, ckpt_path, args.num_unrolls).to(device)
     return net, dm, ckpt_path.resolve(), cfg_path.resolve(), device
 
 

@@ -1,0 +1,195 @@
+"""Faults around runs (issue 11): run folders, checkpoints, resume, clear errors, sweeps.
+
+Every test here reproduces a way melrecon used to lose a run or report wrong numbers with
+exit status 0, on the tiny synthetic presets (``debug=tiny``). A tiny run is trained once per
+module (``trained``) and its checkpoint reused by the resume and reconstruct tests.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONF, run_train
+from omegaconf import OmegaConf, open_dict
+
+from melrecon.lit import app
+
+
+def _one_error_line(err: str, expect: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("melrecon: error:")]
+    assert len(lines) == 1 and expect in lines[0], err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def _main_exit(cfg, capsys) -> tuple[int, str]:
+    """Run app.main(cfg); return (exit status, stderr)."""
+    try:
+        app.main(cfg)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code)
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    """A finished one-epoch tiny run: (run folder, its config with a concrete output_dir)."""
+    from hydra import compose, initialize_config_dir
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MELRECON_DATA_DIR", str(data_dir))
+        mp.setenv("WANDB_MODE", "disabled")
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=["debug=tiny", "logger=none"])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(run_dir)
+        app.run(cfg)
+        saved = cfg.copy()
+        with open_dict(saved):
+            saved.paths.output_dir = "${hydra:runtime.output_dir}"
+        (run_dir / ".hydra").mkdir()
+        OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
+        yield run_dir, cfg
+
+
+# ---------------------------------------------------------------------- 1. run folders
+def _compose_with_hydra(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
+    a = _compose_with_hydra(f"paths.log_dir={tmp_path}")
+    dirs_a = str(a.hydra.run.dir), str(a.hydra.sweep.dir)
+    b = _compose_with_hydra(f"paths.log_dir={tmp_path}")
+    # the second process started in the same second: it sees the same ${now:} values
+    OmegaConf.set_cache(b, {"now": OmegaConf.get_cache(a)["now"], "unique_dir": {}})
+    dirs_b = str(b.hydra.run.dir), str(b.hydra.sweep.dir)
+    for da, db in zip(dirs_a, dirs_b):  # run folders, then sweep folders
+        assert da != db and Path(da).parent == Path(db).parent, (da, db)
+        assert Path(da).is_dir() and Path(db).is_dir()
+        assert Path(db).name == Path(da).name + "-1"
+    # resolved again (Hydra resolves hydra.run.dir several times per run): no new folder
+    assert str(b.hydra.run.dir) == dirs_b[0]
+    assert len(list((tmp_path / "train" / "runs").iterdir())) == 2
+
+
+def test_checkpoint_carries_model_and_data_config(trained):
+    run_dir, cfg = trained
+    ck = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    rec = ck["melrecon"]["config"]
+    assert rec["model"] == OmegaConf.to_container(cfg.model, resolve=True)
+    assert rec["data"] == OmegaConf.to_container(cfg.data, resolve=True)
+    assert rec["module"]["optimizer"]["lr"] == cfg.module.optimizer.lr
+    assert len(rec["model_hash"]) == 16
+
+
+def test_reconstruct_refuses_weights_of_another_model_config(trained, tmp_path, capsys, data_dir, monkeypatch):
+    """Same tensor shapes, other network (what a collided run folder produced): refused."""
+    from melrecon import reconstruct as rc
+
+    monkeypatch.setenv("MELRECON_DATA_DIR", str(data_dir))
+    run_dir, _ = trained
+    other = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    other.model.dc.lam_init = 0.5
+    other.model.num_unrolls = 3
+    OmegaConf.save(other, tmp_path / "other.yaml")
+    src = data_dir / "synthetic_cine" / "val" / "cine_val_0000.h5"
+    code = rc.main([str(run_dir), str(src), "--out", str(tmp_path / "out"), "--config", str(tmp_path / "other.yaml")])
+    line = _one_error_line(capsys.readouterr().err, "does not fit the run's model config")
+    assert code == 2 and "model.dc.lam_init" in line and "model.num_unrolls" in line
+    # --num-unrolls on a shared-weight network is a deliberate change: still allowed
+    assert rc.main([str(run_dir), str(src), "--out", str(tmp_path / "deeper"), "--num-unrolls", "3"]) == 0
+
+
+# ---------------------------------------------------------------------- 3. resume with another config
+@pytest.mark.parametrize("override,key", [
+    ("model.num_unrolls=1", "model.num_unrolls"),       # shared weights: the state dict fits
+    ("model.regularizer.width=8", "model.regularizer.width"),
+    ("module.optimizer.lr=1e-6", "module.optimizer.lr"),
+    ("data.accelerations=[2]", "data.accelerations"),
+])
+def test_resume_with_another_config_is_refused_naming_the_keys(trained, compose_cfg, capsys, override, key):
+    run_dir, _ = trained
+    cfg = compose_cfg("debug=tiny", "logger=none", "trainer.max_epochs=2",
+                      f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", override)
+    code, err = _main_exit(cfg, capsys)
+    assert code == 2
+    line = _one_error_line(err, "trained with another config")
+    assert key in line
+
+
+def test_resume_may_switch_memory_mode_and_data_folder(trained, compose_cfg, tmp_path):
+    run_dir, _ = trained
+    ckpt = tmp_path / "copy" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    shutil.copy(run_dir / "checkpoints" / "last.ckpt", ckpt)
+    cfg = compose_cfg("debug=tiny", "logger=none", "callbacks=none", "trainer.max_epochs=2",
+                      "model.memory=standard", "data.num_workers=0", f"ckpt_path={ckpt}")
+    metrics = app.run(cfg)
+    assert "val/ssim" in metrics
+
+
+# ---------------------------------------------------------------------- 11. clear errors
+@pytest.mark.parametrize("override,expect", [
+    ("trainer.max_epochs=-5", "trainer.max_epochs"),
+    ("+trainer.max_steps=-3", "trainer.max_steps"),
+])
+def test_negative_epoch_or_step_limits_are_refused(compose_cfg, capsys, override, expect):
+    code, err = _main_exit(compose_cfg("debug=tiny", "logger=none", override), capsys)
+    assert code == 2
+    _one_error_line(err, expect)
+
+
+def test_plain_run_without_validation_warns_and_exits_0(compose_cfg, caplog):
+    cfg = compose_cfg("debug=tiny", "logger=none", "trainer.max_epochs=0")
+    with caplog.at_level("WARNING", logger="melrecon"):
+        assert app.main(cfg) is None
+    assert any("val/ssim_best" in r.getMessage() and "not logged" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated", "empty"])
+def test_unreadable_ckpt_path_is_one_line(trained, compose_cfg, capsys, tmp_path, kind):
+    run_dir, _ = trained
+    bad = tmp_path / "bad.ckpt"
+    if kind == "text":
+        bad.write_text("not a checkpoint\n")
+    elif kind == "truncated":
+        data = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    else:
+        bad.write_bytes(b"")
+    code, err = _main_exit(compose_cfg("debug=tiny", "logger=none", f"ckpt_path={bad}"), capsys)
+    assert code == 2
+    _one_error_line(err, str(bad))
+
+
+def test_data_dir_that_is_a_file_is_one_line(compose_cfg, capsys, tmp_path, monkeypatch):
+    cfg = compose_cfg("debug=tiny", "logger=none")
+    f = tmp_path / "datafile"
+    f.write_text("x")
+    monkeypatch.setenv("MELRECON_DATA_DIR", str(f))
+    code, err = _main_exit(cfg, capsys)
+    assert code == 2
+    _one_error_line(err, str(f))
+
+
+def test_unwritable_run_folder_is_one_line(tmp_path, data_dir):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the log folder should be")
+    res = run_train(["debug=tiny", "logger=none", "train=false"], tmp_path, data_dir,
+                    env={"HYDRA_FULL_ERROR": "0"}, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]  # the same command works with a good folder
+    res = run_train(["debug=tiny", "logger=none", "train=false", f"paths.log_dir={blocker / 'logs'}"],
+                    tmp_path, data_dir, timeout=120)
+    assert res.returncode != 0
+    _one_error_line(res.stderr, str(blocker))
