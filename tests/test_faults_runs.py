@@ -193,3 +193,41 @@ def test_unwritable_run_folder_is_one_line(tmp_path, data_dir):
                     tmp_path, data_dir, timeout=120)
     assert res.returncode != 0
     _one_error_line(res.stderr, str(blocker))
+
+
+# ---------------------------------------------------------------------- 6. checkpoints on a full disk
+def test_checkpoint_write_failure_leaves_previous_checkpoints_intact(compose_cfg, monkeypatch):
+    """The disk fills while epoch 1's checkpoint is written (half the bytes, then ENOSPC): epoch
+    0's files stay readable, nothing corrupt lies under a final name, no temporary file remains;
+    the bytes go to a temporary file in the checkpoint folder itself (renamed when complete),
+    not through the system temp folder (a copy across file systems is not atomic)."""
+    import io
+
+    real_save = torch.save
+    targets: list[object] = []
+
+    def filling_save(obj, f, *args, **kwargs):
+        buf = io.BytesIO()
+        real_save(obj, buf, *args, **kwargs)
+        data = buf.getvalue()
+        epoch = obj.get("epoch") if isinstance(obj, dict) else None
+        targets.append(getattr(f, "name", f))
+        if epoch != 1:
+            f.write(data) if hasattr(f, "write") else Path(f).write_bytes(data)
+            return
+        half = data[: len(data) // 2]
+        f.write(half) if hasattr(f, "write") else Path(f).write_bytes(half)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    cfg = compose_cfg("debug=tiny", "logger=none", "trainer.max_epochs=2")
+    ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
+    monkeypatch.setattr(torch, "save", filling_save)
+    with pytest.raises(OSError, match="No space left"):
+        app.run(cfg)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
+    for p in ckpt_dir.iterdir():
+        assert torch.load(p, map_location="cpu", weights_only=True)["epoch"] == 0
+    # every write went to a temporary name in the checkpoint folder
+    assert targets and all(isinstance(t, str) and Path(t).parent == ckpt_dir and not t.endswith(".ckpt")
+                           for t in targets), targets
