@@ -8,8 +8,11 @@ split files listing paths) and serves batches of type :class:`melrecon.data.batc
 missing or has no ``.h5`` file, so a new user's first run needs no download; with
 ``synthetic=None`` it raises one error naming the folder.
 
-Under DDP (torch.distributed initialised; the trainer config sets
-``use_distributed_sampler: false``) training uses a DistributedSampler and validation/test a
+Training uses a :class:`~melrecon.data.samplers.KeyedSampler` (a DistributedSampler yielding
+(epoch, index) keys: shuffling and every random choice of an item are functions of (seed,
+epoch, index), so a resumed run reproduces the uninterrupted one). Under DDP (torch.distributed
+initialised; the trainer config sets ``use_distributed_sampler: false``) it shards the training
+items, and validation/test use a
 :class:`~melrecon.data.samplers.VolumeSampler`, which keeps all slabs of a volume on one rank
 for per-volume metrics.
 """
@@ -25,11 +28,11 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from melrecon.data.datasets import CineDataset, SlabDataset
 from melrecon.data.h5 import find_files
-from melrecon.data.samplers import VolumeSampler
+from melrecon.data.samplers import KeyedSampler, VolumeSampler
 from melrecon.data.synthetic import MARKER, describe, generate_dataset, resolve_preset
 
 _SYNTHETIC_KIND = {"volume3d": "knee3d", "cine": "cine"}
@@ -63,7 +66,8 @@ class KspaceDataModule(pl.LightningDataModule):
         normalize: divide each item by its file's ``max`` attribute.
         synthetic: ``None`` (no generation) or a mapping with ``preset`` (tiny/small/medium),
             ``seed`` and optional preset overrides (``num_train``, ``shape``, ``coils``, ...).
-        seed: seed of the distributed training sampler's shuffling.
+        seed: data seed: training order, slab starts, accelerations and masks are functions of
+            (seed, epoch, index) (data/base.yaml sets it to the run's ``seed``).
     """
 
     def __init__(
@@ -184,6 +188,7 @@ class KspaceDataModule(pl.LightningDataModule):
         common = dict(
             train=train, accelerations=self.accelerations, calib=self.calib, mask_type=self.mask_type,
             mask_pool=self.mask_pool, eval_acceleration=self.eval_acceleration, normalize=self.normalize,
+            seed=self.seed,
         )
         if self.kind == "volume3d":
             return SlabDataset(files, slab_size=self.slab_size, **common)
@@ -215,7 +220,9 @@ class KspaceDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if "train" not in self.datasets:
             self.setup("fit")
-        sampler = DistributedSampler(self.datasets["train"], shuffle=True, seed=self.seed) if _distributed() else None
+        # (epoch, index) keys: order, masks and slabs are functions of (seed, epoch, index), so a
+        # resumed run is exact; also the per-rank shard under DDP
+        sampler = KeyedSampler(self.datasets["train"], shuffle=True, seed=self.seed)
         return self._loader("train", self.batch_size, sampler, shuffle=True)
 
     def _eval_loader(self, split: str) -> DataLoader:

@@ -28,6 +28,7 @@ from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from melrecon.data.batch import ReconBatch
 from melrecon.lit.losses import ReconLoss
 from melrecon.metrics import METRICS, VolumeAccumulator
+from melrecon.models.regularizers import BoundedConv
 
 
 class ReconModule(pl.LightningModule):
@@ -169,6 +170,16 @@ class ReconModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_volume_metrics("test")
 
+    def on_train_start(self) -> None:
+        """Continue the power iterations of a resumed checkpoint (see on_save_checkpoint)."""
+        stored, self._power_iteration = getattr(self, "_power_iteration", {}), {}
+        modules = dict(self.net.named_modules())
+        for name, u in stored.items():
+            m = modules.get(name)
+            if isinstance(m, BoundedConv):
+                m.u = u.to(device=m.weight.device, dtype=m.weight.dtype)
+                m._keep_loaded_sigma = False  # sigma and u belong together again
+
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         opt = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
@@ -193,9 +204,15 @@ class ReconModule(pl.LightningModule):
                     extra["wandb_id"] = lg.version
         except ImportError:  # pragma: no cover - wandb is a dependency
             pass
+        # the spectral-norm power-iteration vectors: not in the state dict (their shape follows the
+        # data), but a resumed run must continue them to train exactly as the uninterrupted one
+        extra["power_iteration"] = {name: m.u.detach().cpu().clone() for name, m in self.net.named_modules()
+                                    if isinstance(m, BoundedConv) and m.u.numel() > 0}
         checkpoint["melrecon"] = extra
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # applied at train start: loading the state dict (after this hook) resets them
+        self._power_iteration = dict(checkpoint.get("melrecon", {}).get("power_iteration", {}))
         self.ssim_best.reset()
         best = float(checkpoint.get("melrecon", {}).get("best_ssim", -math.inf))
         if math.isfinite(best):
