@@ -19,10 +19,10 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from melrecon.lit.runinfo import check_same_run, config_record, read_checkpoint, unique_dir
+from melrecon.lit.runinfo import check_same_run, checkpoint_run_dir, config_record, read_checkpoint, unique_dir
 
 log = logging.getLogger("melrecon")
 
@@ -70,8 +70,10 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[pl.Callback]:
     return out
 
 
-def instantiate_loggers(cfg: DictConfig | None, wandb_id: str | None = None) -> list[Any]:
-    """Instantiate the loggers; a W&B logger gets ``id=wandb_id`` when resuming a checkpoint."""
+def instantiate_loggers(cfg: DictConfig | None, wandb_id: str | None = None,
+                        resume_step: int | None = None) -> list[Any]:
+    """Instantiate the loggers. Resuming a checkpoint: a W&B logger gets ``id=wandb_id`` (W&B
+    resumes that run), a ResumableCSVLogger ``resume_step`` (the checkpoint's global step)."""
     out = []
     for name, c in (cfg or {}).items():
         if not (isinstance(c, DictConfig) and "_target_" in c):
@@ -81,6 +83,8 @@ def instantiate_loggers(cfg: DictConfig | None, wandb_id: str | None = None) -> 
         kwargs = {}
         if wandb_id and c._target_.endswith("WandbLogger") and not c.get("id"):
             kwargs["id"] = wandb_id
+        if resume_step is not None and c._target_.endswith("ResumableCSVLogger"):
+            kwargs["resume_step"] = resume_step
         out.append(hydra.utils.instantiate(c, **kwargs))
     return out
 
@@ -93,12 +97,16 @@ def check_limits(trainer_cfg: DictConfig) -> None:
             raise UserError(f"trainer.{key} must be -1 (no limit) or an integer >= 0, got {v!r}")
 
 
-def check_folders(cfg: DictConfig) -> None:
-    """The data folder and the run folder: a file in their place, or no write access, is one line."""
+def check_data_folder(cfg: DictConfig) -> None:
+    """A file where the data folder should be is one line (not a traceback from generation)."""
     for name, path in (("paths.data_dir (MELRECON_DATA_DIR)", cfg.paths.get("data_dir")),
                        ("data.root", cfg.data.get("root"))):
         if path and Path(path).exists() and not Path(path).is_dir():
             raise UserError(f"{name}: '{path}' is a file, not a folder")
+
+
+def check_run_folder(cfg: DictConfig) -> None:
+    """The run folder exists and is writable, or one line says why not."""
     out = Path(cfg.paths.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -106,6 +114,34 @@ def check_folders(cfg: DictConfig) -> None:
         raise UserError(f"run folder: cannot create '{out}': {err.strerror or err}") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise UserError(f"run folder: '{out}' is not writable")
+
+
+def continue_run_folder(cfg: DictConfig, ckpt_path: str) -> None:
+    """Make a resumed run write into the run folder its checkpoint belongs to.
+
+    ``<run>/checkpoints/x.ckpt`` -> ``paths.output_dir = <run>``: checkpoints, CSV and W&B
+    files continue there, so one folder holds the run's whole history. This invocation's own
+    folder (Hydra's, with its ``.hydra`` record and log) gets ``continues_run.txt`` naming the
+    run folder, and the run folder's ``resumes.txt`` gains a line naming this invocation.
+    A checkpoint outside a run's ``checkpoints/`` folder is resumed into the new folder.
+    """
+    import time
+
+    run_dir = checkpoint_run_dir(ckpt_path)
+    here = Path(cfg.paths.output_dir).resolve()
+    if run_dir is None or run_dir == here:
+        return
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        here.mkdir(parents=True, exist_ok=True)
+        (here / "continues_run.txt").write_text(f"{run_dir}\n")
+        with open(run_dir / "resumes.txt", "a") as f:
+            f.write(f"{stamp} resumed from {Path(ckpt_path).resolve()} by {here}\n")
+    except OSError as err:
+        raise UserError(f"ckpt_path: cannot continue the run in {run_dir}: {err.strerror or err}") from None
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+    log.info("resuming: the run continues in its folder %s", run_dir)
 
 
 def resume_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:
@@ -146,8 +182,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
         pl.seed_everything(int(cfg.seed), workers=True)
     ckpt_path = cfg.get("ckpt_path")
     check_limits(cfg.trainer)
-    check_folders(cfg)
+    check_data_folder(cfg)
     ckpt = resume_checkpoint(cfg)
+    if ckpt is not None:
+        continue_run_folder(cfg, ckpt_path)
+    check_run_folder(cfg)
 
     log.info("data: %s", cfg.data._target_)
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -156,7 +195,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     module = hydra.utils.instantiate(cfg.module, net=net)
     module.run_record = config_record(cfg)  # stored in every checkpoint
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    loggers = instantiate_loggers(cfg.get("logger"), (ckpt or {}).get("melrecon", {}).get("wandb_id"))
+    loggers = instantiate_loggers(cfg.get("logger"), (ckpt or {}).get("melrecon", {}).get("wandb_id"),
+                                  None if ckpt is None else int(ckpt.get("global_step", 0)))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     if loggers:
@@ -259,5 +299,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 __all__ = ["run", "main", "metric_value", "UserError", "instantiate_callbacks", "instantiate_loggers",
-           "finish_wandb", "user_error_message", "check_limits", "check_folders", "resume_checkpoint",
+           "finish_wandb", "user_error_message", "check_limits", "check_data_folder", "check_run_folder",
+           "resume_checkpoint", "continue_run_folder",
            "sweeper_needs_metric"]
