@@ -186,9 +186,6 @@ def test_data_dir_that_is_a_file_is_one_line(compose_cfg, capsys, tmp_path, monk
 def test_unwritable_run_folder_is_one_line(tmp_path, data_dir):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the log folder should be")
-    res = run_train(["debug=tiny", "logger=none", "train=false"], tmp_path, data_dir,
-                    env={"HYDRA_FULL_ERROR": "0"}, timeout=120)
-    assert res.returncode == 0, res.stderr[-3000:]  # the same command works with a good folder
     res = run_train(["debug=tiny", "logger=none", "train=false", f"paths.log_dir={blocker / 'logs'}"],
                     tmp_path, data_dir, timeout=120)
     assert res.returncode != 0
