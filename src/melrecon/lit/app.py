@@ -131,13 +131,15 @@ def continue_run_folder(cfg: DictConfig, ckpt_path: str) -> None:
     if run_dir is None or run_dir == here:
         return
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    try:
-        here.mkdir(parents=True, exist_ok=True)
-        (here / "continues_run.txt").write_text(f"{run_dir}\n")
-        with open(run_dir / "resumes.txt", "a") as f:
-            f.write(f"{stamp} resumed from {Path(ckpt_path).resolve()} by {here}\n")
-    except OSError as err:
-        raise UserError(f"ckpt_path: cannot continue the run in {run_dir}: {err.strerror or err}") from None
+    # DDP: every process follows rank 0's folder; rank 0 alone writes the records
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+        try:
+            here.mkdir(parents=True, exist_ok=True)
+            (here / "continues_run.txt").write_text(f"{run_dir}\n")
+            with open(run_dir / "resumes.txt", "a") as f:
+                f.write(f"{stamp} resumed from {Path(ckpt_path).resolve()} by {here}\n")
+        except OSError as err:
+            raise UserError(f"ckpt_path: cannot continue the run in {run_dir}: {err.strerror or err}") from None
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
     log.info("resuming: the run continues in its folder %s", run_dir)
