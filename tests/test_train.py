@@ -93,13 +93,16 @@ def test_resume_continues_step_and_wandb_run(compose_cfg, monkeypatch, tmp_path)
         app.run(second)
     finally:
         app.finish_wandb()
-    ck2 = torch.load(tmp_path / "run2" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    # the resumed run continues in the checkpoint's run folder (issue 11); run2 points there
+    run1 = Path(first.paths.output_dir)
+    assert (tmp_path / "run2" / "continues_run.txt").read_text().strip() == str(run1.resolve())
+    ck2 = torch.load(run1 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ck2["global_step"] == 4  # continued from step 2, not restarted
     assert ck2["epoch"] == 1
     assert ck2["melrecon"]["wandb_id"] == ck["melrecon"]["wandb_id"]  # same W&B run
-    rows = read_csv_rows(tmp_path / "run2" / "csv")
-    steps = sorted({int(r["step"]) for r in rows if r.get("train/loss")})
-    assert steps[0] >= 2, steps  # no step of the first epoch was repeated
+    rows = read_csv_rows(run1 / "csv")
+    steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert steps == [0, 1, 2, 3], steps  # no step of the first epoch was repeated
 
 
 @pytest.mark.slow

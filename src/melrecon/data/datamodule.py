@@ -15,8 +15,11 @@ size and mtime) and that the items can be batched and scored (one item shape per
 batch size is > 1; evaluation images at least the SSIM window), refusing with one line naming
 file and field.
 
-Under DDP (torch.distributed initialised; the trainer config sets
-``use_distributed_sampler: false``) training uses a DistributedSampler and validation/test a
+Training uses a :class:`~melrecon.data.samplers.KeyedSampler` (a DistributedSampler yielding
+(epoch, index) keys: shuffling and every random choice of an item are functions of (seed,
+epoch, index), so a resumed run reproduces the uninterrupted one). Under DDP (torch.distributed
+initialised; the trainer config sets ``use_distributed_sampler: false``) it shards the training
+items, and validation/test use a
 :class:`~melrecon.data.samplers.VolumeSampler`, which keeps all slabs of a volume on one rank
 for per-volume metrics.
 """
@@ -33,12 +36,12 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from melrecon.data.check import check_files
 from melrecon.data.datasets import CineDataset, SlabDataset
 from melrecon.data.h5 import LayoutError, ScanInfo, find_files
-from melrecon.data.samplers import VolumeSampler
+from melrecon.data.samplers import KeyedSampler, VolumeSampler
 from melrecon.data.synthetic import MARKER, describe, ensure_dataset, expected_files, resolve_preset
 from melrecon.metrics import SSIM_WIN
 
@@ -74,7 +77,8 @@ class KspaceDataModule(pl.LightningDataModule):
         normalize: divide each item by its file's ``max`` attribute.
         synthetic: ``None`` (no generation) or a mapping with ``preset`` (tiny/small/medium),
             ``seed`` and optional preset overrides (``num_train``, ``shape``, ``coils``, ...).
-        seed: seed of the distributed training sampler's shuffling.
+        seed: data seed: training order, slab starts, accelerations and masks are functions of
+            (seed, epoch, index) (data/base.yaml sets it to the run's ``seed``).
     """
 
     def __init__(
@@ -208,6 +212,7 @@ class KspaceDataModule(pl.LightningDataModule):
         common = dict(
             train=train, accelerations=self.accelerations, calib=self.calib, mask_type=self.mask_type,
             mask_pool=self.mask_pool, eval_acceleration=self.eval_acceleration, normalize=self.normalize,
+            seed=self.seed,
         )
         if self.kind == "volume3d":
             return SlabDataset(files, slab_size=self.slab_size, **common)
@@ -220,10 +225,11 @@ class KspaceDataModule(pl.LightningDataModule):
 
     def item_shape(self, info: ScanInfo) -> tuple[int, ...]:
         """Shape of one item's k-space without the slab axis: volume3d (C, Y, Z) (every training
-        slab has ``slab_size`` positions), cine (C, T, X, Y) after the crop."""
+        slab has ``slab_size`` positions; whole volumes, ``slab_size: null``, keep X: (C, X, Y, Z)),
+        cine (C, T, X, Y) after the crop."""
         if self.kind == "volume3d":
-            c, _, y, z = info.shape
-            return (c, y, z)
+            c, x, y, z = info.shape
+            return (c, x, y, z) if self.slab_size is None else (c, y, z)
         c, t, x, y = info.shape[-4:]
         return (c, t, *(self.crop or (x, y)))
 
@@ -238,7 +244,8 @@ class KspaceDataModule(pl.LightningDataModule):
             if info.kind != self.kind:
                 raise LayoutError(info.path, "kind", f"data.kind is {self.kind!r}, the file is {info.kind!r}")
             shape = self.item_shape(info)
-            if split == "train" and self.kind == "volume3d" and info.shape[1] < self.slab_size:
+            if (split == "train" and self.kind == "volume3d" and self.slab_size is not None
+                    and info.shape[1] < self.slab_size):
                 raise LayoutError(info.path, "kspace", f"shape {info.shape}: {info.shape[1]} readout positions < "
                                   f"data.slab_size {self.slab_size}")
             if split != "train" and min(shape[-2:]) < SSIM_WIN:
@@ -274,7 +281,9 @@ class KspaceDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if "train" not in self.datasets:
             self.setup("fit")
-        sampler = DistributedSampler(self.datasets["train"], shuffle=True, seed=self.seed) if _distributed() else None
+        # (epoch, index) keys: order, masks and slabs are functions of (seed, epoch, index), so a
+        # resumed run is exact; also the per-rank shard under DDP
+        sampler = KeyedSampler(self.datasets["train"], shuffle=True, seed=self.seed)
         return self._loader("train", self.batch_size, sampler, shuffle=True)
 
     def _eval_loader(self, split: str) -> DataLoader:

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from melrecon.data.batch import ReconBatch
 from melrecon.data.h5 import ScanInfo, open_scan, read_info
 from melrecon.data.npfft import fftc_np, ifftc_np
-from melrecon.data.subsample import MaskSampler, check_mask_options, cine_mask, volume_mask
+from melrecon.data.subsample import MaskSampler, check_mask_options, cine_mask, stable_seed, volume_mask
 from melrecon.physics.sense import SenseOperator
 
 
@@ -51,8 +51,10 @@ class _H5Dataset(Dataset):
         eval_acceleration: float | None = None,
         normalize: bool = True,
         mask_per_position: bool = False,
+        seed: int = 0,
     ) -> None:
         self.files = [str(f) for f in files]
+        self.seed = int(seed)
         if not self.files:
             raise ValueError(f"{type(self).__name__}: no files given")
         accelerations = [accelerations] if isinstance(accelerations, (int, float)) else list(accelerations)
@@ -116,6 +118,17 @@ class _H5Dataset(Dataset):
             return f["target"][sel]
         return np.full(shape, np.nan, dtype=np.complex64)
 
+    def _key(self, key: int | tuple[int, int]) -> tuple[int, torch.Generator | None]:
+        """``(index, generator)`` of an item key: an int (index; training draws from torch's
+        global RNG), or ``(epoch, index)`` from :class:`melrecon.data.samplers.KeyedSampler`
+        (training draws from a generator seeded by (seed, epoch, index): exact resume)."""
+        if isinstance(key, tuple):
+            epoch, index = (int(k) for k in key)
+            if not self.train:
+                return index, None
+            return index, torch.Generator().manual_seed(stable_seed("train", self.seed, epoch, index))
+        return int(key), None
+
     def _item(
         self, kspace: np.ndarray, maps: np.ndarray, target: np.ndarray, mask: torch.Tensor,
         vmax: float, scale: float, file: str, position: int,
@@ -157,6 +170,8 @@ class SlabDataset(_H5Dataset):
         mask_pool: training mask seeds from ``range(mask_pool)`` (``None``: unlimited).
         eval_acceleration: fixed R in evaluation (default: per file from the list).
         normalize: divide by the file's ``max`` attribute.
+        seed: the data seed of ``(epoch, index)`` item keys (training: slab start and mask are
+            functions of (seed, epoch, index); see :class:`melrecon.data.samplers.KeyedSampler`).
     """
 
     kind = "volume3d"
@@ -172,8 +187,10 @@ class SlabDataset(_H5Dataset):
         mask_pool: int | None = None,
         eval_acceleration: float | None = None,
         normalize: bool = True,
+        seed: int = 0,
     ) -> None:
-        super().__init__(files, train, accelerations, calib, mask_type, mask_pool, eval_acceleration, normalize)
+        super().__init__(files, train, accelerations, calib, mask_type, mask_pool, eval_acceleration, normalize,
+                         seed=seed)
         if slab_size is not None and (isinstance(slab_size, bool) or int(slab_size) != slab_size or slab_size < 1):
             raise ValueError(f"slab_size must be an integer >= 1 or None (whole volumes), got {slab_size!r}")
         self.slab_size = None if slab_size is None else int(slab_size)
@@ -197,19 +214,20 @@ class SlabDataset(_H5Dataset):
     def file_index(self, index: int) -> int:
         return bisect.bisect_right(self._cum, index)
 
-    def slab_bounds(self, index: int) -> tuple[int, int, int]:
-        """(file index, start, stop) of item ``index``; random start in training."""
+    def slab_bounds(self, index: int, generator: torch.Generator | None = None) -> tuple[int, int, int]:
+        """(file index, start, stop) of item ``index``; random start in training (from ``generator``)."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} slabs")
         if not self.train or self.slab_size is None:
             return self.tiles[index]
         fi = self.file_index(index)
         nx = self.infos[fi].shape[1]
-        start = int(torch.randint(nx - self.slab_size + 1, ()).item())
+        start = int(torch.randint(nx - self.slab_size + 1, (), generator=generator).item())
         return fi, start, start + self.slab_size
 
-    def __getitem__(self, index: int) -> ReconBatch:
-        fi, start, stop = self.slab_bounds(index)
+    def __getitem__(self, key: int | tuple[int, int]) -> ReconBatch:
+        index, gen = self._key(key)
+        fi, start, stop = self.slab_bounds(index, gen)
         info = self.infos[fi]
         f = self._file(fi)
         kspace = f["kspace"][:, start:stop]  # hyperslab read: only these readout positions
@@ -219,7 +237,7 @@ class SlabDataset(_H5Dataset):
         if stored is not None:
             mask = stored.reshape(1, 1, *info.shape[2:4]).contiguous()
         else:
-            accel, seed = self.masks(Path(info.path).name, start)
+            accel, seed = self.masks(Path(info.path).name, start, gen)
             mask = volume_mask(info.shape[2:4], accel, self.calib, self.mask_type, seed)
         scale = 1.0 / info.max if self.normalize else 1.0
         return self._item(kspace, maps, target, mask, info.max, scale, info.path, start)
@@ -243,7 +261,7 @@ class CineDataset(_H5Dataset):
     Args:
         files: cine files.
         train: random masks per item if True; fixed per file otherwise.
-        accelerations, calib, mask_pool, eval_acceleration, normalize: as :class:`SlabDataset`.
+        accelerations, calib, mask_pool, eval_acceleration, normalize, seed: as :class:`SlabDataset`.
         mask_type: ``"vd_kt"`` or ``"interleaved_kt"``.
         crop: optional (X, Y) image-domain centre crop. The coil images F^H k are cropped and
             transformed back, so k-space, maps and target stay consistent (the crop removes
@@ -263,10 +281,11 @@ class CineDataset(_H5Dataset):
         eval_acceleration: float | None = None,
         normalize: bool = True,
         crop: Sequence[int] | None = None,
+        seed: int = 0,
     ) -> None:
         # each slice of a multi-slice series is its own 2D+t acquisition: its own mask
         super().__init__(files, train, accelerations, calib, mask_type, mask_pool, eval_acceleration, normalize,
-                         mask_per_position=True)
+                         mask_per_position=True, seed=seed)
         if crop is not None:
             crop = tuple(int(c) for c in crop)
             if len(crop) != 2 or min(crop) < 1:
@@ -291,7 +310,8 @@ class CineDataset(_H5Dataset):
     def file_index(self, index: int) -> int:
         return self.items[index][0]
 
-    def __getitem__(self, index: int) -> ReconBatch:
+    def __getitem__(self, key: int | tuple[int, int]) -> ReconBatch:
+        index, gen = self._key(key)
         fi, s = self.items[index]
         info = self.infos[fi]
         f = self._file(fi)
@@ -312,7 +332,7 @@ class CineDataset(_H5Dataset):
         if stored is not None:
             mask = stored[sel].reshape(1, kspace.shape[1], 1, kspace.shape[-1]).contiguous()
         else:
-            accel, seed = self.masks(Path(info.path).name, s)
+            accel, seed = self.masks(Path(info.path).name, s, gen)
             mask = cine_mask(kspace.shape[1], kspace.shape[-1], accel, self.calib, self.mask_type, seed)
         scale = 1.0 / info.max if self.normalize else 1.0
         return self._item(kspace, maps, target, mask, vmax, scale, info.path, s)

@@ -29,6 +29,7 @@ from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from melrecon.data.batch import ReconBatch
 from melrecon.lit.losses import ReconLoss
 from melrecon.metrics import METRICS, VolumeAccumulator
+from melrecon.models.regularizers import BoundedConv
 
 
 class ReconModule(pl.LightningModule):
@@ -68,6 +69,9 @@ class ReconModule(pl.LightningModule):
         self.vol_means = nn.ModuleDict({f"{src}_{m}": MeanMetric() for src in ("recon", "zf") for m in METRICS})
         self.vol_count = SumMetric()
         self.ssim_best = MaxMetric()
+        # the run's config record (melrecon.lit.runinfo.config_record), set by the app and
+        # stored in every checkpoint so that resume and reconstruct can refuse another config
+        self.run_record: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ forward / steps
     @property
@@ -200,6 +204,16 @@ class ReconModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_volume_metrics("test")
 
+    def on_train_start(self) -> None:
+        """Continue the power iterations of a resumed checkpoint (see on_save_checkpoint)."""
+        stored, self._power_iteration = getattr(self, "_power_iteration", {}), {}
+        modules = dict(self.net.named_modules())
+        for name, u in stored.items():
+            m = modules.get(name)
+            if isinstance(m, BoundedConv):
+                m.u = u.to(device=m.weight.device, dtype=m.weight.dtype)
+                m._keep_loaded_sigma = False  # sigma and u belong together again
+
     # ------------------------------------------------------------------ optimisation
     def setup(self, stage: str) -> None:
         check_precision(self.net, str(self.trainer.precision) if self._trainer is not None else "32-true")
@@ -214,8 +228,11 @@ class ReconModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoint extras
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the best SSIM and the W&B run id, so that a resumed run continues both."""
+        """Store the best SSIM, the W&B run id and the run's config record (model, its hash,
+        data, module, seed): a resumed run continues the first two and is checked against the last."""
         extra: dict[str, Any] = {"best_ssim": self.best_ssim}
+        if self.run_record is not None:
+            extra["config"] = self.run_record
         try:
             from pytorch_lightning.loggers import WandbLogger
 
@@ -224,9 +241,15 @@ class ReconModule(pl.LightningModule):
                     extra["wandb_id"] = lg.version
         except ImportError:  # pragma: no cover - wandb is a dependency
             pass
+        # the spectral-norm power-iteration vectors: not in the state dict (their shape follows the
+        # data), but a resumed run must continue them to train exactly as the uninterrupted one
+        extra["power_iteration"] = {name: m.u.detach().cpu().clone() for name, m in self.net.named_modules()
+                                    if isinstance(m, BoundedConv) and m.u.numel() > 0}
         checkpoint["melrecon"] = extra
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # applied at train start: loading the state dict (after this hook) resets them
+        self._power_iteration = dict(checkpoint.get("melrecon", {}).get("power_iteration", {}))
         self.ssim_best.reset()
         best = float(checkpoint.get("melrecon", {}).get("best_ssim", -math.inf))
         if math.isfinite(best):

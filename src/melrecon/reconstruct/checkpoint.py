@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from melrecon.data.subsample import check_mask_options
@@ -53,29 +52,40 @@ def find_run(run_or_ckpt: str | os.PathLike, ckpt: str | None = None,
     return ckpt_path, cfg_path
 
 
-def load_network(cfg: Any, ckpt_path: str | os.PathLike) -> nn.Module:
+def load_network(cfg: Any, ckpt_path: str | os.PathLike, num_unrolls: int | None = None) -> nn.Module:
     """Build the network of ``cfg.model`` and load its weights from a Lightning checkpoint.
 
-    :class:`melrecon.lit.ReconModule` stores the network as ``self.net``, so its parameters
-    are the ``net.``-prefixed entries of the checkpoint's ``state_dict`` (loaded strictly:
-    a checkpoint that does not match the config is an error). Returns the network in eval mode.
+    The checkpoint's own record of the model config (stored by :class:`melrecon.lit.ReconModule`
+    since issue 11) must equal ``cfg.model`` (but the memory-mode keys,
+    :data:`melrecon.lit.runinfo.EXECUTION_KEYS`): weights of another network are refused with
+    the differing keys even when every tensor shape fits. ``num_unrolls`` then rebuilds a
+    shared-weight network at another depth (:func:`set_num_unrolls`). The parameters are the
+    ``net.``-prefixed entries of the checkpoint's ``state_dict``, loaded strictly. Returns the
+    network in eval mode.
     """
     import hydra
+
+    from melrecon.lit.runinfo import format_differences, read_checkpoint, run_differences
 
     if "model" not in cfg or "_target_" not in cfg.model:
         raise ReconstructError("the run config has no model section with a _target_")
     try:
+        # Lightning checkpoints made by ReconModule hold only plain values (weights_only-safe)
+        ckpt = read_checkpoint(ckpt_path, what="checkpoint")
+    except ValueError as err:
+        raise ReconstructError(str(err)) from None
+    state = ckpt["state_dict"]
+    record = ckpt.get("melrecon", {}).get("config")
+    diffs = run_differences(record, cfg, ("model",)) if record is not None else []
+    if diffs:
+        raise ReconstructError(f"checkpoint {ckpt_path} does not fit the run's model config (checkpoint -> "
+                               f"config): {format_differences(diffs)}")
+    if num_unrolls is not None:
+        set_num_unrolls(cfg, num_unrolls)
+    try:
         net = hydra.utils.instantiate(cfg.model)
     except Exception as err:  # noqa: BLE001 - any instantiation failure is a config problem here
         raise ReconstructError(f"cannot build the network from the run config: {err}") from err
-    try:
-        # Lightning checkpoints made by ReconModule hold only plain values (weights_only-safe)
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise ReconstructError(f"cannot read checkpoint {ckpt_path}: {err}") from err
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not state:
-        raise ReconstructError(f"checkpoint {ckpt_path} has no state_dict (is it a Lightning checkpoint?)")
     weights = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
     if not weights:
         raise ReconstructError(f"checkpoint {ckpt_path}: no 'net.*' parameters (not a ReconModule checkpoint)")

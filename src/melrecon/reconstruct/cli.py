@@ -21,7 +21,6 @@ from melrecon.reconstruct.checkpoint import (
     eval_dataset,
     find_run,
     load_network,
-    set_num_unrolls,
 )
 from melrecon.models.regularizers import ConvStack, set_tile
 from melrecon.reconstruct.output import (
@@ -101,17 +100,14 @@ def _setup(args: argparse.Namespace) -> tuple[nn.Module, nn.Module | None, Any, 
     ckpt_path, cfg_path = find_run(args.run, args.ckpt, args.config)
     cfg = OmegaConf.load(cfg_path)
     trained = None
-    if args.num_unrolls is not None:
-        depth = int(cfg.model.get("num_unrolls", 0))
-        set_num_unrolls(cfg, args.num_unrolls)
-        if args.num_unrolls != depth:
-            print(f"note: --num-unrolls {args.num_unrolls}: the network runs {args.num_unrolls} unrolls of its shared "
-                  f"weights; it was trained with {depth} (metrics at {depth} are shown beside)")
-            trained_cfg = OmegaConf.load(cfg_path)
-            trained = load_network(trained_cfg, ckpt_path).to(device)
+    depth = int(cfg.model.get("num_unrolls", 0))
+    if args.num_unrolls is not None and args.num_unrolls != depth:
+        print(f"note: --num-unrolls {args.num_unrolls}: the network runs {args.num_unrolls} unrolls of its shared "
+              f"weights; it was trained with {depth} (metrics at {depth} are shown beside)")
+        trained = load_network(OmegaConf.load(cfg_path), ckpt_path).to(device)
     dm = data_settings(cfg, eval_acceleration=args.accel, mask_type=args.mask_type, calib=args.calib,
                        slab_size=args.slab_size, whole_volume=args.whole_volume)
-    net = load_network(cfg, ckpt_path).to(device)
+    net = load_network(cfg, ckpt_path, args.num_unrolls).to(device)
     if args.tile is not None:
         try:
             if trained is not None:
