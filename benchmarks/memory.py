@@ -20,10 +20,10 @@ steps (under MEL) so the drift is that of a trained network::
     python benchmarks/memory.py --rev-study --unrolls 1 10 50 100 200 --decays 1.0 0.9 0.8 \
         --cine 4 16 16 --coils 4 --sampled 0.1667 --width 8 --depth 3 --csv benchmarks/rev_study.csv
 
-Networks are built by :func:`build_network` from (family, kind, N, mode, options); a new
-family (e.g. reversible unrolls) is one more branch there.  Every mode gets ``--warmup``
-identical steps first (so spectral-norm estimates and the ``auto`` anchor controller are in
-their steady state, and all modes still compute the same function).
+Networks and the step are :mod:`melrecon.bench`'s (``build_network``, ``training_step``),
+shared with the GPU kit's benchmarks/gpu/bench.py.  Every mode gets ``--warmup`` identical
+steps first (so spectral-norm estimates and the ``auto`` anchor controller are in their steady
+state, and all modes still compute the same function).
 """
 
 from __future__ import annotations
@@ -39,65 +39,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
+from melrecon.bench import FAMILIES, build_network, grad_rel_err, training_step  # noqa: E402
 from melrecon.mel.memory import MemoryProbe  # noqa: E402
-from melrecon.models import ConvStack, ProximalDC, ResidualCNN, ReversibleUnrolledNet, UnrolledNet  # noqa: E402
 from melrecon.physics.problems import LAYOUTS as KINDS  # noqa: E402
 from melrecon.physics.problems import SenseProblem, random_sense_problem  # noqa: E402
-
-FAMILIES = ("modl", "rev")
-
-
-def build_network(
-    family: str,
-    kind: str,
-    num_unrolls: int,
-    memory: str,
-    *,
-    width: int = 8,
-    depth: int = 5,
-    lam: float = 0.05,
-    anchor_every: Any = "auto",
-    drift_tol: float = 1e-5,
-    share_weights: bool = True,
-    lipschitz: float = 0.9,
-    anderson: int = 0,
-    seed: int = 0,
-    gamma_decay: float = 1.0,
-    state_precision: str = "fixed",
-    physics: str = "proximal",
-) -> nn.Module:
-    """A network with ``forward(x0, kspace, maps, mask)`` for (family, kind, N, mode).
-
-    family "modl": UnrolledNet of a 3D residual CNN (over (X, Y, Z) for slabs, (T, X, Y)
-    for cine) and a proximal DC layer.  The seed makes every mode start from one network.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    torch.manual_seed(seed)
-    if family == "modl":
-        reg = ResidualCNN(conv_dim=3, width=width, depth=depth, lipschitz=lipschitz, anderson=anderson)
-        return UnrolledNet(reg, ProximalDC(lam_init=lam), num_unrolls, share_weights, memory, anchor_every, drift_tol)
-    if family == "rev":  # reversible unrolls (models/reversible.py): closed-form inverse, pure MEL, no anchors
-        r = ConvStack(4, 2, width, depth, conv_dim=3, out_scale=0.1)
-        q = ConvStack(2, 2, width, depth, conv_dim=3, out_scale=0.1)
-        dc = ProximalDC(lam_init=lam) if physics == "proximal" else None
-        return ReversibleUnrolledNet(r, q, dc, num_unrolls, share_weights, memory, None, drift_tol, gamma_init=0.5,
-                                     gamma_decay=gamma_decay, state_precision=state_precision)
-    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-
-
-def training_step(net: nn.Module, problem: SenseProblem) -> torch.Tensor:
-    """Forward, mean-squared loss against the target, backward; returns the loss."""
-    out = net(problem.x0, problem.kspace, problem.maps, problem.mask)
-    loss = (out - problem.target).abs().pow(2).mean()
-    loss.backward()
-    return loss.detach()
 
 
 def run_case(
@@ -140,11 +90,6 @@ def run_case(
     return row, grads
 
 
-def _grad_error(grads: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-    """Worst relative error over the parameter tensors."""
-    return max(float((g - r).norm()) / (float(r.norm()) or 1.0) for g, r in zip(grads, ref))
-
-
 def rev_study(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The reversible study (module docstring): one row per (N, gamma_decay, state_precision)."""
     dtype = getattr(torch, args.dtype)
@@ -162,7 +107,7 @@ def rev_study(args: argparse.Namespace) -> list[dict[str, Any]]:
             for prec in args.precisions:
                 opts = dict(width=args.width, depth=args.depth, lam=args.lam, drift_tol=args.drift_tol,
                             share_weights=not args.unshared, gamma_decay=decay, state_precision=prec,
-                            physics=args.rev_physics)
+                            physics=args.rev_physics, gamma_init=0.5)
                 net = build_network("rev", kind, n, "mel", **opts).to(args.device)
                 opt = torch.optim.Adam(net.parameters(), lr=1e-3)
                 train_fb = 0
@@ -193,7 +138,7 @@ def rev_study(args: argparse.Namespace) -> list[dict[str, Any]]:
                                        fallback_spacing=st["mel/fallback_spacing"])
                             mel_grads = grads
                         else:
-                            row["grad_rel_err"] = _grad_error(mel_grads, grads)
+                            row["grad_rel_err"] = grad_rel_err(mel_grads, grads)
                 rows.append(row)
                 nan = float("nan")
                 print(f"{n:>4} {decay:>5.2f} {prec:9} {row['mel_probe_peak_MB']:>8.3f} "
@@ -215,7 +160,7 @@ def _write_csv(rows: list[dict[str, Any]], path: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--families", nargs="+", default=["modl"])
+    ap.add_argument("--families", nargs="+", default=["modl"], choices=FAMILIES)
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     ap.add_argument("--modes", nargs="+", default=["standard", "checkpoint", "mel"], choices=["standard", "checkpoint", "mel"])
     ap.add_argument("--unrolls", nargs="+", type=int, default=[1, 2, 5, 10, 20, 50])
@@ -280,9 +225,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                         ref = grads
                     net_err = float("nan")
                     if ref is not None and grads is not None and mode != "standard":
-                        net_err = max(
-                            float((g - r).norm()) / (float(r.norm()) or 1.0) for g, r in zip(grads, ref)
-                        )
+                        net_err = grad_rel_err(grads, ref)
                     row["grad_rel_err"] = net_err if mode != "standard" else 0.0
                     rows.append(row)
                     print(f"{family:6} {kind:5} {n:>3} {mode:10} {row['probe_peak_MB']:>9.3f} {row['cuda_peak_MB']:>8.1f} "

@@ -309,7 +309,7 @@ class ReversibleUnrolledNet(UnrolledBase):
             application per unroll), or a :class:`ProximalDC` for the proximal direction
             ``d(x) = P_lam(x) - x`` (MoDL's CG data consistency, lam learned); the template
             of every unroll.
-        num_unrolls, share_weights, memory, anchor_every, drift_tol, auto_start, fft_dims:
+        num_unrolls, share_weights, memory, anchor_every, drift_tol, auto_start, fft_dims, dc_chunk:
             see :class:`~melrecon.models.base.UnrolledBase`. ``share_weights``: one R, Q and
             DC for all unrolls (the step sizes stay per unroll). ``anchor_every``: None
             (pure MEL) needs no anchors here; the drift is measured at the chain input.
@@ -351,6 +351,8 @@ class ReversibleUnrolledNet(UnrolledBase):
             see the table there.
     """
 
+    exact_inverse = True  # closed-form coupling inverse: exact under autocast too (UnrolledBase)
+
     def __init__(
         self,
         regularizer: ConvStack,
@@ -368,8 +370,9 @@ class ReversibleUnrolledNet(UnrolledBase):
         state_precision: str = "fixed",
         auto_start: int = 4,
         fft_dims: Sequence[int] = (-2, -1),
+        dc_chunk: int | None = None,
     ) -> None:
-        super().__init__(num_unrolls, share_weights, memory, anchor_every, drift_tol, auto_start, fft_dims)
+        super().__init__(num_unrolls, share_weights, memory, anchor_every, drift_tol, auto_start, fft_dims, dc_chunk)
         _check_cnns(regularizer, step_net)
         if dc is not None and not isinstance(dc, ProximalDC):
             raise ValueError(
