@@ -11,6 +11,15 @@ the MEL drift, anchors and fallbacks.  Results print as a table and go to a CSV.
     python benchmarks/memory.py --device cuda --slab 21 256 320 --cine 20 192 160 \
         --coils 8 --width 64 --csv benchmarks/paper_scale.csv     # paper scale on a GPU
 
+Reversible study (``--rev-study``, issue 16): the reversible family under pure MEL for each N
+(``--unrolls``), ``gamma_decay`` (``--decays``) and ``state_precision`` (``--precisions``):
+probe peak, recomputed-input drift, fallbacks, gradient error against ``standard`` of the same
+precision (up to ``--standard-max-n``), step time, optionally after ``--train-steps`` Adam
+steps (under MEL) so the drift is that of a trained network::
+
+    python benchmarks/memory.py --rev-study --unrolls 1 10 50 100 200 --decays 1.0 0.9 0.8 \
+        --cine 4 16 16 --coils 4 --sampled 0.1667 --width 8 --depth 3 --csv benchmarks/rev_study.csv
+
 Networks and the step are :mod:`melrecon.bench`'s (``build_network``, ``training_step``),
 shared with the GPU kit's benchmarks/gpu/bench.py.  Every mode gets ``--warmup`` identical
 steps first (so spectral-norm estimates and the ``auto`` anchor controller are in their steady
@@ -23,6 +32,8 @@ import argparse
 import csv
 import math
 import sys
+import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,9 +44,78 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
-from melrecon.bench import FAMILIES, grad_rel_err, run_case  # noqa: E402
+from melrecon.bench import FAMILIES, build_network, grad_rel_err, run_case, training_step  # noqa: E402
+from melrecon.mel.memory import MemoryProbe  # noqa: E402
 from melrecon.physics.problems import LAYOUTS as KINDS  # noqa: E402
 from melrecon.physics.problems import random_sense_problem  # noqa: E402
+
+
+def rev_study(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The reversible study (module docstring): one row per (N, gamma_decay, state_precision)."""
+    dtype = getattr(torch, args.dtype)
+    sizes = args.cine if "cine" in args.kinds else args.slab
+    kind = "cine" if "cine" in args.kinds else "slab"
+    problem = random_sense_problem(kind, sizes, args.coils, dtype, args.device, sampled=args.sampled)
+    print(f"reversible study: {kind} {sizes} coils={args.coils} sampled={args.sampled:.3f} width={args.width} "
+          f"depth={args.depth} physics={args.rev_physics} train_steps={args.train_steps} dtype={args.dtype} "
+          f"device={args.device} threads={torch.get_num_threads()}")
+    print(f"{'N':>4} {'decay':>5} {'precision':9} {'mel MB':>8} {'std MB':>8} {'drift':>9} {'fb':>3} {'train fb':>8} "
+          f"{'grad err':>9} {'mel s':>6} {'std s':>6}")
+    rows = []
+    for n in args.unrolls:
+        for decay in args.decays:
+            for prec in args.precisions:
+                opts = dict(width=args.width, depth=args.depth, lam=args.lam, drift_tol=args.drift_tol,
+                            share_weights=not args.unshared, gamma_decay=decay, state_precision=prec,
+                            physics=args.rev_physics, gamma_init=0.5)
+                net = build_network("rev", kind, n, "mel", **opts).to(args.device)
+                opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+                train_fb = 0
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # fallbacks and coarse grids are counted, not printed
+                    for _ in range(args.train_steps):
+                        net.zero_grad(set_to_none=True)
+                        training_step(net, problem)
+                        opt.step()
+                        train_fb += int(net.log_stats()["mel/fallbacks"])
+                    row = {"N": n, "gamma_decay": decay, "state_precision": prec, "train_steps": args.train_steps,
+                           "train_fallbacks": train_fb}
+                    for mode in ("mel", "standard"):
+                        if mode == "standard" and n > args.standard_max_n:
+                            continue
+                        net.chain.memory = mode
+                        net.zero_grad(set_to_none=True)
+                        t0 = time.perf_counter()
+                        with MemoryProbe(cuda=args.device.startswith("cuda")) as probe:
+                            training_step(net, problem)
+                        row[f"{mode}_time_s"] = time.perf_counter() - t0
+                        row[f"{mode}_probe_peak_MB"] = probe.peak_bytes / 2**20
+                        grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                                 for p in net.parameters()]
+                        if mode == "mel":
+                            st = net.log_stats()
+                            row.update(drift=st["mel/drift"], fallbacks=st["mel/fallbacks"],
+                                       fallback_spacing=st["mel/fallback_spacing"])
+                            mel_grads = grads
+                        else:
+                            row["grad_rel_err"] = grad_rel_err(mel_grads, grads)
+                rows.append(row)
+                nan = float("nan")
+                print(f"{n:>4} {decay:>5.2f} {prec:9} {row['mel_probe_peak_MB']:>8.3f} "
+                      f"{row.get('standard_probe_peak_MB', nan):>8.3f} {row['drift']:>9.2e} {row['fallbacks']:>3.0f} "
+                      f"{train_fb:>8d} {row.get('grad_rel_err', nan):>9.1e} {row['mel_time_s']:>6.2f} "
+                      f"{row.get('standard_time_s', nan):>6.2f}", flush=True)
+    return rows
+
+
+def _write_csv(rows: list[dict[str, Any]], path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -59,7 +139,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--dtype", default="complex64", choices=["complex64", "complex128"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--csv", default=str(ROOT / "benchmarks" / "memory.csv"))
+    ap.add_argument("--sampled", type=float, default=0.35, help="fraction of phase-encode lines kept (1/R)")
+    ap.add_argument("--rev-study", action="store_true", help="the reversible study (module docstring)")
+    ap.add_argument("--decays", nargs="+", type=float, default=[1.0, 0.9, 0.8], help="rev study: gamma_decay values")
+    ap.add_argument("--precisions", nargs="+", default=["fixed", "double", "input"], help="rev study: state_precision")
+    ap.add_argument("--rev-physics", default="gradient", choices=["gradient", "proximal"], help="rev study: direction")
+    ap.add_argument("--train-steps", type=int, default=0, help="rev study: Adam steps (MEL) before measuring")
     args = ap.parse_args(argv)
+    if args.rev_study:
+        rows = rev_study(args)
+        if args.csv:
+            _write_csv(rows, args.csv)
+        return rows
 
     dtype = getattr(torch, args.dtype)
     ae: Any = args.anchor_every
@@ -78,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for family in args.families:
         for kind in args.kinds:
             sizes = args.slab if kind == "slab" else args.cine
-            problem = random_sense_problem(kind, sizes, args.coils, dtype, args.device)
+            problem = random_sense_problem(kind, sizes, args.coils, dtype, args.device, sampled=args.sampled)
             for n in args.unrolls:
                 ref = None
                 for mode in args.modes:

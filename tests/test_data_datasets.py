@@ -85,6 +85,25 @@ def test_eval_tiling_covers_each_volume_exactly_once(data, slab: int) -> None:
     assert all((c == 1).all() for c in seen.values())
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_whole_volume_items(data, train: bool) -> None:
+    """``slab_size=None``: one item per file, all readout positions, start 0, in training and
+    evaluation; x0 = A^H y of the whole volume."""
+    files = find_files(data["knee"] / "train")
+    ds = SlabDataset(files, slab_size=None, train=train, **KNEE)
+    assert len(ds) == len(files) == 3
+    for i in range(len(ds)):
+        item = ds[i]
+        assert int(item.position) == 0 and item.file == str(files[i])
+        assert item.kspace.shape == item.maps.shape == (4, 8, 16, 16) and item.x0.shape == (8, 16, 16)
+        with h5py.File(item.file, "r") as f:
+            assert np.allclose(item.target.numpy(), f["target"][()] / f.attrs["max"], atol=1e-6)
+        x0 = _combine(item.kspace.numpy(), item.maps.numpy(), item.mask.numpy())
+        assert np.abs(x0 - item.x0.numpy()).max() < 1e-5 * np.abs(x0).max()
+    with pytest.raises(ValueError, match="slab_size must be an integer >= 1 or None"):
+        SlabDataset(files, slab_size=2.5, train=train, **KNEE)
+
+
 def test_masks_reproducible(data) -> None:
     files = find_files(data["knee"] / "train")
     a = SlabDataset(files, slab_size=4, train=False, **KNEE)

@@ -12,13 +12,20 @@ import numpy as np
 import pytest
 
 from melrecon.data.h5 import LayoutError, read_scan, validate_file, write_scan
+from melrecon.data.npfft import ifftc_np, sense_combine_np
 from melrecon.data.validate import main as validate_main
 
 
+def _unit_maps(m: np.ndarray, coil_axis: int) -> np.ndarray:
+    """Normalise maps to unit sum of squares over coils (what validate requires)."""
+    return (m / np.sqrt((np.abs(m) ** 2).sum(coil_axis, keepdims=True))).astype(np.complex64)
+
+
 def _volume(rng, c=3, x=5, y=6, z=4):
+    """Random k-space and maps with the consistent target S^H F^H k (validate checks it)."""
     k = (rng.standard_normal((c, x, y, z)) + 1j * rng.standard_normal((c, x, y, z))).astype(np.complex64)
-    m = (rng.standard_normal((c, x, y, z)) + 1j * rng.standard_normal((c, x, y, z))).astype(np.complex64)
-    t = (rng.standard_normal((x, y, z)) + 1j * rng.standard_normal((x, y, z))).astype(np.complex64)
+    m = _unit_maps(rng.standard_normal((c, x, y, z)) + 1j * rng.standard_normal((c, x, y, z)), 0)
+    t = sense_combine_np(ifftc_np(k), m).astype(np.complex64)
     return k, m, t
 
 
@@ -42,8 +49,8 @@ def test_round_trip_exact_volume_and_cine(tmp_path: Path) -> None:
         assert f.attrs["snr"] == 3.5 and f.attrs["layout_version"] == 1
 
     kc = rng.standard_normal((2, 3, 4, 6, 5)).astype(np.complex64)  # (S, C, T, X, Y)
-    mc = rng.standard_normal((2, 3, 6, 5)).astype(np.complex64)
-    tc = rng.standard_normal((2, 4, 6, 5)).astype(np.complex64) + 1j
+    mc = _unit_maps(rng.standard_normal((2, 3, 6, 5)) + 1j, 1)
+    tc = sense_combine_np(ifftc_np(kc), mc[:, :, None], coil_axis=1).astype(np.complex64)
     write_scan(tmp_path / "c.h5", kc, mc, tc, kind="cine", source="s")
     arrays, info = read_scan(tmp_path / "c.h5")
     assert info.axes == "slice,coil,time,x,y" and info.positions == 2 and info.num_coils == 3
@@ -130,3 +137,51 @@ def test_validate_cli_folder(tmp_path: Path, good: Path) -> None:
     assert bad.returncode == 1
     assert f"{good}: field 'kspace': contains NaN or Inf" in bad.stderr
     assert validate_main([str(tmp_path / "nothing_here")]) == 1
+
+
+def test_stored_mask_round_trip_zero_filled_max_and_errors(tmp_path: Path) -> None:
+    """The optional ``mask``: stored as given, k-space kept only where sampled, target optional
+    (``max`` then from the zero-filled image), broken masks named by field."""
+    from melrecon.data.datasets import SlabDataset
+    from melrecon.data.h5 import zero_filled_max
+    from melrecon.data.npfft import ifftc_np
+
+    rng = np.random.default_rng(3)
+    k, m, t = _volume(rng)
+    mask = np.zeros((6, 4), np.float32)
+    mask[::2] = 1
+    write_scan(tmp_path / "p.h5", k, m, None, kind="volume3d", source="t", mask=mask)
+    arrays, info = read_scan(tmp_path / "p.h5")
+    assert info.has_mask and not info.has_target and "target" not in arrays
+    assert np.array_equal(arrays["mask"], mask) and np.array_equal(arrays["kspace"], k * mask)
+    zf = np.sum(np.conj(m) * ifftc_np(k * mask, axes=(-2, -1)), axis=0)
+    assert info.max == pytest.approx(float(np.abs(zf).max()), rel=1e-6)
+    assert zero_filled_max(k * mask, m, "coil,x,y,z") == pytest.approx(info.max, rel=1e-12)
+    with pytest.raises(ValueError, match="cannot be used for training"):
+        SlabDataset([tmp_path / "p.h5"], slab_size=1, train=True, calib=2)
+    with pytest.raises(ValueError, match="must carry its sampling mask"):
+        write_scan(tmp_path / "q.h5", k, m, None, kind="volume3d", source="t")
+    with pytest.raises(ValueError, match="mask: shape"):
+        write_scan(tmp_path / "q.h5", k, m, t, kind="volume3d", source="t", mask=mask[:, :3])
+    # files broken after writing
+    for name, bad in (("shape", np.ones((6, 3), np.float32)), ("values", mask * 0.5),
+                      ("empty", np.zeros((6, 4), np.float32))):
+        path = tmp_path / f"bad_{name}.h5"
+        write_scan(path, k, m, t, kind="volume3d", source="t", mask=mask)
+        with h5py.File(path, "a") as f:
+            del f["mask"]
+            f.create_dataset("mask", data=bad)
+        with pytest.raises(LayoutError, match="field 'mask'"):
+            validate_file(path)
+    path = tmp_path / "no_target.h5"
+    write_scan(path, k, m, t, kind="volume3d", source="t")
+    with h5py.File(path, "a") as f:
+        del f["target"]
+    with pytest.raises(LayoutError, match="field 'target': missing dataset"):
+        validate_file(path)
+    # cine: one mask row per frame, each must hold a sample
+    kc = (rng.standard_normal((2, 3, 4, 5, 6)) + 0j).astype(np.complex64)
+    mc = np.ones((2, 4, 6), np.float32)
+    mc[1, 2] = 0
+    with pytest.raises(ValueError, match="a frame"):
+        write_scan(tmp_path / "c.h5", kc, np.ones((2, 3, 5, 6), np.complex64), None, kind="cine", source="t", mask=mc)

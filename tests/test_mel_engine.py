@@ -327,3 +327,44 @@ def test_requires_grad_toggled_between_forward_and_backward(memory):
         grads.append(gx)
         net.layers[0].w.requires_grad_(True)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-12)
+
+
+class FlagRecorder(InvertibleLayer):
+    """Identity-plus-shift layer that records the cuDNN flags each call runs under."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = nn.Parameter(torch.zeros(()))
+        self.seen: list[tuple[bool, bool]] = []
+
+    def _record(self) -> None:
+        self.seen.append((torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic))
+
+    def forward(self, x, data):
+        self._record()
+        return x + self.b
+
+    def inverse(self, y, data):
+        self._record()
+        return InvertResult(y - self.b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: cuDNN algorithm selection")
+@pytest.mark.parametrize("memory", ["checkpoint", "mel"])
+def test_forward_and_recompute_pin_cudnn_algorithms_on_cuda(memory):
+    """With cudnn.benchmark on, a checkpoint/mel step runs its forward pass and its recompute
+    with benchmark off and deterministic kernels (the same algorithm both times), and gives
+    the user's flags back afterwards."""
+    layers = [FlagRecorder().cuda() for _ in range(4)]
+    chain = InvertibleChain(layers, memory=memory, anchor_every=math.inf)
+    old = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
+    try:
+        x = torch.randn(3, device="cuda", requires_grad=True)
+        chain(x, None).sum().backward()
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (True, False)
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = old
+    seen = [f for layer in layers for f in layer.seen]
+    assert len(seen) > len(layers) and all(f == (False, True) for f in seen)
+

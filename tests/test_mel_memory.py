@@ -71,3 +71,26 @@ def test_benchmark_script_runs_and_writes_csv(tmp_path):
     for r in table:
         if r["mode"] != "standard":
             assert float(r["grad_rel_err"]) < 1e-4
+
+
+def test_benchmark_rev_study_runs_and_writes_csv(tmp_path):
+    """The reversible study (issue 16): one row per (N, gamma_decay, state_precision); fixed
+    streams drift 0 and match standard exactly; every row reports peak, drift and fallbacks."""
+    out = tmp_path / "rev.csv"
+    args = ["--rev-study", "--unrolls", "1", "4", "--decays", "1.0", "0.8", "--precisions", "fixed", "input",
+            "--cine", "2", "6", "6", "--coils", "2", "--width", "2", "--depth", "2", "--standard-max-n", "1",
+            "--train-steps", "1", "--csv", str(out)]
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), *args],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    with open(out) as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 2 * 2 * 2
+    assert {"N", "gamma_decay", "state_precision", "mel_probe_peak_MB", "drift", "fallbacks", "grad_rel_err"} <= set(
+        k for r in table for k in r)
+    for r in table:
+        assert float(r["mel_probe_peak_MB"]) > 0
+        if r["state_precision"] == "fixed":
+            assert float(r["drift"]) == 0.0 and float(r["fallbacks"]) == 0
+        assert (r["grad_rel_err"] == "") == (int(r["N"]) > 1)  # standard only up to --standard-max-n
+    assert all(float(r["grad_rel_err"]) == 0.0 for r in table if r["state_precision"] == "fixed" and r["N"] == "1")

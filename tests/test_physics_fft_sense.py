@@ -135,3 +135,31 @@ def test_sense_on_cuda_matches_cpu():
     cpu = p.op
     gpu = SenseOperator(p.maps.cuda(), p.mask.cuda())
     torch.testing.assert_close(gpu.normal(x.cuda()).cpu(), cpu.normal(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout,shape,chunk", [("slab", (7, 6, 5), 3), ("slab", (7, 6, 5), 1), ("slab", (4, 6, 4), 9),
+                                                ("cine", (5, 7, 6), 2)])  # fmt: skip
+def test_chunks_along_the_first_image_axis_equal_one_piece(layout, shape, chunk):
+    """``chunk``: adjoint, normal and gram over pieces of the readout X (slab; cine: the
+    frames, where the maps broadcast) equal the whole operator; the chunked adjoint is still
+    the adjoint of the forward; autograd through the chunks gives the same gradient."""
+    p = make_sense_problem(layout, shape, 3, torch.complex128, seed=5, batch=2)
+    whole, parts = SenseOperator(p.maps, p.mask), SenseOperator(p.maps, p.mask, chunk=chunk)
+    x = rand_complex(p.x0.shape, seed=1)
+    k = rand_complex(p.kspace.shape, seed=2)
+    for a, b in ((parts.adjoint(k), whole.adjoint(k)), (parts.normal(x), whole.normal(x)),
+                 ((parts.gram + 0.3)(x), (whole.gram + 0.3)(x))):
+        assert a.shape == b.shape and float((a - b).abs().max()) <= 1e-14 * float(b.abs().max())
+    assert_adjoint(parts, p.x0.shape, torch.complex128, 1e-12)
+    xg = x.clone().requires_grad_()
+    (g_parts,) = torch.autograd.grad(parts.normal(xg).abs().pow(2).sum(), xg)
+    (g_whole,) = torch.autograd.grad(whole.normal(xg).abs().pow(2).sum(), xg)
+    assert float((g_parts - g_whole).abs().max()) <= 1e-13 * float(g_whole.abs().max())
+
+
+def test_chunk_errors_name_the_option():
+    p = make_sense_problem("slab", (4, 6, 4), 2, torch.complex64)
+    with pytest.raises(ValueError, match="chunk must be a positive integer"):
+        SenseOperator(p.maps, p.mask, chunk=0)
+    with pytest.raises(ValueError, match="Fourier encoded"):
+        SenseOperator(p.maps, p.mask, fft_dims=(-3, -2, -1), chunk=2)

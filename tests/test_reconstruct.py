@@ -160,6 +160,46 @@ def test_batch_size_one_is_bitwise_the_network_on_each_item(runs, env, tmp_path)
             np.testing.assert_allclose(arrays["reconstruction"][s:s + n], want, rtol=0, atol=1e-6 * np.abs(want).max())
 
 
+def test_whole_volume_tiled_equals_untiled_and_differs_from_slabs_at_their_borders(runs, env, tmp_path, capsys):
+    """--whole-volume: one network call on the whole 8 x 16 x 16 volume (the Lightning-loaded
+    module on the whole-volume item); with --tile (every axis cut) and --dc-chunk it is the
+    same to float rounding. The slab-trained run's stitched slabs (3 readout positions) differ
+    from it: the CNN sees zero padding at every slab border instead of the neighbouring slab."""
+    run = runs["knee"]
+    src = env / "synthetic_knee3d" / "val" / "knee3d_val_0000.h5"
+    assert _main(run, src, "--out", tmp_path / "whole", "--whole-volume") == 0
+    assert _main(run, src, "--out", tmp_path / "tiled", "--whole-volume", "--tile", 3, 5, 7, "--dc-chunk", 3) == 0
+    assert _main(run, src, "--out", tmp_path / "slabs") == 0
+    (whole, attrs), (tiled, tattrs), (slabs, sattrs) = (_read(tmp_path / d / "knee3d_val_0000.h5")
+                                                   for d in ("whole", "tiled", "slabs"))
+    assert attrs["slab_size"] == -1 and attrs["tile"] == "None" and tattrs["tile"] == "(3, 5, 7)"
+    w, t, sl = whole["reconstruction"], tiled["reconstruction"], slabs["reconstruction"]
+    scale = np.abs(w).max()
+    assert np.abs(t - w).max() <= 2e-6 * scale  # complex64 rounding (tiles and chunks sum in another order)
+    assert np.array_equal(whole["mask"], slabs["mask"]) and np.array_equal(whole["zero_filled"], slabs["zero_filled"])
+    # the reference: the module on the dataset's one whole-volume item
+    from omegaconf import OmegaConf
+
+    cfg = _run_cfg(run)
+    OmegaConf.update(cfg, "data.slab_size", None)
+    import hydra
+
+    dm = hydra.utils.instantiate(cfg.data, root=str(env / "synthetic_knee3d"), synthetic=None)
+    dm.setup("validate")
+    ds = dm.datasets["val"]
+    assert len(ds) == 1  # one validation volume
+    with torch.no_grad():
+        want = _reference_module(run)(default_collate([ds[0]]))[0].numpy() * ds.infos[0].max
+    assert np.abs(w - want).max() <= 1e-6 * scale
+    # slab stitching: per readout position, the largest difference from the whole volume
+    diff = np.abs(sl - w).reshape(8, -1).max(axis=1) / scale
+    print("slabs [0,3) [3,6) [6,8) vs whole volume, max |difference| / max |whole| per readout position:",
+          " ".join(f"{d:.2e}" for d in diff), f"; tiled vs untiled {np.abs(t - w).max() / scale:.1e}; PSNR whole "
+          f"{attrs['psnr']:.2f} dB, tiled {tattrs['psnr']:.2f} dB, slabs {sattrs['psnr']:.2f} dB")
+    assert diff.max() > 1e3 * 2e-6  # seams: far above the tiled/untiled rounding
+    assert tattrs["psnr"] == pytest.approx(attrs["psnr"], abs=1e-3)
+
+
 def test_metrics_in_file_and_csv_are_the_projects_metrics(runs, env, tmp_path):
     run = runs["knee"]
     src = env / "synthetic_knee3d" / "val" / "knee3d_val_0000.h5"
@@ -344,6 +384,9 @@ def test_checkpoint_path_ckpt_flag_and_accel_override(runs, env, tmp_path):
     ("mismatch", "does not fit the run's model config"),
     ("bad_accel", "must be > 1, got 0.5"),
     ("bad_mask", "mask_type 'poisson' is not valid for cine"),
+    ("whole_and_slab", "--whole-volume and --slab-size exclude each other"),
+    ("bad_tile", "--tile 4 4: regularizer.tile [4, 4] needs one entry per convolved axis"),
+    ("bad_chunk", "--dc-chunk must be >= 1, got 0"),
 ])
 def test_usage_errors_are_one_line_with_status_2(runs, env, tmp_path, capsys, case, expect):
     from omegaconf import OmegaConf
@@ -364,6 +407,12 @@ def test_usage_errors_are_one_line_with_status_2(runs, env, tmp_path, capsys, ca
         args += ["--accel", "0.5"]
     elif case == "bad_mask":
         args += ["--mask-type", "poisson"]
+    elif case == "whole_and_slab":
+        args += ["--whole-volume", "--slab-size", "2"]
+    elif case == "bad_tile":
+        args += ["--tile", "4", "4"]
+    elif case == "bad_chunk":
+        args += ["--dc-chunk", "0"]
     code = _main(*args)
     err = capsys.readouterr().err
     assert code == 2
@@ -443,3 +492,103 @@ def test_cine_acceleration_and_masks_are_the_ones_validation_used(tmp_path):
         assert result.acceleration == pytest.approx(achieved[0], rel=1e-6)
         requested.add(result.acceleration_requested)
     assert requested == {2.0, 4.0}  # both accelerations occur among the files
+
+
+# ---------------------------------------------------------------------- prospective data
+def test_num_unrolls_prints_the_trained_depth_metrics_beside(runs, env, tmp_path, capsys):
+    run = runs["cine"]
+    src = env / "synthetic_cine" / "val" / "cine_val_0000.h5"
+    trained = int(_run_cfg(run).model.num_unrolls)
+    assert _main(run, src, "--out", tmp_path / "a") == 0
+    capsys.readouterr()
+    assert _main(run, src, "--out", tmp_path / "c", "--num-unrolls", trained + 3) == 0
+    out = capsys.readouterr().out
+    _, at_trained = _read(tmp_path / "a" / "cine_val_0000.h5")
+    _, deeper = _read(tmp_path / "c" / "cine_val_0000.h5")
+    assert f"it was trained with {trained}" in out
+    assert f"PSNR {deeper['psnr']:.2f} dB" in out and f"trained depth: PSNR {at_trained['psnr']:.2f} dB" in out
+    with open(tmp_path / "c" / "metrics.csv") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["psnr_trained_depth"]) == pytest.approx(float(at_trained["psnr"]), rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["knee", "cine"])
+def test_prospective_file_with_stored_mask_equals_retrospective(runs, env, tmp_path, capsys, kind):
+    """A file holding only the samples of a mask (and the mask) reconstructs exactly as the
+    fully-sampled file undersampled retrospectively with that mask."""
+    run = runs[kind]
+    src = (env / "synthetic_knee3d" / "val" / "knee3d_val_0000.h5" if kind == "knee"
+           else env / "synthetic_cine" / "val" / "cine_val_0000.h5")
+    assert _main(run, src, "--out", tmp_path / "retro") == 0
+    retro, retro_attrs = _read(tmp_path / "retro" / src.name)
+    scan, info = read_scan(src)
+    pro = tmp_path / "pro_in" / src.name
+    write_scan(pro, scan["kspace"], scan["maps"], scan["target"], info.kind, "test: prospective", axes=info.axes,
+               mask=retro["mask"])
+    with h5py.File(pro, "r") as f:  # the samples outside the mask are not in the file
+        k = f["kspace"][()]
+    assert np.count_nonzero(k) < np.count_nonzero(scan["kspace"])
+    capsys.readouterr()
+    assert _main(run, pro, "--out", tmp_path / "pro") == 0
+    assert "mask stored in the file" in capsys.readouterr().out
+    got, attrs = _read(tmp_path / "pro" / src.name)
+    assert np.array_equal(got["mask"], retro["mask"])
+    assert np.array_equal(got["reconstruction"], retro["reconstruction"])
+    assert np.array_equal(got["zero_filled"], retro["zero_filled"])
+    assert attrs["mask_type"] == "stored" and np.isnan(attrs["acceleration_requested"])
+    assert attrs["acceleration"] == pytest.approx(retro_attrs["acceleration"])
+    for key in rc.METRIC_KEYS:  # the target is in the file, so it is scored as before
+        assert attrs[key] == pytest.approx(retro_attrs[key], rel=1e-12)
+
+
+def test_prospective_file_without_target_has_no_metrics(runs, env, tmp_path, capsys):
+    run = runs["knee"]
+    src = env / "synthetic_knee3d" / "val" / "knee3d_val_0000.h5"
+    scan, info = read_scan(src)
+    mask = np.zeros(info.shape[2:4], np.float32)
+    mask[:, ::2] = 1
+    mask[:, 6:10] = 1
+    pro = tmp_path / "in" / "noref.h5"
+    write_scan(pro, scan["kspace"], scan["maps"], None, "volume3d", "test", mask=mask)
+    assert _main(run, pro, "--out", tmp_path / "out", "--format", "h5,nifti") == 0
+    out = capsys.readouterr().out
+    assert "no target, no metrics" in out and f"R = {mask.size / mask.sum():.2f}" in out
+    arrays, attrs = _read(tmp_path / "out" / "noref.h5")
+    assert "psnr" not in attrs and not attrs["has_target"]
+    assert arrays["reconstruction"].shape == (8, 16, 16) and np.isfinite(arrays["reconstruction"]).all()
+    assert (tmp_path / "out" / "noref.nii.gz").is_file()
+    with open(tmp_path / "out" / "metrics.csv") as f:
+        row = next(csv.DictReader(f))
+    assert row["psnr"] == "" and row["mask"].startswith("mask stored")
+
+
+def test_fastmri_test_file_with_mask_reconstructs(runs, env, tmp_path, capsys):
+    """A fastMRI test/challenge-style file (kspace (slices, coils, H, W) with a column mask (W,),
+    no maps, no target) reconstructs with ESPIRiT maps from its calibration columns."""
+    run = runs["knee"]
+    scan, info = read_scan(env / "synthetic_knee3d" / "val" / "knee3d_val_0000.h5")
+    nw = info.shape[3]
+    mask = np.zeros(nw, np.float32)
+    mask[::3] = 1
+    mask[nw // 2 - 4:nw // 2 + 4] = 1  # 8 calibration columns
+    kspace = scan["kspace"].transpose(1, 0, 2, 3) * mask  # (slices, coils, H, W), unsampled columns zero
+    path = tmp_path / "in" / "file_brain_test.h5"
+    path.parent.mkdir()
+    with h5py.File(path, "w") as f:  # what fastMRI ships: no melrecon attributes
+        f.create_dataset("kspace", data=kspace.astype(np.complex64))
+        f.create_dataset("mask", data=mask.astype(bool))
+        f.attrs["acceleration"] = 3
+        f.attrs["num_low_frequency"] = 8
+    assert _main(run, path, "--out", tmp_path / "out", "--format", "h5,png") == 0
+    out = capsys.readouterr().out
+    assert "ESPIRiT" in out and "no target" in out
+    arrays, attrs = _read(tmp_path / "out" / "file_brain_test.h5")
+    assert arrays["reconstruction"].shape == (8, 16, 16) and np.isfinite(arrays["reconstruction"]).all()
+    assert np.array_equal(arrays["mask"], np.broadcast_to(mask, (16, nw)))
+    assert attrs["acceleration"] == pytest.approx(nw / mask.sum())
+    assert attrs["source_file"] == str(path.resolve())
+    assert (tmp_path / "out" / "file_brain_test_planes.png").is_file()
+    # the reconstruction is closer to the fully-sampled image than the zero-filled input
+    t = np.abs(scan["target"])
+    err = {k: np.linalg.norm(np.abs(arrays[k]) - t) for k in ("reconstruction", "zero_filled")}
+    assert err["reconstruction"] < err["zero_filled"]

@@ -110,6 +110,14 @@ def test_study_config_errors_name_the_field():
     from melrecon.study.__main__ import main
 
     assert main(["nope"]) == 2
+    assert main([]) == 2  # no study named
+
+
+def test_melrecon_study_subcommand_lists_the_studies(capsys):
+    from melrecon import cli
+
+    assert cli.main(["study", "--list"]) == 0
+    assert capsys.readouterr().out.split() == STUDIES
 
 
 def test_plan_skips_finished_resumes_unfinished_and_refuses_foreign_runs(tmp_path):

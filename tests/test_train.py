@@ -93,13 +93,16 @@ def test_resume_continues_step_and_wandb_run(compose_cfg, monkeypatch, tmp_path)
         app.run(second)
     finally:
         app.finish_wandb()
-    ck2 = torch.load(tmp_path / "run2" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    # the resumed run continues in the checkpoint's run folder (issue 11); run2 points there
+    run1 = Path(first.paths.output_dir)
+    assert (tmp_path / "run2" / "continues_run.txt").read_text().strip() == str(run1.resolve())
+    ck2 = torch.load(run1 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ck2["global_step"] == 4  # continued from step 2, not restarted
     assert ck2["epoch"] == 1
     assert ck2["melrecon"]["wandb_id"] == ck["melrecon"]["wandb_id"]  # same W&B run
-    rows = read_csv_rows(tmp_path / "run2" / "csv")
-    steps = sorted({int(r["step"]) for r in rows if r.get("train/loss")})
-    assert steps[0] >= 2, steps  # no step of the first epoch was repeated
+    rows = read_csv_rows(run1 / "csv")
+    steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert steps == [0, 1, 2, 3], steps  # no step of the first epoch was repeated
 
 
 @pytest.mark.slow
@@ -130,3 +133,48 @@ def test_cli_errors_are_one_clear_message(tmp_path, data_dir, args, expect):
     # one message naming the culprit: ours ("melrecon: error: ...") or Hydra's override error
     msg = [ln for ln in res.stderr.splitlines() if ln.startswith(("melrecon: error:", "Could not override"))]
     assert len(msg) == 1 and expect in res.stderr, res.stderr[-3000:]
+
+
+def test_console_line_per_validation_epoch_in_train_log(tmp_path, data_dir):
+    """train.py without a terminal: no progress bar, periodic step lines, one line per
+    validation epoch with the metrics, memory and step time, in train.log as on the console,
+    and the summary table with the reconstruct command."""
+    import re
+
+    run_dir = tmp_path / "run"
+    res = run_train(["debug=tiny", "logger=csv", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
+                     f"hydra.run.dir={run_dir}"], tmp_path, data_dir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = (run_dir / "train.log").read_text()
+    line = re.compile(r"epoch (\d+) step (\d+) \| val psnr ([\d.]+) ssim ([\d.]+) nmse ([\d.]+) \| "
+                      r"zero-filled psnr ([\d.]+) ssim ([\d.]+) nmse ([\d.]+) \| peak mem ([\d.]+) GiB \| step ([\d.]+) s")
+    epochs = [m for m in line.finditer(text)]
+    assert [int(m.group(1)) for m in epochs] == [0, 1], text[-3000:]
+    rows = read_csv_rows(run_dir)
+    last = [r for r in rows if r.get("val/psnr")][-1]  # the csv logger's last validation row
+    assert float(epochs[-1].group(3)) == pytest.approx(float(last["val/psnr"]), abs=0.006)
+    assert float(epochs[-1].group(9)) > 0 and float(epochs[-1].group(10)) > 0
+    assert re.search(r"epoch 0 step 1/\d+ loss", text)  # progress lines instead of the bar
+    assert "summary (2 validation epochs" in text and "python -m melrecon.reconstruct" in text
+    assert "best checkpoint: " + str(run_dir / "checkpoints") in text
+    console = res.stdout + res.stderr
+    assert epochs[-1].group(0) in console
+    assert "\r" not in console  # no progress bar redraws
+
+
+@pytest.mark.parametrize("name", ["knee3d_volume", "knee3d_rev_volume"])
+def test_whole_volume_experiment_with_tiles_that_cut_the_volume(compose_cfg, name):
+    """The whole-volume experiments at debug=tiny, with a tile and DC chunks smaller than the
+    tiny volume (8 x 16 x 16), so that every CNN call is tiled and every normal operator chunked."""
+    from hydra.utils import instantiate
+
+    overrides = (f"+experiment={name}", "debug=tiny", "logger=none", "trainer.fast_dev_run=true",
+                 "model.num_unrolls=2", "model.regularizer.tile=[5,8,null]", "model.dc_chunk=3")
+    cfg = compose_cfg(*overrides)
+    assert cfg.data.slab_size is None and cfg.model.regularizer.tile == [5, 8, None]
+    metrics = app.run(cfg)
+    for k in ("train/loss", *VAL_KEYS):
+        assert k in metrics and metrics[k] == metrics[k], f"{name}: {k} missing or NaN"
+    net = instantiate(cfg.model)
+    stacks = [m for m in net.modules() if hasattr(m, "halo")]
+    assert stacks and all(s.tile == (5, 8, None) for s in stacks) and net.dc_chunk == 3

@@ -156,10 +156,19 @@ def test_image_logger_writes_strips(tmp_path):
     trainer.fit(make_module(), datamodule=TinyCineDataModule())
     from PIL import Image
 
+    from melrecon import export
+
     files = sorted((tmp_path / "img").glob("*.png"))
     assert len(files) == 2
     im = np.asarray(Image.open(files[0]))
-    assert im.shape == (12, 4 * 12) and im.dtype == np.uint8 and im.max() > 0
+    # labelled strips (melrecon.export.comparison_strip): a title band over 4 magnified 12x12 panels
+    scale = -(-export._MIN_PANEL_PX // 12)
+    assert im.shape == (export._TITLE_PX + 12 * scale, 4 * 12 * scale, 3) and im.dtype == np.uint8
+    assert im[export._TITLE_PX:].max() > 0 and im[:export._TITLE_PX].max() > 100  # images and titles
+    # cine items: the GIF over time is written beside the PNG
+    gifs = sorted((tmp_path / "img").glob("*.gif"))
+    assert [g.stem for g in gifs] == [f.stem for f in files]
+    assert Image.open(gifs[0]).n_frames > 1
 
 
 def test_loss_options():

@@ -41,6 +41,10 @@ def build_network(
     lipschitz: float = 0.9,
     anderson: int = 0,
     seed: int = 0,
+    gamma_init: float = 1.0,
+    gamma_decay: float = 1.0,
+    state_precision: str = "fixed",
+    physics: str = "proximal",
 ) -> nn.Module:
     """A network with ``forward(x0, kspace, maps, mask)`` for (family, layout, N, memory mode).
 
@@ -48,7 +52,9 @@ def build_network(
     ``depth`` are the CNN's hidden channels and convolutions; ``lam`` the DC's initial weight;
     ``lipschitz`` and ``anderson`` apply to MoDL's residual CNN (its fixed-point inverse), and
     ``anchor_every`` to MoDL only (reversible unrolls need no anchors). The global RNG is seeded
-    with ``seed`` first, so every memory mode starts from the same weights.
+    with ``seed`` first, so every memory mode starts from the same weights. ``gamma_init``,
+    ``gamma_decay``, ``state_precision`` and ``physics`` (``"proximal"``: CG direction,
+    ``"gradient"``: ``A^H b - A^H A x``) apply to the reversible family.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -59,7 +65,9 @@ def build_network(
     if family == "rev":
         r = ConvStack(4, 2, width, depth, conv_dim=3, out_scale=0.1)
         q = ConvStack(2, 2, width, depth, conv_dim=3, out_scale=0.1)
-        return ReversibleUnrolledNet(r, q, ProximalDC(lam_init=lam), num_unrolls, share_weights, memory, None, drift_tol)
+        dc = ProximalDC(lam_init=lam) if physics == "proximal" else None
+        return ReversibleUnrolledNet(r, q, dc, num_unrolls, share_weights, memory, None, drift_tol, gamma_init=gamma_init,
+                                     gamma_decay=gamma_decay, state_precision=state_precision)
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
 
 

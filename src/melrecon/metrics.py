@@ -204,6 +204,11 @@ class VolumeAccumulator:
                              f"{SSIM_WIN}x{SSIM_WIN} SSIM window")
         pm, tm = magnitude(pred), magnitude(target)
         dr = torch.as_tensor(data_range).reshape(-1).double()
+        finite = torch.isfinite(pm.reshape(len(files), -1)).all(1) & torch.isfinite(tm.reshape(len(files), -1)).all(1)
+        if not finite.all():
+            bad = [str(f) for f, ok in zip(files, finite.tolist()) if not ok]
+            raise ValueError(f"metrics: non-finite prediction or target for {bad}: the volume would silently "
+                             "drop out of the per-volume means")
         for b, name in enumerate(files):
             v = self._vols.setdefault(str(name), _Volume())
             if positions is not None:
@@ -218,7 +223,15 @@ class VolumeAccumulator:
             v.sums.add(pm[b], tm[b], rng)
 
     def compute(self) -> dict[str, dict[str, float]]:
-        return {name: v.sums.as_dict() for name, v in self._vols.items()}
+        """Per-volume metrics; a NaN metric (e.g. NMSE of an all-zero target) is an error
+        naming the volume. PSNR is +inf for an exact reconstruction, and kept so."""
+        out = {name: v.sums.as_dict() for name, v in self._vols.items()}
+        for name, vals in out.items():
+            bad = [m for m, x in vals.items() if math.isnan(x)]
+            if bad:
+                raise ValueError(f"metrics: {', '.join(bad)} of '{name}' is NaN (all-zero target?): "
+                                 "the volume would silently drop out of the means")
+        return out
 
 
 __all__ = ["SSIM_WIN", "SSIM_K1", "SSIM_K2", "METRICS", "as_slices", "ssim_map", "ssim_slices", "ssim_loss",

@@ -6,10 +6,20 @@ split files listing paths) and serves batches of type :class:`melrecon.data.batc
 
 ``prepare_data()`` generates the synthetic dataset (``synthetic`` section) when ``root`` is
 missing or has no ``.h5`` file, so a new user's first run needs no download; with
-``synthetic=None`` it raises one error naming the folder.
+``synthetic=None`` it raises one error naming the folder. Generation is locked (a second process
+waits and reuses the set); a generated folder that lost files is refused, not used partially.
 
-Under DDP (torch.distributed initialised; the trainer config sets
-``use_distributed_sampler: false``) training uses a DistributedSampler and validation/test a
+``setup()`` checks every file of the splits it builds once (:mod:`melrecon.data.check`:
+readable HDF5, layout, finite values, target = S^H F^H k, unit maps, ``max``; cached by path,
+size and mtime) and that the items can be batched and scored (one item shape per split when the
+batch size is > 1; evaluation images at least the SSIM window), refusing with one line naming
+file and field.
+
+Training uses a :class:`~melrecon.data.samplers.KeyedSampler` (a DistributedSampler yielding
+(epoch, index) keys: shuffling and every random choice of an item are functions of (seed,
+epoch, index), so a resumed run reproduces the uninterrupted one). Under DDP (torch.distributed
+initialised; the trainer config sets ``use_distributed_sampler: false``) it shards the training
+items, and validation/test use a
 :class:`~melrecon.data.samplers.VolumeSampler`, which keeps all slabs of a volume on one rank
 for per-volume metrics.
 """
@@ -18,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,12 +36,14 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
+from melrecon.data.check import check_files
 from melrecon.data.datasets import CineDataset, SlabDataset
-from melrecon.data.h5 import find_files
-from melrecon.data.samplers import VolumeSampler
-from melrecon.data.synthetic import MARKER, describe, generate_dataset, resolve_preset
+from melrecon.data.h5 import LayoutError, ScanInfo, find_files
+from melrecon.data.samplers import KeyedSampler, VolumeSampler
+from melrecon.data.synthetic import MARKER, describe, ensure_dataset, expected_files, resolve_preset
+from melrecon.metrics import SSIM_WIN
 
 _SYNTHETIC_KIND = {"volume3d": "knee3d", "cine": "cine"}
 _DEFAULT_MASK = {"volume3d": "poisson", "cine": "vd_kt"}
@@ -52,7 +65,8 @@ class KspaceDataModule(pl.LightningDataModule):
         batch_size: training batch size.
         val_batch_size: validation/test batch size (1: the last slab of a volume may be short).
         num_workers, pin_memory, persistent_workers: DataLoader options.
-        slab_size: S, readout positions per slab (volume3d; 1 = 2D slice baseline).
+        slab_size: S, readout positions per slab (volume3d; 1 = 2D slice baseline; None =
+            whole volumes, one item per file).
         accelerations: a number or a list to sample from per training item.
         eval_acceleration: fixed R for validation/test (default: per file from the list).
         calib: calibration box (Poisson) or number of central lines (line / k-t masks).
@@ -63,7 +77,8 @@ class KspaceDataModule(pl.LightningDataModule):
         normalize: divide each item by its file's ``max`` attribute.
         synthetic: ``None`` (no generation) or a mapping with ``preset`` (tiny/small/medium),
             ``seed`` and optional preset overrides (``num_train``, ``shape``, ``coils``, ...).
-        seed: seed of the distributed training sampler's shuffling.
+        seed: data seed: training order, slab starts, accelerations and masks are functions of
+            (seed, epoch, index) (data/base.yaml sets it to the run's ``seed``).
     """
 
     def __init__(
@@ -78,7 +93,7 @@ class KspaceDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
-        slab_size: int = 8,
+        slab_size: int | None = 8,
         accelerations: Sequence[float] | float = 8.0,
         eval_acceleration: float | None = None,
         calib: int = 24,
@@ -104,7 +119,7 @@ class KspaceDataModule(pl.LightningDataModule):
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
-        self.slab_size = int(slab_size)
+        self.slab_size = None if slab_size is None else int(slab_size)
         self.accelerations = [float(accelerations)] if isinstance(accelerations, (int, float)) else [float(a) for a in accelerations]
         self.eval_acceleration = eval_acceleration
         self.calib = int(calib)
@@ -142,20 +157,23 @@ class KspaceDataModule(pl.LightningDataModule):
         return files
 
     def prepare_data(self) -> None:
-        """Generate the synthetic dataset if ``root`` has no ``.h5`` file (rank 0 only)."""
-        if self.root.is_dir() and find_files(self.root):
-            self._check_synthetic_marker()
-            return
+        """Generate the synthetic dataset if ``root`` has no ``.h5`` file (rank 0 only), under a
+        lock; check that a generated folder is the one configured and complete."""
         if self.synthetic is None:
-            raise ValueError(
-                f"data folder {self.root} is missing or holds no .h5 files, and synthetic generation is "
-                "disabled for this data config: set data.root=/path/to/converted/data "
-                "(see data/README.md; convert with python -m melrecon.data.convert)"
-            )
+            if not (self.root.is_dir() and find_files(self.root)):
+                raise ValueError(
+                    f"data folder {self.root} is missing or holds no .h5 files, and synthetic generation is "
+                    "disabled for this data config: set data.root=/path/to/converted/data "
+                    "(see data/README.md; convert with python -m melrecon.data.convert)"
+                )
+            return
         options = dict(self.synthetic)
         preset = options.pop("preset", "small")
         seed = options.pop("seed", 0)
-        generate_dataset(self.root, _SYNTHETIC_KIND[self.kind], preset=preset, seed=seed, **options)
+        # a bar redrawn with carriage returns is noise in a SLURM log: only on a terminal
+        options.setdefault("progress", sys.stderr.isatty())
+        ensure_dataset(self.root, _SYNTHETIC_KIND[self.kind], preset=preset, seed=seed, **options)
+        self._check_synthetic_marker()
 
     def _requested_synthetic(self) -> dict[str, Any]:
         options = {k: v for k, v in dict(self.synthetic or {}).items() if k != "progress"}
@@ -166,7 +184,8 @@ class KspaceDataModule(pl.LightningDataModule):
 
     def _check_synthetic_marker(self) -> None:
         """A generated folder must match the configured synthetic section (e.g. a `tiny` test
-        run must not be silently reused by a `small` training run)."""
+        run must not be silently reused by a `small` training run) and hold every file it was
+        generated with (a partial set would train on fewer files than the config says)."""
         marker = self.root / MARKER
         if self.synthetic is None or not marker.is_file():
             return  # real data, or a folder the user filled: use as is
@@ -177,6 +196,15 @@ class KspaceDataModule(pl.LightningDataModule):
                 f"data folder {self.root} holds a synthetic dataset made with {found}, but the config asks "
                 f"for {wanted}: delete the folder to regenerate, or point data.root elsewhere"
             )
+        for split, names in expected_files(found["kind"], found["params"]).items():
+            missing = [n for n in names if not (self.root / split / n).is_file()]
+            if missing:
+                shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+                raise ValueError(
+                    f"synthetic dataset {self.root} is incomplete: {split} has {len(names) - len(missing)} of "
+                    f"{len(names)} files that {MARKER} lists (missing: {shown}); refusing to use a partial "
+                    "set: delete the folder to regenerate it"
+                )
 
     def dataset(self, files: Sequence[str | os.PathLike], train: bool) -> Dataset:
         """The dataset this module builds over ``files``: training (random slabs and masks) or
@@ -184,13 +212,51 @@ class KspaceDataModule(pl.LightningDataModule):
         common = dict(
             train=train, accelerations=self.accelerations, calib=self.calib, mask_type=self.mask_type,
             mask_pool=self.mask_pool, eval_acceleration=self.eval_acceleration, normalize=self.normalize,
+            seed=self.seed,
         )
         if self.kind == "volume3d":
             return SlabDataset(files, slab_size=self.slab_size, **common)
         return CineDataset(files, crop=self.crop, **common)
 
     def _dataset(self, split: str) -> Dataset:
-        return self.dataset(self.split_files(split), train=split == "train")
+        files = self.split_files(split)
+        self.check_items(split, check_files(files))
+        return self.dataset(files, train=split == "train")
+
+    def item_shape(self, info: ScanInfo) -> tuple[int, ...]:
+        """Shape of one item's k-space without the slab axis: volume3d (C, Y, Z) (every training
+        slab has ``slab_size`` positions; whole volumes, ``slab_size: null``, keep X: (C, X, Y, Z)),
+        cine (C, T, X, Y) after the crop."""
+        if self.kind == "volume3d":
+            c, x, y, z = info.shape
+            return (c, x, y, z) if self.slab_size is None else (c, y, z)
+        c, t, x, y = info.shape[-4:]
+        return (c, t, *(self.crop or (x, y)))
+
+    def check_items(self, split: str, infos: Sequence[ScanInfo]) -> None:
+        """Refuse files whose items cannot be batched or scored, naming file and shape:
+        the wrong kind, fewer readout positions than a training slab, item shapes that differ
+        within a split whose batch size is > 1 (torch.stack would fail mid-epoch), evaluation
+        images smaller than the SSIM window (validation would fail after the first epoch)."""
+        batch = self.batch_size if split == "train" else self.val_batch_size
+        ref: tuple[ScanInfo, tuple[int, ...]] | None = None
+        for info in infos:
+            if info.kind != self.kind:
+                raise LayoutError(info.path, "kind", f"data.kind is {self.kind!r}, the file is {info.kind!r}")
+            shape = self.item_shape(info)
+            if (split == "train" and self.kind == "volume3d" and self.slab_size is not None
+                    and info.shape[1] < self.slab_size):
+                raise LayoutError(info.path, "kspace", f"shape {info.shape}: {info.shape[1]} readout positions < "
+                                  f"data.slab_size {self.slab_size}")
+            if split != "train" and min(shape[-2:]) < SSIM_WIN:
+                raise LayoutError(info.path, "kspace", f"shape {info.shape}: images {shape[-2:]} are smaller than the "
+                                  f"{SSIM_WIN}x{SSIM_WIN} SSIM window of the {split} metrics")
+            if ref is None:
+                ref = (info, shape)
+            elif batch > 1 and shape != ref[1]:
+                raise LayoutError(info.path, "kspace", f"shape {info.shape} gives items of shape {shape}, but "
+                                  f"{ref[0].path} gives {ref[1]}; {split} batch_size={batch} stacks items of one "
+                                  "shape: use files of one shape, or a batch size of 1")
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
@@ -215,7 +281,9 @@ class KspaceDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if "train" not in self.datasets:
             self.setup("fit")
-        sampler = DistributedSampler(self.datasets["train"], shuffle=True, seed=self.seed) if _distributed() else None
+        # (epoch, index) keys: order, masks and slabs are functions of (seed, epoch, index), so a
+        # resumed run is exact; also the per-rank shard under DDP
+        sampler = KeyedSampler(self.datasets["train"], shuffle=True, seed=self.seed)
         return self._loader("train", self.batch_size, sampler, shuffle=True)
 
     def _eval_loader(self, split: str) -> DataLoader:

@@ -8,11 +8,16 @@ Datasets (all complex64):
   ``maps`` (S, C, X, Y), ``target`` (S, T, X, Y). A single-slice series may omit the slice axis
   (axes ``"coil,time,x,y"``, ``kspace`` (C, T, X, Y), ``maps`` (C, X, Y), ``target`` (T, X, Y)).
 
-``target`` is the fully-sampled coil combination S^H F^H k. Attributes: ``kind``, ``axes``,
+``target`` is the fully-sampled coil combination S^H F^H k. Optional ``mask`` (float32 0/1;
+volume3d (Y, Z), cine (S, T, Y) or (T, Y)) marks a prospectively undersampled file: ``kspace``
+holds the acquired samples (zero elsewhere), the mask is used as stored instead of drawing one,
+and ``target`` may then be absent (no metrics; ``max`` is then max |S^H F^H k| of the
+undersampled data, the zero-filled image). Attributes: ``kind``, ``axes``,
 ``max`` (max |target| over the file, the metric data range), ``source`` (free text provenance),
 ``layout_version``. Files are written to a temporary name and renamed, so a reader never sees a
-half-written file. Readers check shapes, dtypes, finiteness and attributes and raise
-:class:`LayoutError` (a ``ValueError``) naming the file and the field.
+half-written file. Readers check shapes, dtypes, finiteness, attributes and physical consistency
+(:mod:`melrecon.data.consistency`) and raise :class:`LayoutError` (a ``ValueError``) naming the
+file and the field.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ AXES = {
 }
 REQUIRED_ATTRS = ("kind", "axes", "max", "source", "layout_version")
 FIELDS = ("kspace", "maps", "target")
+MASK = "mask"  # optional: a prospectively undersampled file (see the module docstring)
 
 
 class LayoutError(ValueError):
@@ -62,6 +68,8 @@ class ScanInfo:
     max: float
     source: str
     has_slice_axis: bool
+    has_mask: bool = False
+    has_target: bool = True
 
     @property
     def num_coils(self) -> int:
@@ -86,6 +94,26 @@ def expected_shapes(kind: str, axes: str, kshape: tuple[int, ...]) -> dict[str, 
         c, t, x, y = kshape
         return {"maps": (c, x, y), "target": (t, x, y)}
     raise ValueError(f"unknown axes {axes!r} for kind {kind!r}")
+
+
+def mask_shape(axes: str, kshape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the optional stored ``mask``: volume3d (Y, Z); cine (S, T, Y) or (T, Y)."""
+    if axes == "coil,x,y,z":
+        return tuple(kshape[2:])
+    if axes == "slice,coil,time,x,y":
+        return (kshape[0], kshape[2], kshape[4])
+    if axes == "coil,time,x,y":
+        return (kshape[1], kshape[3])
+    raise ValueError(f"unknown axes {axes!r}")
+
+
+def zero_filled_max(kspace: np.ndarray, maps: np.ndarray, axes: str) -> float:
+    """max |S^H F^H k| over the file (the ``max`` of a prospective file without a target)."""
+    from melrecon.data.npfft import ifftc_np
+
+    coil_axis = 0 if axes.startswith("coil") else 1
+    m = maps if axes == "coil,x,y,z" else np.expand_dims(maps, coil_axis + 1)  # cine maps: no time axis
+    return float(np.abs(np.sum(np.conj(m) * ifftc_np(kspace, axes=(-2, -1)), axis=coil_axis)).max())
 
 
 def _chunks(axes: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -116,11 +144,12 @@ def write_scan(
     path: str | os.PathLike,
     kspace: np.ndarray,
     maps: np.ndarray,
-    target: np.ndarray,
+    target: np.ndarray | None,
     kind: str,
     source: str,
     axes: str | None = None,
     extra_attrs: dict[str, Any] | None = None,
+    mask: np.ndarray | None = None,
 ) -> Path:
     """Write one scan atomically (temporary name in the same folder, then ``os.replace``).
 
@@ -132,16 +161,21 @@ def write_scan(
         axes: axis string; default ``"coil,x,y,z"`` / ``"slice,coil,time,x,y"`` (or
             ``"coil,time,x,y"`` for a 4-D cine kspace).
         extra_attrs: further attributes (numbers or strings) stored on the file.
+        mask: a prospectively undersampled file's sampling mask (0/1, :func:`mask_shape`);
+            ``kspace`` is stored multiplied by it. ``target`` may then be None.
 
     Returns:
-        The path written. ``max`` is computed from ``target``.
+        The path written. ``max`` is computed from ``target`` (without one: from the
+        zero-filled image, :func:`zero_filled_max`).
     """
     path = Path(path)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     kspace = np.asarray(kspace, dtype=np.complex64)
     maps = np.asarray(maps, dtype=np.complex64)
-    target = np.asarray(target, dtype=np.complex64)
+    if target is None and mask is None:
+        raise ValueError(f"{path}: a file without a target must carry its sampling mask (prospective data)")
+    target = None if target is None else np.asarray(target, dtype=np.complex64)
     if axes is None:
         axes = "coil,x,y,z" if kind == "volume3d" else ("coil,time,x,y" if kspace.ndim == 4 else "slice,coil,time,x,y")
     if axes not in AXES[kind]:
@@ -149,27 +183,60 @@ def write_scan(
     if kspace.ndim != len(axes.split(",")):
         raise ValueError(f"kspace shape {kspace.shape} does not match axes {axes!r}")
     want = expected_shapes(kind, axes, kspace.shape)
-    for name, arr in (("maps", maps), ("target", target)):
-        if arr.shape != want[name]:
-            raise ValueError(f"{name} shape {arr.shape} != expected {want[name]} for kspace {kspace.shape}")
-    for name, arr in (("kspace", kspace), ("maps", maps), ("target", target)):
-        if not np.isfinite(arr).all():
+    if mask is not None:
+        mask = np.asarray(mask, dtype=np.float32)
+        want["mask"] = mask_shape(axes, kspace.shape)
+        problem = _mask_problem(mask, want["mask"], kind == "cine")
+        if problem:
+            raise ValueError(f"mask: {problem}; refusing to write {path}")
+        kspace = kspace * _mask_on_kspace(mask, axes)
+    arrays = {"kspace": kspace, "maps": maps, "target": target, "mask": mask}
+    for name in ("maps", "target"):
+        if arrays[name] is not None and arrays[name].shape != want[name]:
+            raise ValueError(f"{name} shape {arrays[name].shape} != expected {want[name]} for kspace {kspace.shape}")
+    for name, arr in arrays.items():
+        if arr is not None and not np.isfinite(arr).all():
             raise ValueError(f"{name} contains NaN or Inf; refusing to write {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("kspace", data=kspace, chunks=_chunks(axes, kspace.shape))
         f.create_dataset("maps", data=maps, chunks=_chunks(axes, kspace.shape) if axes == "coil,x,y,z" else None)
-        f.create_dataset(
-            "target", data=target, chunks=(1,) + target.shape[1:] if axes != "coil,time,x,y" else None
-        )
+        if target is not None:
+            f.create_dataset(
+                "target", data=target, chunks=(1,) + target.shape[1:] if axes != "coil,time,x,y" else None
+            )
+        if mask is not None:
+            f.create_dataset(MASK, data=mask)
         f.attrs["kind"] = kind
         f.attrs["axes"] = axes
-        f.attrs["max"] = float(np.abs(target).max())
+        f.attrs["max"] = float(np.abs(target).max()) if target is not None else zero_filled_max(kspace, maps, axes)
         f.attrs["source"] = source
         f.attrs["layout_version"] = LAYOUT_VERSION
         for key, value in (extra_attrs or {}).items():
             f.attrs[key] = value
     return path
+
+
+def _mask_problem(mask: np.ndarray, shape: tuple[int, ...], per_frame: bool) -> str:
+    """What is wrong with a stored mask ('' if nothing): shape, values 0/1, a sample in every
+    cine frame (``per_frame``: rows along the last axis) or in the volume's mask."""
+    if tuple(mask.shape) != tuple(shape):
+        return f"shape {tuple(mask.shape)} does not match kspace (expected {tuple(shape)})"
+    if not np.isin(mask, (0.0, 1.0)).all():
+        return "values must be 0 or 1"
+    flat = mask.reshape(-1, mask.shape[-1]) if per_frame else mask.reshape(1, -1)
+    if not (flat.sum(axis=-1) > 0).all():
+        return "a frame (or the whole mask) has no sample"
+    return ""
+
+
+def _mask_on_kspace(mask: np.ndarray, axes: str) -> np.ndarray:
+    """The stored mask broadcast against ``kspace`` of ``axes``."""
+    if axes == "coil,x,y,z":
+        return mask[None, None]  # (1, 1, Y, Z)
+    if axes == "slice,coil,time,x,y":
+        return mask[:, None, :, None, :]  # (S, 1, T, 1, Y)
+    return mask[None, :, None, :]  # (1, T, 1, Y)
 
 
 def _attr_str(value: Any) -> str:
@@ -203,9 +270,13 @@ def read_info(f: h5py.File, path: str | os.PathLike) -> ScanInfo:
         raise LayoutError(path, "max", f"not a number: {f.attrs['max']!r}") from None
     if not np.isfinite(vmax) or vmax <= 0:
         raise LayoutError(path, "max", f"must be finite and > 0, got {vmax}")
+    has_mask = MASK in f
     for name in FIELDS:
         if name not in f:
-            raise LayoutError(path, name, "missing dataset")
+            if name == "target" and has_mask:
+                continue  # prospective data: nothing to compare with
+            raise LayoutError(path, name, "missing dataset" + (" (a file without a target needs its 'mask')"
+                                                                if name == "target" else ""))
         if not isinstance(f[name], h5py.Dataset):
             raise LayoutError(path, name, "is a group, expected a dataset")
         if f[name].dtype != np.complex64:
@@ -217,7 +288,16 @@ def read_info(f: h5py.File, path: str | os.PathLike) -> ScanInfo:
     if min(kshape) < 1:
         raise LayoutError(path, "kspace", f"empty shape {kshape}")
     want = expected_shapes(kind, axes, kshape)
+    if has_mask:
+        ds = f[MASK]
+        if not isinstance(ds, h5py.Dataset) or ds.dtype != np.float32:
+            raise LayoutError(path, MASK, f"expected a float32 dataset, got {getattr(ds, 'dtype', 'a group')}")
+        problem = _mask_problem(ds[()], mask_shape(axes, kshape), kind == "cine")  # small: (Y, Z) or (S, T, Y)
+        if problem:
+            raise LayoutError(path, MASK, problem)
     for name in ("maps", "target"):
+        if name not in f:
+            continue
         got = tuple(f[name].shape)
         if got != want[name]:
             raise LayoutError(path, name, f"shape {got} does not match kspace {kshape} (expected {want[name]})")
@@ -229,23 +309,20 @@ def read_info(f: h5py.File, path: str | os.PathLike) -> ScanInfo:
         max=vmax,
         source=_attr_str(f.attrs["source"]),
         has_slice_axis=axes.startswith("slice"),
+        has_mask=has_mask,
+        has_target="target" in f,
     )
 
 
-def _check_finite(f: h5py.File, path: str | os.PathLike, name: str) -> None:
-    ds = f[name]
-    # one leading index at a time keeps memory at one slab/slice even for large volumes
-    axis = 1 if ds.ndim == 4 and name != "target" else 0
-    n = ds.shape[axis]
-    step = max(1, n // 16)
-    for i in range(0, n, step):
-        sl = (slice(None),) * axis + (slice(i, i + step),)
-        try:
-            block = ds[sl]
-        except (OSError, RuntimeError) as err:
-            raise LayoutError(path, name, f"cannot read data (truncated or corrupt file?): {err}") from None
-        if not np.isfinite(block).all():
-            raise LayoutError(path, name, "contains NaN or Inf")
+def open_scan(path: str | os.PathLike) -> h5py.File:
+    """Open ``path`` read-only; a missing, empty, truncated or non-HDF5 file is a
+    :class:`LayoutError` with field ``file`` (h5py's own message names neither)."""
+    try:
+        return h5py.File(path, "r")
+    except (OSError, RuntimeError) as err:
+        problem = "empty file (0 bytes)" if Path(path).is_file() and Path(path).stat().st_size == 0 else (
+            f"cannot open as HDF5 (truncated or not HDF5?): {' '.join(str(err).split())}")
+        raise LayoutError(path, "file", problem) from None
 
 
 def validate_file(path: str | os.PathLike, check_values: bool = True) -> ScanInfo:
@@ -253,29 +330,29 @@ def validate_file(path: str | os.PathLike, check_values: bool = True) -> ScanInf
 
     Args:
         path: an ``.h5`` file.
-        check_values: also read every value of every field and check finiteness (reads the
-            whole file, chunk by chunk; readers at training time skip this).
+        check_values: also read every value (block by block) and check finiteness and physical
+            consistency: target = S^H F^H k, unit-norm maps, ``max`` = max |target|, non-zero
+            k-space of plausible magnitude (:mod:`melrecon.data.consistency`). Readers at
+            training time get this once per file through :mod:`melrecon.data.check` (cached).
 
     Raises:
         LayoutError: naming the file and field (``field='file'`` when it is not readable HDF5).
     """
-    try:
-        f = h5py.File(path, "r")
-    except (OSError, RuntimeError) as err:
-        raise LayoutError(path, "file", f"cannot open as HDF5 (truncated or not HDF5?): {err}") from None
-    with f:
+    from melrecon.data.consistency import check_values as _check_values
+
+    with open_scan(path) as f:
         info = read_info(f, path)
         if check_values:
-            for name in FIELDS:
-                _check_finite(f, path, name)
+            _check_values(f, path, info.axes, info.max)
     return info
 
 
 def read_scan(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], ScanInfo]:
-    """Read a whole file (validated): ``({"kspace", "maps", "target"}, info)``."""
+    """Read a whole file (validated): ``({"kspace", "maps", "target"[, "mask"]}, info)``
+    (``target`` only if the file has one, ``mask`` only if it has one)."""
     info = validate_file(path, check_values=True)
     with h5py.File(path, "r") as f:
-        arrays = {name: f[name][()] for name in FIELDS}
+        arrays = {name: f[name][()] for name in (*FIELDS, MASK) if name in f}
     return arrays, info
 
 

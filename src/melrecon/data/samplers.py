@@ -1,4 +1,12 @@
-"""A distributed sampler that keeps all items of one file (volume) on one rank.
+"""Samplers: whole volumes per rank for evaluation; (epoch, index) keys for training.
+
+:class:`KeyedSampler` is torch's ``DistributedSampler`` (also with one process: its shuffle is
+a permutation seeded by ``seed + epoch``, which Lightning sets through ``set_epoch``) yielding
+``(epoch, index)`` keys, from which the training datasets seed every random choice of an item
+(slab start, acceleration, mask). Order and items are then functions of (seed, epoch, index),
+and a run resumed at an epoch boundary sees exactly what the uninterrupted run saw.
+
+A distributed sampler that keeps all items of one file (volume) on one rank:
 
 Per-volume metrics (SSIM/PSNR over the whole volume with the volume's data range) need every
 slab of a volume on the same process; torch's DistributedSampler interleaves items across
@@ -13,7 +21,28 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch.distributed as dist
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
+
+
+class KeyedSampler(DistributedSampler):
+    """``DistributedSampler`` yielding ``(epoch, index)`` (datasets accept both keys and ints).
+
+    Args:
+        dataset: the training dataset.
+        shuffle: permute the items every epoch (seeded by ``seed + epoch``).
+        seed: the run's data seed.
+        num_replicas, rank: default: from torch.distributed if initialised, else one process.
+    """
+
+    def __init__(self, dataset, shuffle: bool = True, seed: int = 0, num_replicas: int | None = None,
+                 rank: int | None = None) -> None:
+        if num_replicas is None and not (dist.is_available() and dist.is_initialized()):
+            num_replicas, rank = 1, 0
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        epoch = int(self.epoch)
+        return ((epoch, int(i)) for i in super().__iter__())
 
 
 class VolumeSampler(Sampler[int]):

@@ -1,7 +1,9 @@
 """Per-item undersampling masks for the datasets, drawn from a seed.
 
-Training draws a fresh seed per item (from torch's RNG, which Lightning/DataLoader seed per
-worker); validation and test derive the acceleration from the file name and the seed from the
+Training draws a fresh seed per item from the generator the dataset passes (keyed by
+(seed, epoch, index) when the training loader's :class:`melrecon.data.samplers.KeyedSampler`
+gives the key, so a resumed run draws what the uninterrupted one drew; torch's global RNG
+without one); validation and test derive the acceleration from the file name and the seed from the
 file name (cine: and the slice) with a stable hash (CRC32, not Python's salted ``hash()``), so
 every run, every worker and ``python -m melrecon.reconstruct`` see the same masks
 (:class:`MaskSampler` is the one place that keys them).
@@ -118,17 +120,18 @@ class MaskSampler:
         self.eval_acceleration = None if eval_acceleration is None else float(eval_acceleration)
         self.mask_per_position = bool(mask_per_position)
 
-    def __call__(self, file_name: str, position: int) -> tuple[float, int]:
+    def __call__(self, file_name: str, position: int,
+                 generator: torch.Generator | None = None) -> tuple[float, int]:
         """(acceleration, seed) of the item at ``position`` of ``file_name`` (a base name).
 
         Evaluation: the acceleration depends on the file only, so every item of a file is
         sampled at one R; the seed on the file, and on the position too with
-        ``mask_per_position``. Training: both drawn from torch's RNG.
+        ``mask_per_position``. Training: both drawn from ``generator`` (torch's global RNG if None).
         """
         if self.train:
-            i = int(torch.randint(len(self.accelerations), ()).item())
+            i = int(torch.randint(len(self.accelerations), (), generator=generator).item())
             high = self.mask_pool if self.mask_pool is not None else 2**31 - 1
-            return self.accelerations[i], int(torch.randint(high, ()).item())
+            return self.accelerations[i], int(torch.randint(high, (), generator=generator).item())
         accel = self.eval_acceleration
         if accel is None:
             accel = self.accelerations[stable_seed(file_name) % len(self.accelerations)]

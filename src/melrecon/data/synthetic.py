@@ -10,7 +10,11 @@ birdcage coil maps S (sum |S|^2 = 1), fully-sampled k-space k = F(S x) + n with 
 Gaussian noise n of std ``mean|x| / snr`` (mean over the object), target = S^H F^H k.
 Case ``i`` of a split is seeded from (seed, split, i), so a case never depends on how many
 others are generated. The whole dataset is written in a hidden temporary folder next to OUT and
-renamed into place at the end: an interrupted run leaves no partial dataset behind.
+renamed into place at the end: an interrupted run leaves no partial dataset behind, and a
+temporary folder left by a killed run (``.OUT.tmp*``) is removed by the next generation.
+Generation holds a lock (``.OUT.lock`` next to OUT, :func:`melrecon.data.locks.file_lock`), so
+two trainings that need the same set at once generate it once: the second waits, then reuses it
+(:func:`ensure_dataset`). Folders and files get the user's umask (not ``mkdtemp``'s 0700).
 ``OUT/synthetic.json`` records kind, preset, seed and parameters.
 """
 
@@ -18,20 +22,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from melrecon.data.h5 import write_scan
+from melrecon.data.h5 import find_files, write_scan
+from melrecon.data.locks import file_lock
 from melrecon.data.npfft import fftc_np, ifftc_np, sense_combine_np
 from melrecon.data.phantoms import cine_series, knee_volume
 from melrecon.physics.coils import birdcage_maps
+
+log = logging.getLogger("melrecon")
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ID = {s: i for i, s in enumerate(SPLITS)}
@@ -128,40 +136,43 @@ def resolve_preset(kind: str, preset: str, overrides: dict[str, Any] | None = No
     return params
 
 
-def generate_dataset(
-    root: str | os.PathLike,
-    kind: str,
-    preset: str = "small",
-    seed: int = 0,
-    progress: bool = True,
-    **overrides: Any,
-) -> dict[str, list[Path]]:
-    """Generate ``root/{train,val,test}`` atomically.
+def expected_files(kind: str, params: dict[str, Any]) -> dict[str, list[str]]:
+    """File names per split that a dataset of ``kind`` with ``params`` holds (``num_<split>``)."""
+    return {s: [f"{kind}_{s}_{i:04d}.h5" for i in range(int(params[f"num_{s}"]))] for s in SPLITS}
 
-    Args:
-        root: destination folder; must be missing or empty.
-        kind: ``"knee3d"`` (stored as kind ``volume3d``) or ``"cine"``.
-        preset: ``"tiny"``, ``"small"`` or ``"medium"`` (see :data:`PRESETS`).
-        seed: dataset seed.
-        progress: show a tqdm bar.
-        overrides: preset keys to change (``shape``, ``coils``, ``snr``, ``num_train`` ...).
 
-    Returns:
-        The written files per split.
-    """
+def lock_path(root: str | os.PathLike) -> Path:
+    """The lock file guarding the generation of ``root`` (hidden, next to it)."""
     root = Path(root)
-    params = resolve_preset(kind, preset, overrides)
+    return root.parent / f".{root.name}.lock"
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    """Remove ``.ROOT.tmp*`` folders: under the generation lock, any that exists was left by a
+    generation that was killed (a live one holds the lock while its folder exists)."""
+    for stale in root.parent.glob(f".{root.name}.tmp*"):
+        if stale.is_dir():
+            log.warning("removing %s, left by an interrupted synthetic-data generation", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _generate_locked(root: Path, kind: str, preset: str, seed: int, progress: bool,
+                     params: dict[str, Any]) -> dict[str, list[Path]]:
+    """Generate ``root`` (the caller holds the lock); see :func:`generate_dataset`."""
+    _remove_stale_temporaries(root)
     if root.exists() and any(root.iterdir()):
         raise ValueError(f"synthetic dataset folder {root} is not empty; refusing to overwrite")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp", dir=root.parent))
+    # os.mkdir honours the umask (tempfile.mkdtemp would make the dataset 0700)
+    tmp = root.parent / f".{root.name}.tmp{os.getpid()}_{secrets.token_hex(4)}"
+    tmp.mkdir()
+    names = expected_files(kind, params)
     files: dict[str, list[Path]] = {s: [] for s in SPLITS}
-    jobs = [(s, i) for s in SPLITS for i in range(int(params[f"num_{s}"]))]
+    jobs = [(s, i) for s in SPLITS for i in range(len(names[s]))]
     try:
         for split, i in tqdm(jobs, desc=f"synthetic {kind} ({preset})", disable=not progress, leave=False):
             ss = np.random.SeedSequence([int(seed), _SPLIT_ID[split], i, 0 if kind == "knee3d" else 1])
             source = f"melrecon.data.synthetic kind={kind} preset={preset} seed={seed} split={split} case={i} params={params}"
-            name = f"{kind}_{split}_{i:04d}.h5"
+            name = names[split][i]
             if kind == "knee3d":
                 case = make_knee_case(params["shape"], params["coils"], params["snr"], ss,
                                       params.get("phantom_version", 1))
@@ -183,12 +194,62 @@ def generate_dataset(
     return files
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m melrecon.data.synthetic", description=__doc__.split("\n")[0])
+def generate_dataset(
+    root: str | os.PathLike,
+    kind: str,
+    preset: str = "small",
+    seed: int = 0,
+    progress: bool = True,
+    **overrides: Any,
+) -> dict[str, list[Path]]:
+    """Generate ``root/{train,val,test}`` atomically, under the generation lock.
+
+    Args:
+        root: destination folder; must be missing or empty.
+        kind: ``"knee3d"`` (stored as kind ``volume3d``) or ``"cine"``.
+        preset: ``"tiny"``, ``"small"`` or ``"medium"`` (see :data:`PRESETS`).
+        seed: dataset seed.
+        progress: show a tqdm bar.
+        overrides: preset keys to change (``shape``, ``coils``, ``snr``, ``num_train`` ...).
+
+    Returns:
+        The written files per split.
+    """
+    root = Path(root)
+    params = resolve_preset(kind, preset, overrides)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(lock_path(root)):
+        return _generate_locked(root, kind, preset, seed, progress, params)
+
+
+def ensure_dataset(
+    root: str | os.PathLike, kind: str, preset: str = "small", seed: int = 0, progress: bool = True,
+    **overrides: Any,
+) -> bool:
+    """Generate ``root`` unless it already holds a dataset (``.h5`` files or ``synthetic.json``).
+
+    Check and generation happen under the generation lock, so of two processes asking at once
+    one generates and the other waits and then reuses the set. Returns True if it generated.
+    Whether an existing folder matches the request is the caller's check (the DataModule
+    compares ``synthetic.json`` and the files present).
+    """
+    root = Path(root)
+    params = resolve_preset(kind, preset, overrides)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(lock_path(root)):
+        if root.is_dir() and ((root / MARKER).is_file() or find_files(root)):
+            return False
+        _generate_locked(root, kind, preset, seed, progress, params)
+        return True
+
+
+def build_parser(prog: str = "python -m melrecon.data.synthetic") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("kind", choices=tuple(PRESETS))
     parser.add_argument("out", help="destination folder (missing or empty)")
-    parser.add_argument("--preset", default="small", choices=("tiny", "small", "medium"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default="small", choices=("tiny", "small", "medium"),
+                        help="sizes and counts (table in data/README.md)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed (case i of a split: seed, split, i)")
     parser.add_argument("--num-train", type=int)
     parser.add_argument("--num-val", type=int)
     parser.add_argument("--num-test", type=int)
@@ -198,7 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, help="cine frames")
     parser.add_argument("--phantom-version", type=int, choices=(1, 2),
                         help="2: fine through-plane structures and textures (melrecon.data.phantoms)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     overrides = dict(num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
                      coils=args.coils, snr=args.snr, shape=args.shape, phantom_version=args.phantom_version)
     if args.kind == "cine":

@@ -26,11 +26,15 @@ def collect(paths: list[str]) -> list[Path]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m melrecon.data.validate", description=__doc__.split("\n")[0])
+def build_parser(prog: str = "python -m melrecon.data.validate") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("paths", nargs="+", help="files or folders")
     parser.add_argument("--quick", action="store_true", help="skip the finiteness scan (metadata only)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     files = collect(args.paths)
     if not files:
         print(f"BAD: no .h5 files found in {args.paths}", file=sys.stderr)
@@ -43,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             bad += 1
             print(f"BAD {err}", file=sys.stderr)
         else:
-            print(f"ok  {path}: {info.kind} {info.axes} {info.shape} max={info.max:.4g}")
+            extra = (" prospective (stored mask" + ("" if info.has_target else ", no target") + ")") if info.has_mask else ""
+            print(f"ok  {path}: {info.kind} {info.axes} {info.shape} max={info.max:.4g}{extra}")
     print(f"{len(files) - bad} ok, {bad} bad", file=sys.stderr if bad else sys.stdout)
     return 1 if bad else 0
 

@@ -4,8 +4,9 @@ The metrics it logs are :mod:`melrecon.metrics` (shared with ``python -m melreco
 """
 
 from melrecon.lit.callbacks import LearningRateMonitor, NetStatsLogger, PeakMemoryMonitor, ReconImageLogger
+from melrecon.lit.console import ConsoleSummary
 from melrecon.lit.losses import ReconLoss
 from melrecon.lit.module import ReconModule
 
 __all__ = ["ReconModule", "ReconLoss", "LearningRateMonitor", "PeakMemoryMonitor", "NetStatsLogger",
-           "ReconImageLogger"]
+           "ReconImageLogger", "ConsoleSummary"]

@@ -18,9 +18,11 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
+
+from melrecon.lit.console import stdout_is_terminal
+from melrecon.lit.runinfo import check_same_run, checkpoint_run_dir, config_record, read_checkpoint, unique_dir
 
 log = logging.getLogger("melrecon")
 
@@ -33,6 +35,24 @@ def _mkdir(path: str) -> str:
 
 if not OmegaConf.has_resolver("mkdir"):
     OmegaConf.register_new_resolver("mkdir", _mkdir)
+
+
+def _unique_dir(path: str) -> str:
+    """OmegaConf resolver ``${unique_dir:PATH}`` (conf/hydra/default.yaml): a fresh run folder.
+
+    Hydra resolves the run folder before the task starts and prints a long traceback for any
+    error there, so a folder that cannot be created ends the program here with one line.
+    """
+    try:
+        return unique_dir(path)
+    except ValueError as err:
+        print(f"melrecon: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if not OmegaConf.has_resolver("unique_dir"):
+    # cached: Hydra resolves hydra.run.dir several times and copies the cache to sweep jobs
+    OmegaConf.register_new_resolver("unique_dir", _unique_dir, use_cache=True)
 
 
 class UserError(Exception):
@@ -50,8 +70,10 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[pl.Callback]:
     return out
 
 
-def instantiate_loggers(cfg: DictConfig | None, wandb_id: str | None = None) -> list[Any]:
-    """Instantiate the loggers; a W&B logger gets ``id=wandb_id`` when resuming a checkpoint."""
+def instantiate_loggers(cfg: DictConfig | None, wandb_id: str | None = None,
+                        resume_step: int | None = None) -> list[Any]:
+    """Instantiate the loggers. Resuming a checkpoint: a W&B logger gets ``id=wandb_id`` (W&B
+    resumes that run), a ResumableCSVLogger ``resume_step`` (the checkpoint's global step)."""
     out = []
     for name, c in (cfg or {}).items():
         if not (isinstance(c, DictConfig) and "_target_" in c):
@@ -61,16 +83,90 @@ def instantiate_loggers(cfg: DictConfig | None, wandb_id: str | None = None) -> 
         kwargs = {}
         if wandb_id and c._target_.endswith("WandbLogger") and not c.get("id"):
             kwargs["id"] = wandb_id
+        if resume_step is not None and c._target_.endswith("ResumableCSVLogger"):
+            kwargs["resume_step"] = resume_step
         out.append(hydra.utils.instantiate(c, **kwargs))
     return out
 
 
-def wandb_id_from_checkpoint(ckpt_path: str | None) -> str | None:
-    """The W&B run id stored by ReconModule.on_save_checkpoint, or None."""
+def check_limits(trainer_cfg: DictConfig) -> None:
+    """Refuse epoch/step limits Lightning would misread: -1 means no limit, other negatives are errors."""
+    for key in ("max_epochs", "min_epochs", "max_steps", "min_steps"):
+        v = trainer_cfg.get(key)
+        if v is not None and (not isinstance(v, int) or v < -1):
+            raise UserError(f"trainer.{key} must be -1 (no limit) or an integer >= 0, got {v!r}")
+
+
+def check_data_folder(cfg: DictConfig) -> None:
+    """A file where the data folder should be is one line (not a traceback from generation)."""
+    for name, path in (("paths.data_dir (MELRECON_DATA_DIR)", cfg.paths.get("data_dir")),
+                       ("data.root", cfg.data.get("root"))):
+        if path and Path(path).exists() and not Path(path).is_dir():
+            raise UserError(f"{name}: '{path}' is a file, not a folder")
+
+
+def check_run_folder(cfg: DictConfig) -> None:
+    """The run folder exists and is writable, or one line says why not."""
+    out = Path(cfg.paths.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"run folder: cannot create '{out}': {err.strerror or err}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"run folder: '{out}' is not writable")
+
+
+def continue_run_folder(cfg: DictConfig, ckpt_path: str) -> None:
+    """Make a resumed run write into the run folder its checkpoint belongs to.
+
+    ``<run>/checkpoints/x.ckpt`` -> ``paths.output_dir = <run>``: checkpoints, CSV and W&B
+    files continue there, so one folder holds the run's whole history. This invocation's own
+    folder (Hydra's, with its ``.hydra`` record and log) gets ``continues_run.txt`` naming the
+    run folder, and the run folder's ``resumes.txt`` gains a line naming this invocation.
+    A checkpoint outside a run's ``checkpoints/`` folder is resumed into the new folder.
+    """
+    import time
+
+    run_dir = checkpoint_run_dir(ckpt_path)
+    here = Path(cfg.paths.output_dir).resolve()
+    if run_dir is None or run_dir == here:
+        return
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    # DDP: every process follows rank 0's folder; rank 0 alone writes the records
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+        try:
+            here.mkdir(parents=True, exist_ok=True)
+            (here / "continues_run.txt").write_text(f"{run_dir}\n")
+            with open(run_dir / "resumes.txt", "a") as f:
+                f.write(f"{stamp} resumed from {Path(ckpt_path).resolve()} by {here}\n")
+        except OSError as err:
+            raise UserError(f"ckpt_path: cannot continue the run in {run_dir}: {err.strerror or err}") from None
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+    log.info("resuming: the run continues in its folder %s", run_dir)
+
+
+def resume_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:
+    """The checkpoint of ``ckpt_path`` (None without one), checked against the config.
+
+    A resumed run is the same run continued: its model, data (but the folder and loader
+    settings, see :mod:`melrecon.lit.runinfo`), module (optimizer, scheduler, loss) and seed must
+    be the checkpoint's. A changed optimizer setting would be recorded in the new config but
+    overwritten by the optimizer state Lightning restores, so it is refused like the rest;
+    trainer settings (max_epochs, ...) may change. Checkpoints made before the config was stored
+    in them are checked by the strict weight loading only.
+    """
+    ckpt_path = cfg.get("ckpt_path")
     if not ckpt_path:
         return None
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    return ckpt.get("melrecon", {}).get("wandb_id")
+    try:
+        ckpt = read_checkpoint(ckpt_path)
+        record = ckpt.get("melrecon", {}).get("config")
+        if record is not None:
+            check_same_run(record, cfg, f"ckpt_path '{ckpt_path}'", ("model", "data", "module", "seed"))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return ckpt
 
 
 def finish_wandb() -> None:
@@ -87,17 +183,30 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         pl.seed_everything(int(cfg.seed), workers=True)
     ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path and not Path(ckpt_path).is_file():
-        raise UserError(f"ckpt_path: no checkpoint file at '{ckpt_path}'")
+    check_limits(cfg.trainer)
+    check_data_folder(cfg)
+    ckpt = resume_checkpoint(cfg)
+    if ckpt is not None:
+        continue_run_folder(cfg, ckpt_path)
+    check_run_folder(cfg)
 
     log.info("data: %s", cfg.data._target_)
     datamodule = hydra.utils.instantiate(cfg.data)
     log.info("model: %s", cfg.model._target_)
     net = hydra.utils.instantiate(cfg.model)
     module = hydra.utils.instantiate(cfg.module, net=net)
+    module.run_record = config_record(cfg)  # stored in every checkpoint
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    loggers = instantiate_loggers(cfg.get("logger"), wandb_id_from_checkpoint(ckpt_path))
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    loggers = instantiate_loggers(cfg.get("logger"), (ckpt or {}).get("melrecon", {}).get("wandb_id"),
+                                  None if ckpt is None else int(ckpt.get("global_step", 0)))
+    trainer_kwargs: dict[str, Any] = {}
+    if cfg.trainer.get("enable_progress_bar", True) and not stdout_is_terminal():
+        # a bar redrawn with carriage returns is noise in a SLURM log: periodic lines instead
+        # (ConsoleSummary, every callbacks.console.every_n_steps steps)
+        trainer_kwargs["enable_progress_bar"] = False
+        log.info("stdout is not a terminal: progress bar off, progress as periodic log lines")
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                  **trainer_kwargs)
 
     if loggers:
         resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -165,11 +274,28 @@ def user_error_message(exc: BaseException) -> str | None:
     return f"{kind}{msg}{where}"
 
 
+def sweeper_needs_metric() -> bool:
+    """True inside a Hydra multirun driven by a sweeper that optimises (Optuna, ...); False for a
+    plain run and for the basic sweeper (``-m a=1,2``), which ignores the returned value."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return False
+    hc = HydraConfig.get()
+    return hc.mode == RunMode.MULTIRUN and not str(hc.sweeper.get("_target_", "")).endswith("BasicSweeper")
+
+
 def main(cfg: DictConfig) -> float | None:
     """Command-line entry (called by train.py's @hydra.main)."""
     try:
         metrics = run(cfg)
-        return metric_value(metrics, cfg.get("optimized_metric"))
+        name = cfg.get("optimized_metric")
+        if name and name not in metrics and not sweeper_needs_metric():
+            # e.g. max_epochs=0 or max_steps ending before the first validation: the run is fine
+            log.warning("optimized_metric '%s' was not logged (no validation ran); only a sweep needs it", name)
+            return None
+        return metric_value(metrics, name)
     except Exception as exc:  # noqa: BLE001 - filtered right below
         msg = user_error_message(exc)
         if msg is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -182,4 +308,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 __all__ = ["run", "main", "metric_value", "UserError", "instantiate_callbacks", "instantiate_loggers",
-           "finish_wandb", "user_error_message"]
+           "finish_wandb", "user_error_message", "check_limits", "check_data_folder", "check_run_folder",
+           "resume_checkpoint", "continue_run_folder",
+           "sweeper_needs_metric"]

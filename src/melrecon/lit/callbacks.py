@@ -15,6 +15,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 from melrecon.data.batch import ReconBatch
+from melrecon.export import comparison_frames, comparison_strip, save_png, write_gif
 
 GIB = float(2**30)
 
@@ -136,28 +137,17 @@ class NetStatsLogger(pl.Callback):
             pl_module.log_dict(stats, on_step=True, on_epoch=False, batch_size=1)
 
 
-def _to_uint8(img: np.ndarray, scale: float) -> np.ndarray:
-    return (np.clip(img / max(scale, 1e-12), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def _panel(zf: np.ndarray, rec: np.ndarray, tgt: np.ndarray, vmax: float) -> np.ndarray:
-    """One (H, 4W) uint8 strip: zero-filled | recon | target (scaled by the data range) | error.
-
-    The error map |recon - target| is scaled by its own maximum so that its structure shows.
-    """
-    err = np.abs(rec - tgt)
-    return np.concatenate([_to_uint8(zf, vmax), _to_uint8(rec, vmax), _to_uint8(tgt, vmax),
-                           _to_uint8(err, float(err.max()))], axis=1)
-
-
 class ReconImageLogger(pl.Callback):
-    """Log zero-filled | reconstruction | target | error strips for fixed validation items.
+    """Log labelled zero-filled | reconstruction | target | error strips for fixed validation items.
 
     The items are the first item of ``num_items`` validation batches spread evenly over the
     validation loader (fixed across epochs, as fastMRI's ``val_log_indices``). 3D slabs show the
-    centre readout plane (Y, Z); cine shows the centre frame and, on W&B, a GIF video over time.
-    Rank 0 only. W&B: ``val_images/item{i}`` and ``val_video/item{i}``; TensorBoard: images;
-    ``save_dir`` (if set): PNG files, useful with the csv logger.
+    centre readout plane (Y, Z); cine shows the centre frame and a GIF over time. Each strip is
+    :func:`melrecon.export.comparison_strip`: panels titled zero-filled / reconstruction (with
+    their PSNR, data range = the item's ``max``: of the shown plane for 3D, of the whole series
+    for cine, whose strip is the centre frame of :func:`melrecon.export.comparison_frames`) /
+    target / |error| (own scale). Rank 0 only. W&B: ``val_images/item{i}`` and ``val_video/item{i}``; TensorBoard:
+    images; ``save_dir`` (if set): ``step{S}_item{i}.png`` and, for cine, ``step{S}_item{i}.gif``.
     """
 
     def __init__(self, num_items: int = 2, every_n_epochs: int = 1, fps: int = 4,
@@ -189,10 +179,13 @@ class ReconImageLogger(pl.Callback):
         is_cine = batch.maps.ndim == 5 and batch.maps.shape[2] == 1 and zf.ndim == 3
         lead = zf.reshape(-1, *zf.shape[-2:]), rec.reshape(-1, *rec.shape[-2:]), tgt.reshape(-1, *tgt.shape[-2:])
         c = lead[0].shape[0] // 2
-        strip = _panel(lead[0][c], lead[1][c], lead[2][c], vmax)
+        if is_cine:  # one matplotlib drawing per item: the GIF frames, the centre one as the strip
+            frames = list(comparison_frames(*lead, data_range=vmax))
+            strip = frames[c]
+        else:
+            frames, strip = None, comparison_strip(lead[0][c], lead[1][c], lead[2][c], data_range=vmax)
         caption = (f"{batch.file[0]} @ {int(batch.position.reshape(-1)[0])} (centre {'frame' if is_cine else 'plane'}):"
                    " zero-filled | recon | target | error (own scale)")
-        frames = [_panel(a, b, t, vmax) for a, b, t in zip(*lead)] if is_cine else None
         self._emit(trainer, item, strip, caption, frames)
 
     def _emit(self, trainer: pl.Trainer, item: int, strip: np.ndarray, caption: str,
@@ -207,20 +200,11 @@ class ReconImageLogger(pl.Callback):
                 if frames:
                     with tempfile.TemporaryDirectory() as tmp:
                         # wandb copies the file into the run's media folder when it is logged
-                        gif = self._write_gif(Path(tmp) / f"val_item{item}_step{step}.gif", frames)
+                        gif = write_gif(Path(tmp) / f"val_item{item}_step{step}.gif", np.stack(frames), fps=self.fps)
                         lg.experiment.log({f"val_video/item{item}": wandb.Video(str(gif), format="gif")})
             elif name == "TensorBoardLogger":
                 lg.experiment.add_image(f"val_images/item{item}", strip[None], step, dataformats="CHW")
         if self.save_dir is not None:
-            from PIL import Image
-
-            self.save_dir.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(strip).save(self.save_dir / f"step{step:07d}_item{item}.png")
-
-    def _write_gif(self, path: Path, frames: list[np.ndarray]) -> Path:
-        """Write frames as an animated GIF with PIL (W&B videos from arrays would need moviepy)."""
-        from PIL import Image
-
-        imgs = [Image.fromarray(f) for f in frames]
-        imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=int(1000 / max(self.fps, 1)), loop=0)
-        return path
+            save_png(self.save_dir / f"step{step:07d}_item{item}.png", strip)
+            if frames:
+                write_gif(self.save_dir / f"step{step:07d}_item{item}.gif", np.stack(frames), fps=self.fps)

@@ -9,7 +9,8 @@ Batches are :class:`melrecon.data.batch.ReconBatch` (fields, shapes and units th
 Logged keys: ``train/loss`` (+ ``train/l1`` ... per loss term), ``val/loss``, and per-volume
 fastMRI metrics (:mod:`melrecon.metrics`) of the reconstruction ``val/{psnr,ssim,nmse}`` and of
 the zero-filled input ``val/{psnr,ssim,nmse}_zf``, ``val/num_volumes`` (volumes scored, summed
-over ranks) and ``val/ssim_best`` (best ``val/ssim`` so far, torchmetrics ``MaxMetric``, kept in
+over ranks; equal to the split's volumes whenever the whole split is evaluated, and non-finite
+inputs, reconstructions or metrics are errors naming the file, so no volume drops out) and ``val/ssim_best`` (best ``val/ssim`` so far, torchmetrics ``MaxMetric``, kept in
 the checkpoint); the same under ``test/`` for ``trainer.test``. ``train/lr`` comes from the
 :class:`melrecon.lit.callbacks.LearningRateMonitor` callback.
 """
@@ -28,6 +29,7 @@ from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from melrecon.data.batch import ReconBatch
 from melrecon.lit.losses import ReconLoss
 from melrecon.metrics import METRICS, VolumeAccumulator
+from melrecon.models.regularizers import BoundedConv
 
 
 class ReconModule(pl.LightningModule):
@@ -67,6 +69,9 @@ class ReconModule(pl.LightningModule):
         self.vol_means = nn.ModuleDict({f"{src}_{m}": MeanMetric() for src in ("recon", "zf") for m in METRICS})
         self.vol_count = SumMetric()
         self.ssim_best = MaxMetric()
+        # the run's config record (melrecon.lit.runinfo.config_record), set by the app and
+        # stored in every checkpoint so that resume and reconstruct can refuse another config
+        self.run_record: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ forward / steps
     @property
@@ -107,14 +112,29 @@ class ReconModule(pl.LightningModule):
             )
 
     def _eval_step(self, stage: str, batch: ReconBatch) -> dict[str, torch.Tensor]:
+        files = list(batch.file)
+        self._check_finite(stage, "input", batch, batch.x0, batch.kspace, batch.target, batch.max)
         pred = self(batch)
+        # a NaN volume must not drop out of the per-volume means (val/psnr over the others)
+        self._check_finite(stage, "reconstruction", batch, pred)
         terms = self.loss_fn(pred, batch.target, batch.max)
         self.log(f"{stage}/loss", terms["loss"], on_step=False, on_epoch=True, sync_dist=True,
                  batch_size=pred.shape[0])
-        files = list(batch.file)
         self._acc["recon"].update(pred, batch.target, batch.max, files, batch.position)
         self._acc["zf"].update(batch.x0, batch.target, batch.max, files, batch.position)
         return {"pred": pred.detach()}
+
+    def _check_finite(self, stage: str, what: str, batch: ReconBatch, *tensors: torch.Tensor) -> None:
+        """ValueError naming the files and positions of ``batch`` if any tensor is NaN/Inf."""
+        for t in tensors:
+            bad = ~torch.isfinite(t.reshape(t.shape[0], -1) if t.ndim else t.reshape(1, 1)).all(dim=1)
+            if bad.any():
+                where = [f"{f} (position {int(p)})" for f, p, b in zip(batch.file, batch.position, bad.tolist()) if b]
+                raise ValueError(
+                    f"{stage}: non-finite {what} for {', '.join(where)}"
+                    + (" (check the file with python -m melrecon.data.validate)" if what == "input"
+                       else f" at global step {self.global_step}: the network diverged on this volume")
+                )
 
     def validation_step(self, batch: ReconBatch, batch_idx: int) -> dict[str, torch.Tensor]:
         return self._eval_step("val", batch)
@@ -151,6 +171,7 @@ class ReconModule(pl.LightningModule):
                 self.vol_count.reset()
                 self.vol_count.update(torch.tensor(float(len(vols)), device=self.device))
                 out[f"{stage}/num_volumes"] = float(self.vol_count.compute())
+                self._check_volume_count(stage, out[f"{stage}/num_volumes"])
         if stage == "val" and not self.trainer.sanity_checking:
             # NaN (no volume scored) is ignored by MaxMetric's default nan_strategy
             self.ssim_best.update(torch.tensor(out["val/ssim"], device=self.device))
@@ -160,13 +181,43 @@ class ReconModule(pl.LightningModule):
         self.log_dict(out, on_step=False, on_epoch=True, sync_dist=True)
         return out
 
+    def _check_volume_count(self, stage: str, scored: float) -> None:
+        """When the whole split was evaluated, every volume of it must have been scored: a
+        missing one would bias the means without a trace. Datasets that list their ``files``
+        (SlabDataset, CineDataset) are checked; partial epochs (``limit_*_batches``) are not."""
+        trainer = self.trainer
+        if trainer.sanity_checking:
+            return
+        limit = trainer.limit_val_batches if stage == "val" else trainer.limit_test_batches
+        if not (isinstance(limit, float) and limit == 1.0):
+            return
+        loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        files = {f for dl in loaders for f in getattr(getattr(dl, "dataset", None), "files", None) or ()}
+        if files and scored != len(files):
+            raise ValueError(f"{stage}: scored {scored:g} of the {len(files)} volumes of the split; "
+                             "every volume must be scored (is a sampler dropping items?)")
+
     def on_validation_epoch_end(self) -> None:
         self._log_volume_metrics("val")
 
     def on_test_epoch_end(self) -> None:
         self._log_volume_metrics("test")
 
+    def on_train_start(self) -> None:
+        """Continue the power iterations of a resumed checkpoint (see on_save_checkpoint)."""
+        stored, self._power_iteration = getattr(self, "_power_iteration", {}), {}
+        modules = dict(self.net.named_modules())
+        for name, u in stored.items():
+            m = modules.get(name)
+            if isinstance(m, BoundedConv):
+                m.u = u.to(device=m.weight.device, dtype=m.weight.dtype)
+                m._keep_loaded_sigma = False  # sigma and u belong together again
+
     # ------------------------------------------------------------------ optimisation
+    def setup(self, stage: str) -> None:
+        check_precision(self.net, str(self.trainer.precision) if self._trainer is not None else "32-true")
+
     def configure_optimizers(self) -> Any:
         opt = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
@@ -177,8 +228,11 @@ class ReconModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoint extras
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the best SSIM and the W&B run id, so that a resumed run continues both."""
+        """Store the best SSIM, the W&B run id and the run's config record (model, its hash,
+        data, module, seed): a resumed run continues the first two and is checked against the last."""
         extra: dict[str, Any] = {"best_ssim": self.best_ssim}
+        if self.run_record is not None:
+            extra["config"] = self.run_record
         try:
             from pytorch_lightning.loggers import WandbLogger
 
@@ -187,10 +241,31 @@ class ReconModule(pl.LightningModule):
                     extra["wandb_id"] = lg.version
         except ImportError:  # pragma: no cover - wandb is a dependency
             pass
+        # the spectral-norm power-iteration vectors: not in the state dict (their shape follows the
+        # data), but a resumed run must continue them to train exactly as the uninterrupted one
+        extra["power_iteration"] = {name: m.u.detach().cpu().clone() for name, m in self.net.named_modules()
+                                    if isinstance(m, BoundedConv) and m.u.numel() > 0}
         checkpoint["melrecon"] = extra
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # applied at train start: loading the state dict (after this hook) resets them
+        self._power_iteration = dict(checkpoint.get("melrecon", {}).get("power_iteration", {}))
         self.ssim_best.reset()
         best = float(checkpoint.get("melrecon", {}).get("best_ssim", -math.inf))
         if math.isfinite(best):
             self.ssim_best.update(torch.tensor(best, device=self.ssim_best.max_value.device))
+
+
+def check_precision(net: nn.Module, precision: str) -> None:
+    """Refuse what does not work: ``memory=mel`` of a network whose inverse is iterative
+    (``exact_inverse`` False: MoDL) with 16-bit precision (``bf16-mixed``, ``16-mixed``,
+    ``bf16-true``, ...). Its fixed-point inverse stalls above the float32 tolerance on bfloat16
+    CNN outputs (about 6e-5 relative), so every MEL step would recompute the chain by a forward
+    pass: checkpoint memory at more than checkpoint cost, with a warning per step.
+    """
+    if "16" not in precision or getattr(net, "memory", None) != "mel" or getattr(net, "exact_inverse", True):
+        return
+    raise ValueError(
+        f"trainer.precision={precision} with model.memory=mel: {type(net).__name__}'s fixed-point inverse cannot "
+        "reach its tolerance on 16-bit CNN outputs; use model.memory=checkpoint, trainer.precision=32, or a "
+        "reversible network (model=rev_cine / rev3d_slab), which inverts exactly under autocast")

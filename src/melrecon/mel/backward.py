@@ -12,10 +12,22 @@ anchor and needs no inversion, so with anchors at every layer only the topmost s
 inverted (to keep measuring drift).
 
 If the drift exceeds ``drift_tol``, or an inversion reports ``converged=False``, the segment's
-gradients are discarded and the segment is redone exactly: its states are recomputed by a
-forward pass from the anchor and backpropagated as in ``checkpoint`` mode. A non-converged
-inversion and a drift redo with a fixed spacing warn once per chain; redos chosen by the
-``"auto"`` controller are counted but do not warn.
+gradients are discarded and the segment is redone exactly, with bounded memory: a forward
+pass from the anchor stores every ``s = ceil(sqrt(L))``-th state of the segment's ``L``
+layers (sub-anchors), then each sub-segment, last first, is recomputed from its sub-anchor
+and backpropagated as in ``checkpoint`` mode (two-level checkpointing: at most about
+``2 sqrt(L)`` states held at once instead of ``L``, for one extra forward pass of the
+segment). A non-converged inversion and a drift redo with a fixed spacing warn once per
+chain; redos chosen by the ``"auto"`` controller are counted but do not warn. The stats
+count the redos (``fallbacks``) and the sub-anchor spacing used (``fallback_spacing``).
+
+Same kernels in the forward pass and the recompute: inversion is exact only if a layer gives
+bitwise the same output for the same input both times. On CUDA the run therefore executes
+its forward pass and its backward pass under ``torch.backends.cudnn.flags(benchmark=False,
+deterministic=True)`` (:func:`same_kernels`): with ``cudnn.benchmark`` on, cuDNN may time and
+pick a different convolution algorithm for the recompute (different rounding); with it off
+and deterministic kernels, the choice is a fixed function of the shapes. ``standard`` mode,
+which recomputes nothing, keeps the user's setting.
 
 ``_MELFunction`` is the ``torch.autograd.Function`` that hands a run to autograd; it knows
 nothing of segments and calls the run's two public methods.
@@ -48,7 +60,8 @@ class ChainStats:
     (inf for pure MEL).  inv_iters: total inversion iterations of the last backward pass.
     inv_residual: largest inversion residual.  fallbacks: segments recomputed by a forward
     pass in the last backward pass (non-convergence or drift).  total_fallbacks: since
-    construction.
+    construction.  fallback_spacing: sub-anchor spacing ``ceil(sqrt(L))`` of the longest
+    segment redone in the last backward pass (0: none redone).
     """
 
     drift: float = 0.0
@@ -58,12 +71,22 @@ class ChainStats:
     inv_residual: float = 0.0
     fallbacks: int = 0
     total_fallbacks: int = 0
+    fallback_spacing: int = 0
     segment_drifts: list[tuple[int, float]] = field(default_factory=list)
 
     def count(self, res: Any) -> None:
         """Add an inversion's iterations and residual (an InvertResult or FusedResult)."""
         self.inv_iters += int(res.iterations)
         self.inv_residual = max(self.inv_residual, float(res.residual))
+
+
+def same_kernels(device: torch.device) -> contextlib.AbstractContextManager:
+    """cuDNN with fixed, deterministic algorithms (CUDA only; module docstring): a forward
+    pass and its recompute then round identically. No-op on other devices."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=False, deterministic=True, allow_tf32=cudnn.allow_tf32)
 
 
 def layer_params(layers: Sequence[nn.Module]) -> tuple[list[nn.Parameter], list[list[nn.Parameter]]]:
@@ -157,7 +180,8 @@ class ChainRun:
                         "inverse",
                         f"MEL: inversion of layer {where} did not converge (residual "
                         f"{stats.inv_residual:.3g}); recomputing layers {a}..{b - 1} from the anchor at "
-                        f"layer {a} by a forward pass (gradient stays exact, memory and time grow)",
+                        f"layer {a} by a forward pass with sub-anchors every {_sub_spacing(b - a)} layers "
+                        f"(gradient stays exact; memory grows to ~2 sqrt({b - a}) states, time by a forward pass)",
                     )
                 else:
                     stats.drift = max(stats.drift, drift)
@@ -165,10 +189,12 @@ class ChainRun:
                         self.warn_once(
                             "drift",
                             f"MEL: drift {drift:.3g} of layers {a}..{b - 1} exceeds drift_tol="
-                            f"{self.drift_tol:g}; recomputed them from the anchor at layer {a}. "
+                            f"{self.drift_tol:g}; recomputed them from the anchor at layer {a} with "
+                            f"sub-anchors every {_sub_spacing(b - a)} layers (~2 sqrt({b - a}) states held). "
                             "Use more anchors (smaller anchor_every, or 'auto').",
                         )
                 seg_acc = {}
+                stats.fallback_spacing = max(stats.fallback_spacing, _sub_spacing(b - a))
                 g = self._exact_segment(a, b, x_a, g, data, seg_acc)
             for k, v in seg_acc.items():
                 acc[k] = v if k not in acc else acc[k] + v
@@ -203,7 +229,30 @@ class ChainRun:
 
     # ------------------------------------------------------------------ segments
     def _exact_segment(self, a: int, b: int, x_a: State, g_b: State, data: Any, acc: dict[int, Tensor]) -> State:
-        """Backprop layers b-1..a with states recomputed from the anchor (checkpoint path)."""
+        """Backprop layers b-1..a with states recomputed from the anchor x_a, holding at most
+        about ``2 sqrt(b - a)`` of them: sub-anchors every ``ceil(sqrt(b - a))`` layers from
+        one forward pass, then each sub-segment recomputed from its sub-anchor (module doc)."""
+        step = _sub_spacing(b - a)
+        starts = list(range(a, b, step))
+        subs = {a: x_a}
+        if len(starts) > 1:
+            x = x_a
+            with torch.no_grad(), self.freezer.active(recompute=True):
+                for n in range(a, starts[-1]):
+                    x = self.layers[n](x, data)
+                    if n + 1 in starts:
+                        subs[n + 1] = x
+        token = _memory.hold([t for p in starts[1:] for t in as_tuple(subs[p])])
+        g = g_b
+        try:
+            for p in reversed(starts):
+                g = self._checkpoint_segment(p, min(p + step, b), subs.pop(p), g, data, acc)
+        finally:
+            token.release()
+        return g
+
+    def _checkpoint_segment(self, a: int, b: int, x_a: State, g_b: State, data: Any, acc: dict[int, Tensor]) -> State:
+        """Backprop layers b-1..a with all their inputs recomputed from x_a (checkpoint path)."""
         states = [x_a]
         with torch.no_grad(), self.freezer.active(recompute=True):
             for n in range(a, b - 1):
@@ -213,6 +262,7 @@ class ChainRun:
         try:
             for n in range(b - 1, a - 1, -1):
                 g, pgs = self._vjp(n, states[n - a], g, data)
+                states[n - a] = None  # backpropagated: let it go
                 _accumulate(acc, zip(self.per_layer[n], pgs))
         finally:
             token.release()
@@ -265,6 +315,11 @@ class ChainRun:
         return g, True, drift, a
 
 
+def _sub_spacing(length: int) -> int:
+    """Sub-anchor spacing of a redone segment of ``length`` layers: ``ceil(sqrt(length))``."""
+    return max(1, math.ceil(math.sqrt(length)))
+
+
 def _accumulate(acc: dict[int, Tensor], pairs) -> None:
     """Sum gradients into ``acc`` by parameter identity (shared parameters add up)."""
     for p, g in pairs:
@@ -299,7 +354,8 @@ class _MELFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: ChainRun, data: Any, is_tuple: bool, n_state: int, *tensors: Tensor):
         parts = tensors[:n_state]
-        x, anchors = run.forward(tuple(parts) if is_tuple else parts[0], data)
+        with same_kernels(parts[0].device):
+            x, anchors = run.forward(tuple(parts) if is_tuple else parts[0], data)
         out = tuple(t.clone() if any(t is p for p in tensors) else t for t in as_tuple(x))
         ctx.run, ctx.data, ctx.is_tuple, ctx.n_state = run, data, is_tuple, n_state
         ctx.autocast = _autocast_state(parts[0].device.type)
@@ -330,7 +386,7 @@ class _MELFunction(torch.autograd.Function):
             # parameters of the forward call get their gradients even if a flag changed since
             for p in run.params:
                 p.requires_grad_(True)
-            with _autocast_like(ctx.autocast):
+            with _autocast_like(ctx.autocast), same_kernels(template[0].device if is_tuple else template.device):
                 grads_x, grads_p = run.backward(out, anchors, g, ctx.data, ctx.dtype)
         finally:
             for p, f in zip(run.params, flags):

@@ -6,7 +6,7 @@ An unrolled network applies N unrolls, each an :class:`~melrecon.mel.InvertibleL
 The base class owns:
 
 - the options every family takes: ``num_unrolls``, ``share_weights``, ``memory``,
-  ``anchor_every``, ``drift_tol``, ``auto_start``, ``fft_dims``;
+  ``anchor_every``, ``drift_tol``, ``auto_start``, ``fft_dims``, ``dc_chunk``;
 - weights per unroll: :meth:`replicate` gives every unroll the template modules themselves
   (shared weights) or independent copies, each re-initialised;
 - the call: input checks, the physics context :class:`~melrecon.models.dc.SenseData`
@@ -55,7 +55,20 @@ class UnrolledBase(nn.Module):
         drift_tol: ``mel``: relative drift of recomputed inputs above which a segment is redone.
         auto_start: first spacing of the "auto" anchor controller.
         fft_dims: Fourier-encoded image axes of the SENSE operator.
+        dc_chunk: apply ``A^H`` and ``A^H A`` in chunks of this many positions of the first
+            image axis (the readout X of a whole 3D volume; see
+            :class:`~melrecon.physics.sense.SenseOperator`): the same result, coil-image
+            temporaries of one chunk.  None: the whole image at once.
+
+    ``exact_inverse`` (class attribute): True when every unroll inverts in closed form from the
+    values the forward pass computed, so ``mel`` recomputes each input exactly in any precision
+    the layers run in (the reversible family, also under bfloat16 autocast: the engine replays
+    the autocast state, tested); False for fixed-point inverses (MoDL's residual CNN), whose
+    float32 tolerance is out of reach when the CNN runs in bfloat16/float16 (every step would
+    fall back to recomputation), so training refuses ``mel`` with 16-bit precision.
     """
+
+    exact_inverse: bool = False
 
     def __init__(
         self,
@@ -66,9 +79,13 @@ class UnrolledBase(nn.Module):
         drift_tol: float,
         auto_start: int = 4,
         fft_dims: Sequence[int] = (-2, -1),
+        dc_chunk: int | None = None,
     ) -> None:
         super().__init__()
         check_depth_and_memory(num_unrolls, memory)
+        if dc_chunk is not None and (isinstance(dc_chunk, bool) or not isinstance(dc_chunk, int) or dc_chunk < 1):
+            raise ValueError(f"model.dc_chunk must be a positive integer or null, got {dc_chunk!r}")
+        self.dc_chunk = dc_chunk
         self.num_unrolls = num_unrolls
         self.share_weights = bool(share_weights)
         self.fft_dims = tuple(fft_dims)
@@ -122,7 +139,7 @@ class UnrolledBase(nn.Module):
         of DESIGN.md ("Conventions") -> image of x0's shape and dtype."""
         if not torch.is_complex(x0):
             raise ValueError(f"x0 must be complex, got dtype {x0.dtype} (shape {tuple(x0.shape)})")
-        op = SenseOperator(maps.detach(), mask.detach(), self.fft_dims)
+        op = SenseOperator(maps.detach(), mask.detach(), self.fft_dims, self.dc_chunk)
         data = SenseData.from_kspace(op, kspace.detach())
         if x0.shape != data.aty.shape:
             raise ValueError(
@@ -148,6 +165,7 @@ class UnrolledBase(nn.Module):
             "mel/inv_iters": float(s.inv_iters),
             "mel/inv_residual": float(s.inv_residual),
             "mel/fallbacks": float(s.fallbacks),
+            "mel/fallback_spacing": float(s.fallback_spacing),  # sub-anchor spacing of a redo (0: none)
         }
         learned: dict[str, list[Tensor]] = {}
         for m in self.modules():  # each module once, however many unrolls share it

@@ -36,7 +36,8 @@ after ``inv_max_iter`` evaluations; optional Anderson acceleration (``anderson``
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from melrecon.mel.invertible import InvertibleLayer, InvertResult, default_tolerance, invert_residual_map
+from melrecon.mel.tiled import TileSpec, check_tile_spec, tiled_forward
 
 
 class BoundedConv(nn.Module):
@@ -89,6 +91,7 @@ class BoundedConv(nn.Module):
         self.register_buffer("u", torch.zeros(0), persistent=False)  # (1, in, *probe_shape)
         self.register_buffer("sigma", torch.zeros(()))
         self._keep_loaded_sigma = False
+        self._tiling = False  # inside tiling_scope: the probe shape is the volume's, not the tile's
         self.reset_parameters()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
@@ -182,16 +185,36 @@ class BoundedConv(nn.Module):
     def effective_weight(self) -> Tensor:
         return self.weight if self.bound is None else self.weight * self.scale().detach()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _ensure_probe(self, spatial: tuple[int, ...]) -> None:
+        """Start the norm estimate if there is none for inputs of this spatial shape."""
+        probe = tuple(min(s, self.probe_cap) for s in spatial)
+        if (
+            self.u.numel() == 0
+            or tuple(self.u.shape[2:]) != probe
+            or self.u.dtype != self.weight.dtype
+            or self.u.device != self.weight.device
+        ):
+            self._init_probe(spatial)
+
+    def receptive_halo(self) -> tuple[int, ...]:
+        """Voxels of context per spatial axis (kernel_size // 2), for melrecon.mel.tiled."""
+        return (self.padding,) * self.conv_dim
+
+    @contextmanager
+    def tiling_scope(self, spatial: tuple[int, ...]) -> Iterator[None]:
+        """Within: calls on tiles of a volume of this spatial shape use the volume's norm
+        estimate (a tile's own probe shape would start another estimate: another function)."""
         if self.bound is not None:
-            spatial = tuple(min(s, self.probe_cap) for s in x.shape[2:])
-            if (
-                self.u.numel() == 0
-                or tuple(self.u.shape[2:]) != spatial
-                or self.u.dtype != self.weight.dtype
-                or self.u.device != self.weight.device
-            ):
-                self._init_probe(tuple(x.shape[2:]))
+            self._ensure_probe(tuple(spatial))
+        before, self._tiling = self._tiling, True
+        try:
+            yield
+        finally:
+            self._tiling = before
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.bound is not None and not self._tiling:
+            self._ensure_probe(tuple(x.shape[2:]))
         out = self._conv(x, self.effective_weight())
         if self.bias is not None:
             out = out + self.bias.view(1, -1, *([1] * self.conv_dim))
@@ -221,7 +244,15 @@ class ConvLayout:
     def to_channels(self, x: Tensor) -> Tensor:
         """Complex image (B, *spatial) -> real (B', 2, *conv_spatial)."""
         x = x.reshape(-1, *x.shape[x.ndim - self.conv_dim:])
-        return torch.view_as_real(x).movedim(-1, 1)
+        t = torch.view_as_real(x).movedim(-1, 1)
+        # Under autocast, 3D: a contiguous channels-first copy. The view is strided per channel,
+        # and the CPU bf16 conv3d weight gradient was reported wrong for such inputs (torch 2.13;
+        # not reproduced at the test sizes). Only under autocast: in full precision the copy
+        # would be one more image held by autograd per CNN call (the memory model counts the
+        # view's storage once), and 2D convs take another kernel path for a copy (not bitwise).
+        if self.conv_dim == 3 and torch.is_autocast_enabled(t.device.type):
+            return t.contiguous()
+        return t
 
     @staticmethod
     def from_channels(t: Tensor, image_shape: Sequence[int]) -> Tensor:
@@ -248,6 +279,13 @@ class ConvStack(nn.Module):
         lipschitz: bound c on the Lipschitz constant of the whole stack (each conv
             spectrally normalised to ``c**(1/depth)``), or None for plain convs.
         bias: conv biases.  probe_cap: cap per axis of the spectral-norm probe.
+        tile: evaluate the stack in spatial tiles of this size (one entry per convolved
+            axis, None = do not cut that axis; an int = every axis), with the halo of its
+            receptive field and a tile-by-tile recompute backward
+            (:func:`melrecon.mel.tiled.tiled_forward`): the same output and gradients, with
+            one tile's graph instead of the whole volume's.  None: untiled.  A setting, not
+            state: it is not saved with the weights and can be changed at any time
+            (``stack.tile = ...``), e.g. to run a slab-trained network on a whole volume.
 
     No normalisation or dropout: nothing changes between the forward pass and a recompute.
     Input/output: (B, C, *spatial) real with ``len(spatial) == conv_dim``.
@@ -265,6 +303,7 @@ class ConvStack(nn.Module):
         lipschitz: float | None = None,
         bias: bool = True,
         probe_cap: int = 32,
+        tile: TileSpec = None,
     ) -> None:
         super().__init__()
         if depth < 1:
@@ -283,7 +322,25 @@ class ConvStack(nn.Module):
             BoundedConv(conv_dim, chans[i], chans[i + 1], kernel_size, bias, per_conv, probe_cap)
             for i in range(depth)
         )
+        self.halo = tuple(sum(r) for r in zip(*(c.receptive_halo() for c in self.convs)))
+        self.tile = tile
         self._scale_last()
+
+    @property
+    def tile(self) -> TileSpec:
+        """Tile size of the tiled evaluation (None: untiled); see the class docstring."""
+        return self._tile
+
+    @tile.setter
+    def tile(self, tile: TileSpec) -> None:
+        if isinstance(tile, Sequence) and not isinstance(tile, str):
+            tile = tuple(tile)  # also accepts Hydra's ListConfig
+            if len(tile) != self.conv_dim:
+                raise ValueError(
+                    f"regularizer.tile {list(tile)} needs one entry per convolved axis (conv_dim={self.conv_dim})"
+                )
+        check_tile_spec(tile)
+        self._tile = tile
 
     def _scale_last(self) -> None:
         if self.out_scale is None:
@@ -298,12 +355,30 @@ class ConvStack(nn.Module):
             c.reset_parameters()
         self._scale_last()
 
-    def forward(self, t: Tensor) -> Tensor:
+    def _run(self, t: Tensor) -> Tensor:
+        """The untiled stack (what every tile evaluates)."""
         for i, conv in enumerate(self.convs):
             t = conv(t)
             if i < len(self.convs) - 1:
                 t = F.relu(t)
         return t
+
+    def forward(self, t: Tensor) -> Tensor:
+        if self._tile is None:
+            return self._run(t)
+        return tiled_forward(self, t, self._tile, self.halo, fn=self._run)
+
+    def extra_repr(self) -> str:
+        return "" if self._tile is None else f"tile={self._tile}, halo={self.halo}"
+
+
+def set_tile(net: nn.Module, tile: TileSpec) -> int:
+    """Set the tile of every :class:`ConvStack` in ``net`` (e.g. a loaded network, to run it
+    on whole volumes); returns how many stacks were set.  Raises ValueError for a bad tile."""
+    stacks = [m for m in net.modules() if isinstance(m, ConvStack)]
+    for s in stacks:
+        s.tile = tile
+    return len(stacks)
 
 
 class ResidualCNN(InvertibleLayer):
@@ -319,6 +394,8 @@ class ResidualCNN(InvertibleLayer):
         inv_tol: relative residual of the inverse (None: by dtype).  inv_max_iter: cap.
         anderson: Anderson memory for the inverse (0 = plain fixed point).
         bias: conv biases.
+        tile: tiled evaluation of R (see :class:`ConvStack`), in the forward pass, its
+            backward and the fixed-point inverse; None: untiled.
 
     Shapes: x complex (B, *spatial) with at least ``conv_dim`` spatial axes; output same.
     """
@@ -335,6 +412,7 @@ class ResidualCNN(InvertibleLayer):
         inv_max_iter: int = 100,
         anderson: int = 0,
         bias: bool = True,
+        tile: TileSpec = None,
     ) -> None:
         super().__init__()
         if depth < 2:
@@ -345,7 +423,7 @@ class ResidualCNN(InvertibleLayer):
             raise ValueError(f"regularizer.inv_max_iter must be >= 1, got {inv_max_iter!r}")
         if anderson < 0:
             raise ValueError(f"regularizer.anderson must be >= 0, got {anderson!r}")
-        self.cnn = ConvStack(2, 2, width, depth, kernel_size, conv_dim, None, lipschitz, bias, probe_cap)
+        self.cnn = ConvStack(2, 2, width, depth, kernel_size, conv_dim, None, lipschitz, bias, probe_cap, tile)
         self.layout = ConvLayout(conv_dim)
         self.inv_tol = inv_tol
         self.inv_max_iter = inv_max_iter

@@ -23,8 +23,11 @@ The inverse is closed form and costs one evaluation of each half:
 
     x = x' - G_n(v'),   v = v' - F_n(x)
 
-There is no fixed-point iteration and no division, so nothing amplifies rounding beyond the
-conditioning of the map itself (``det = 1``: the coupling preserves volume).
+There is no fixed-point iteration and no division. In floating point the sums still round
+(``(x + G) - G != x`` in general) and damping amplifies that rounding in the inverse; with
+fixed-point streams (``state_precision="fixed"``, the default: both streams on a power-of-two
+grid, every coupling term rounded to it before it is added, :func:`fixed_point_grid`) every
+sum is exact and the inverse is bit-exact at any depth and damping.
 
 The inverse and the backward pass are fused (RevNet): ``inverse_and_backward`` evaluates
 ``G_n(v')`` *with* its graph, uses the value to recover ``x`` and the graph to backpropagate,
@@ -35,6 +38,8 @@ MEL step costs what a checkpointed step costs. The network is an
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,7 +52,64 @@ from melrecon.models.base import UnrolledBase
 from melrecon.models.dc import ProximalDC, SenseData, inverse_positive
 from melrecon.models.regularizers import ConvLayout, ConvStack
 
-__all__ = ["sense_direction", "ReversibleUnroll", "ReversibleUnrolledNet"]
+__all__ = ["sense_direction", "ReversibleUnroll", "ReversibleUnrolledNet", "FixedPointOverflow", "fixed_point_grid"]
+
+STATE_PRECISIONS = ("fixed", "double", "input")
+MANTISSA_BITS = 53  # float64: every integer multiple m * 2^-k with |m| < 2^53 is exact
+HEADROOM_BITS_X = 16  # image stream: range 2^16 x max|x0| (its resolution stays ~1e-11 of it)
+HEADROOM_BITS_V = 6  # latent stream: 64 x max|x0| x sum_n 1/gamma_n (the bound of |v_N|)
+
+
+class FixedPointOverflow(RuntimeError):
+    """A stream of a ``state_precision="fixed"`` chain left its fixed-point range."""
+
+
+class _GridRound(torch.autograd.Function):
+    """``round(t * scale) / scale`` (real and imaginary parts) with an identity gradient.
+
+    ``scale`` is a power of two, so the product and the quotient are exact in float64: the
+    result is the nearest multiple of ``1 / scale``. The gradient passes straight through
+    (the derivative of the unrounded term; the rounding moves the value by at most half a
+    grid step), identically in every memory mode, so the modes' gradients agree bitwise.
+    """
+
+    @staticmethod
+    def forward(ctx, t: Tensor, scale: Tensor) -> Tensor:  # noqa: ARG004
+        r = torch.view_as_real(t) if t.is_complex() else t
+        q = torch.round(r * scale) / scale
+        return torch.view_as_complex(q) if t.is_complex() else q
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ARG004
+        return grad, None
+
+
+def _on_grid(t: Tensor, scale: Tensor) -> Tensor:
+    return _GridRound.apply(t, scale)
+
+
+def _max_abs(t: Tensor) -> Tensor:
+    return (torch.view_as_real(t) if t.is_complex() else t).detach().abs().amax()
+
+
+def fixed_point_grid(x0: Tensor, gammas: Sequence[float]) -> tuple[Tensor, float, float]:
+    """The fixed-point scales of the two streams for one call: ``(scales, S, sum 1/gamma)``.
+
+    ``scales`` is a float64 tensor ``[2^k_x, 2^k_v]`` (powers of two, on x0's device): a
+    stream value is a multiple of ``2^-k`` below ``2^(53-k)`` in magnitude. The range of
+    each stream is chosen from the data and the damping so that the chain cannot reach it
+    except in pathological cases (which are refused, see :class:`FixedPointOverflow`):
+    ``x``: ``2^16 S`` with ``S = max|Re x0|, |Im x0|`` (1 if x0 = 0); ``v``: ``2^6 S
+    sum_n 1/gamma_n`` (``v_N`` is the sum of the updates ``F_n``, each about image scale
+    divided by ``gamma_n``, so damping (``gamma_decay^-N``) widens the range and coarsens the
+    resolution ``2^-k_v``). The range limit is the next power of two >= twice the bound.
+    """
+    s = float(_max_abs(x0)) or 1.0
+    inv_gamma = float(sum(1.0 / g for g in gammas))
+    exps = [math.ceil(math.log2(s * 2.0**HEADROOM_BITS_X)), math.ceil(math.log2(s * 2.0**HEADROOM_BITS_V * inv_gamma))]
+    # the limit 2^(53-k) = 2^(e+1) >= 2 * bound
+    scales = torch.tensor([2.0 ** (MANTISSA_BITS - 1 - e) for e in exps], dtype=torch.float64, device=x0.device)
+    return scales, s, inv_gamma
 
 
 # ----------------------------------------------------------------------------- data
@@ -74,8 +136,15 @@ class ReversibleUnroll(InvertibleLayer):
             :class:`ProximalDC` for the proximal direction ``d(x) = P_lam(x) - x`` with
             ``P_lam(x) = (A^H A + lam I)^{-1}(A^H b + lam x)`` (MoDL's DC as a function of
             x; CG with implicit backward; may be shared between unrolls).
+        index: the unroll's position in its chain (for error messages).
 
-    State: ``x`` complex (B, *spatial); ``v`` real, ``layout.latent_shape(x.shape, K)``.
+    State: ``(x, v)`` or ``(x, v, scales)``. ``x`` complex (B, *spatial); ``v`` real,
+    ``layout.latent_shape(x.shape, K)``. With the third part (float64 ``[2^k_x, 2^k_v]``,
+    :func:`fixed_point_grid`) the streams are fixed-point numbers: each coupling term is
+    rounded to its stream's grid before it is added, so every addition and its inverse
+    subtraction are exact and the inverse is bit-exact; a stream value reaching its range
+    limit ``2^(53-k)`` raises :class:`FixedPointOverflow` naming the unroll. The scales pass
+    through unchanged (and receive no gradient).
     """
 
     def __init__(
@@ -87,8 +156,10 @@ class ReversibleUnroll(InvertibleLayer):
         gamma_init: float = 0.5,
         learn_steps: bool = True,
         dc: ProximalDC | None = None,
+        index: int = 0,
     ) -> None:
         super().__init__()
+        self.index = index  # position in the chain (named in overflow errors)
         self.dc = dc
         self.r_net = r_net
         self.q_net = q_net
@@ -134,19 +205,53 @@ class ReversibleUnroll(InvertibleLayer):
     def _params_g(self) -> list[nn.Parameter]:
         return [p for p in (*self.q_net.parameters(), self.gamma_raw) if p.requires_grad]
 
-    # the contract ------------------------------------------------------------------------
-    def forward(self, state: tuple[Tensor, Tensor], data: SenseData) -> tuple[Tensor, Tensor]:
-        x, v = state
-        v = v + self.half_f(x, data).to(v.dtype)
-        x = x + self.half_g(v, x.shape).to(x.dtype)
-        return x, v
+    # the coupling terms in the streams' arithmetic -----------------------------------------
+    def term_f(self, x: Tensor, v: Tensor, data: SenseData, scales: Sequence[Tensor]) -> Tensor:
+        """``F(x)`` in v's dtype, on v's fixed-point grid when ``scales`` (the state's third
+        part) is given."""
+        f = self.half_f(x, data).to(v.dtype)
+        return _on_grid(f, scales[0][1]) if scales else f
 
-    def inverse(self, state: tuple[Tensor, Tensor], data: SenseData) -> InvertResult:
-        """Closed form: ``x = x' - G(v')``, ``v = v' - F(x)`` (exact up to rounding)."""
-        xp, vp = state
-        x = xp - self.half_g(vp, xp.shape).to(xp.dtype)
-        v = vp - self.half_f(x, data).to(vp.dtype)
-        return InvertResult((x, v), 0.0, 0, True)
+    def term_g(self, v: Tensor, x: Tensor, scales: Sequence[Tensor]) -> Tensor:
+        """``G(v)`` in x's dtype, on x's fixed-point grid when ``scales`` is given."""
+        g = self.half_g(v, x.shape).to(x.dtype)
+        return _on_grid(g, scales[0][0]) if scales else g
+
+    def _check_range(self, x: Tensor, v: Tensor, scales: Tensor) -> None:
+        """Refuse a fixed-point state that reached its range limit ``2^53`` grid steps (one
+        check, one host sync per unroll). Checking the sums suffices: every finite float64
+        of magnitude >= the limit is itself a multiple of the grid step, so a sum below the
+        limit is exact whatever its terms; a sum that reached it may have been rounded.
+        Non-finite values are refused too."""
+        steps = torch.stack([_max_abs(x) * scales[0], _max_abs(v) * scales[1]])
+        if bool((steps < 2.0**MANTISSA_BITS).all()):
+            return
+        stream = 1 if not bool(steps[1] < 2.0**MANTISSA_BITS) else 0  # v is updated first
+        worst, limit = float(steps[stream] / scales[stream]), float(2.0**MANTISSA_BITS / scales[stream])
+        name = "x (image)" if stream == 0 else "v (latent)"
+        raise FixedPointOverflow(
+            f"state_precision='fixed': unroll {self.index}: stream {name} reached {worst:.4g}, its "
+            f"fixed-point range limit {limit:.4g} (grid 2^{-int(math.log2(float(scales[stream])))}, chosen "
+            "from max|x0| and sum 1/gamma_n); the sums would no longer be exact. The network's updates "
+            "outgrew the data scale: use state_precision='double', a larger gamma_decay or fewer unrolls"
+        )
+
+    # the contract ------------------------------------------------------------------------
+    def forward(self, state: tuple[Tensor, ...], data: SenseData) -> tuple[Tensor, ...]:
+        x, v, *scales = state
+        v = v + self.term_f(x, v, data, scales)
+        x = x + self.term_g(v, x, scales)
+        if scales:
+            self._check_range(x, v, scales[0])
+        return (x, v, *scales)
+
+    def inverse(self, state: tuple[Tensor, ...], data: SenseData) -> InvertResult:
+        """Closed form: ``x = x' - G(v')``, ``v = v' - F(x)`` (exact up to rounding; bit-exact
+        with fixed-point streams)."""
+        xp, vp, *scales = state
+        x = xp - self.term_g(vp, xp, scales)
+        v = vp - self.term_f(x, vp, data, scales)
+        return InvertResult((x, v, *scales), 0.0, 0, True)
 
     def inverse_and_backward(
         self, state: tuple[Tensor, Tensor], grad_state: Sequence[Tensor | None], data: SenseData
@@ -154,17 +259,18 @@ class ReversibleUnroll(InvertibleLayer):
         """Invert and backpropagate in one pass (RevNet): each half is evaluated once, with
         its graph; its value recovers the input, its graph gives the vector-Jacobian product.
 
-        ``grad_state = (dL/dx', dL/dv')`` (``None`` = zero). Returns ``(x, v)``, ``(dL/dx,
-        dL/dv)`` and the gradients of this unroll's parameters.
+        ``grad_state = (dL/dx', dL/dv'[, dL/dscales])`` (``None`` = zero). Returns ``(x, v
+        [, scales])``, ``(dL/dx, dL/dv[, dL/dscales])`` and the gradients of this unroll's
+        parameters.
         """
-        xp, vp = (t.detach() for t in state)
-        gxp, gvp = grad_state
+        xp, vp, *scales = (t.detach() for t in state)
+        gxp, gvp, *gscales = grad_state
         gxp = torch.zeros_like(xp) if gxp is None else gxp
         gvp = torch.zeros_like(vp) if gvp is None else gvp
         with torch.enable_grad():
             # x' = x + G(v'): G's input v' is known; its graph backpropagates dL/dx'
             vl = vp.requires_grad_()
-            g_out = self.half_g(vl, xp.shape).to(xp.dtype)
+            g_out = self.term_g(vl, xp, scales)
             x = xp - g_out.detach()
             pg = self._params_g()
             grads = torch.autograd.grad(g_out, [vl, *pg], gxp, allow_unused=True)
@@ -173,14 +279,14 @@ class ReversibleUnroll(InvertibleLayer):
             pairs = list(zip(pg, grads[1:]))
             # v' = v + F(x): F's input x was just recovered; its graph backpropagates dL/dv'
             xl = x.requires_grad_()
-            f_out = self.half_f(xl, data).to(vp.dtype)
+            f_out = self.term_f(xl, vp, data, scales)
             v = vp.detach() - f_out.detach()
             pf = self._params_f()
             grads = torch.autograd.grad(f_out, [xl, *pf], gv, allow_unused=True)
             del f_out
             gx = gxp + grads[0]
             pairs += list(zip(pf, grads[1:]))
-        return FusedResult((x.detach(), v), (gx, gv), pairs, 0.0, 0, True)
+        return FusedResult((x.detach(), v, *scales), (gx, gv, *gscales), pairs, 0.0, 0, True)
 
 
 # ----------------------------------------------------------------------------- the network
@@ -203,7 +309,7 @@ class ReversibleUnrolledNet(UnrolledBase):
             application per unroll), or a :class:`ProximalDC` for the proximal direction
             ``d(x) = P_lam(x) - x`` (MoDL's CG data consistency, lam learned); the template
             of every unroll.
-        num_unrolls, share_weights, memory, anchor_every, drift_tol, auto_start, fft_dims:
+        num_unrolls, share_weights, memory, anchor_every, drift_tol, auto_start, fft_dims, dc_chunk:
             see :class:`~melrecon.models.base.UnrolledBase`. ``share_weights``: one R, Q and
             DC for all unrolls (the step sizes stay per unroll). ``anchor_every``: None
             (pure MEL) needs no anchors here; the drift is measured at the chain input.
@@ -211,14 +317,41 @@ class ReversibleUnrolledNet(UnrolledBase):
         learn_steps: train the step sizes.
         gamma_decay: unroll n starts at ``gamma_init * gamma_decay**n``, i.e. momentum
             ``gamma_decay`` at initialisation (< 1 damps; 0.3-0.5 trains best at 5-10
-            unrolls). Damping is paid for in the inverse: rounding grows by about
-            ``gamma_decay**-N``; keep ``gamma_decay**N >= 1e-10`` with double-precision
-            streams (e.g. 0.8 at N = 50, 0.9 at N = 100) and ~1 with ``state_precision=input``.
-        state_precision: ``"double"`` keeps the two streams (only they: the additions of the
-            coupling) in float64/complex128 while CNNs and physics run in the input's
-            precision, so the recomputed inputs are exact to ~1e-15 however deep the chain;
-            ``"input"`` keeps everything in the input's precision (drift ~ N^1.5 * eps).
+            unrolls). Damping is paid for in the inverse (the coupling has determinant 1, so
+            v grows as ``gamma_decay**-n``): with ``"fixed"`` streams it coarsens the grid of
+            v (see ``state_precision``), with ``"double"``/``"input"`` it amplifies rounding
+            by about ``gamma_decay**-N``.
+        state_precision: how the two streams (only they: the additions of the coupling) are
+            held; CNNs, FFTs and CG always run in the input's precision on the state cast
+            down.
+
+            ``"fixed"`` (default): float64/complex128 tensors whose values are multiples of a
+            power-of-two grid ``2^-k`` (fixed-point numbers with a 53-bit integer part, one
+            ``k`` per stream and call, :func:`fixed_point_grid`). Each coupling term is
+            rounded to the grid (exact for a power-of-two scale) before it is added, so every
+            sum is exact while ``|value| < 2^(53-k)``, and the inverse subtracts the identical
+            numbers: the recomputed states are bit-exact for every N, ``gamma_decay`` and
+            training state (drift 0), given that the CNN and physics return bitwise the same
+            output for the same input (CPU: yes; CUDA: the engine pins cuDNN's algorithms for
+            the forward pass and its recompute, :mod:`melrecon.mel.backward`). Gradients
+            pass through the rounding as the identity. Range: x up to ``2^17 S``
+            (``S = max|x0|``), resolution ``~2^-36 S``; v up to ``2^7 S sum_n 1/gamma_n``,
+            resolution ``~2^-46 S sum_n 1/gamma_n`` (with ``gamma_init = 1``: ``7.5e-9 S``
+            for ``gamma_decay = 0.9`` at N = 100 and for 0.8 at N = 50, but ``5e-4 S`` for
+            0.8 at N = 100: damping past ``gamma_decay^N ~ 1e-9`` makes the early
+            updates coarser than float32 rounding, which warns; the chain stays exact). A
+            stream reaching its limit raises :class:`FixedPointOverflow` naming the unroll.
+            int64 streams would give 10 more bits but no autograd; this keeps autograd.
+
+            ``"double"``: plain float64 streams: exact to ~1e-15 undamped, but rounding of
+            the sums is amplified by damping. ``"input"``: the streams in the input's
+            precision. Measured recomputed-input drift (pure MEL, float32 input, N = 100,
+            tiny cine, DESIGN.md "Reversible unrolls"): ``fixed`` 0 for ``gamma_decay`` 1,
+            0.9, 0.8, at initialisation and after 30 Adam steps; ``double`` and ``input``:
+            see the table there.
     """
+
+    exact_inverse = True  # closed-form coupling inverse: exact under autocast too (UnrolledBase)
 
     def __init__(
         self,
@@ -234,11 +367,12 @@ class ReversibleUnrolledNet(UnrolledBase):
         gamma_init: float = 1.0,
         learn_steps: bool = True,
         gamma_decay: float = 1.0,
-        state_precision: str = "double",
+        state_precision: str = "fixed",
         auto_start: int = 4,
         fft_dims: Sequence[int] = (-2, -1),
+        dc_chunk: int | None = None,
     ) -> None:
-        super().__init__(num_unrolls, share_weights, memory, anchor_every, drift_tol, auto_start, fft_dims)
+        super().__init__(num_unrolls, share_weights, memory, anchor_every, drift_tol, auto_start, fft_dims, dc_chunk)
         _check_cnns(regularizer, step_net)
         if dc is not None and not isinstance(dc, ProximalDC):
             raise ValueError(
@@ -248,13 +382,14 @@ class ReversibleUnrolledNet(UnrolledBase):
         for name, val in (("eta_init", eta_init), ("gamma_init", gamma_init), ("gamma_decay", gamma_decay)):
             if not val > 0:
                 raise ValueError(f"{name} must be > 0, got {val}")
-        if state_precision not in ("double", "input"):
-            raise ValueError(f"state_precision must be 'double' or 'input', got {state_precision!r}")
+        if state_precision not in STATE_PRECISIONS:
+            raise ValueError(f"state_precision must be one of {STATE_PRECISIONS}, got {state_precision!r}")
         self.state_precision = state_precision
+        self._warned_grid = False
         self.layout = ConvLayout(regularizer.conv_dim)
         self.latent_channels = regularizer.out_channels
         self.set_unrolls([
-            ReversibleUnroll(r, q, self.layout, eta_init, gamma_init * gamma_decay**n, learn_steps, d)
+            ReversibleUnroll(r, q, self.layout, eta_init, gamma_init * gamma_decay**n, learn_steps, d, index=n)
             for n, (r, q, d) in enumerate(self.replicate(regularizer, step_net, dc))
         ])
 
@@ -264,12 +399,36 @@ class ReversibleUnrolledNet(UnrolledBase):
         return "gradient" if self.unrolls[0].dc is None else "proximal"
 
     def to_state(self, x0: Tensor) -> State:
-        """``(x0, v0 = 0)``, the image stream in double precision if asked."""
+        """``(x0, v0 = 0)``: the image stream in double precision for ``"double"``; for
+        ``"fixed"`` x0 rounded to the image grid (a ~2^-36 relative change; identity
+        gradient) and the grid scales as a third part, chosen for this call."""
         self.layout.check(x0)
         xs = x0
-        if self.state_precision == "double" and x0.dtype == torch.complex64:
+        if self.state_precision in ("double", "fixed") and x0.dtype == torch.complex64:
             xs = x0.to(torch.complex128)
-        return xs, xs.real.new_zeros(self.layout.latent_shape(x0.shape, self.latent_channels))
+        v0 = xs.real.new_zeros(self.layout.latent_shape(x0.shape, self.latent_channels))
+        if self.state_precision != "fixed":
+            return xs, v0
+        with torch.no_grad():
+            gammas = [float(u.gamma) for u in self.unrolls]
+        scales, s, inv_gamma = fixed_point_grid(x0, gammas)
+        self._warn_coarse_grid(float(scales[1]), s, max(gammas), inv_gamma)
+        return _on_grid(xs, scales[0]), v0, scales
+
+    def _warn_coarse_grid(self, scale_v: float, s: float, gamma_max: float, inv_gamma: float) -> None:
+        """Warn once if v's grid quantizes the largest-step updates coarser than float32."""
+        rel = gamma_max / (scale_v * s)  # image-scale effect of one grid step of v, relative to S
+        if rel > 2.0**-24 and not self._warned_grid:
+            self._warned_grid = True
+            warnings.warn(
+                f"state_precision='fixed': the latent grid quantizes the early unrolls' updates to {rel:.2g} of "
+                f"max|x0| (coarser than float32 rounding) because sum_n gamma_max / gamma_n = "
+                f"{gamma_max * inv_gamma:.3g} (damping gamma_decay^-N over "
+                f"{self.num_unrolls} unrolls) sets the range of v. The chain stays exactly invertible; a larger gamma_decay or fewer "
+                "unrolls restores the resolution",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def to_image(self, state: State, x0: Tensor) -> Tensor:
         return state[0].to(x0.dtype)

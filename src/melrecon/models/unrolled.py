@@ -23,7 +23,7 @@ class UnrolledNet(UnrolledBase):
         regularizer: an invertible regularizer module (e.g. ResidualCNN); the template of
             every unroll.
         dc: a DC layer (ProximalDC or GradientStepDC); template of every unroll.
-        num_unrolls, share_weights, memory, anchor_every, drift_tol, auto_start, fft_dims:
+        num_unrolls, share_weights, memory, anchor_every, drift_tol, auto_start, fft_dims, dc_chunk:
             see :class:`~melrecon.models.base.UnrolledBase` (``share_weights``: one
             regularizer and one DC for all unrolls, as in MoDL).
 
@@ -43,8 +43,9 @@ class UnrolledNet(UnrolledBase):
         drift_tol: float = 1e-5,
         auto_start: int = 4,
         fft_dims: Sequence[int] = (-2, -1),
+        dc_chunk: int | None = None,
     ) -> None:
-        super().__init__(num_unrolls, share_weights, memory, anchor_every, drift_tol, auto_start, fft_dims)
+        super().__init__(num_unrolls, share_weights, memory, anchor_every, drift_tol, auto_start, fft_dims, dc_chunk)
         if memory == "mel":
             c = getattr(regularizer, "lipschitz", None)
             if not callable(getattr(regularizer, "inverse", None)):

@@ -49,6 +49,10 @@ class SenseOperator(LinearOperator):
         mask: sampling mask (real or bool), same ndim as the k-space (B, C, *image_spatial),
             each axis 1 or equal to the k-space axis.
         fft_dims: image axes that are Fourier encoded (negative indices, counted from the end).
+        chunk: apply ``adjoint`` and ``normal`` in chunks of this many positions along the
+            first image axis (the readout X of a 3D volume), which must not be Fourier
+            encoded: the operator is separable along it, so the result is the same, and the
+            coil-image temporaries (C times the image) are only a chunk's.  None: one piece.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class SenseOperator(LinearOperator):
         maps: torch.Tensor,
         mask: torch.Tensor,
         fft_dims: Sequence[int] = (-2, -1),
+        chunk: int | None = None,
     ) -> None:
         if not torch.is_complex(maps):
             raise ValueError(f"maps must be complex, got dtype {maps.dtype} (shape {tuple(maps.shape)})")
@@ -73,6 +78,15 @@ class SenseOperator(LinearOperator):
             raise ValueError(
                 f"fft_dims {dims} must be negative spatial axes of maps shape {tuple(maps.shape)}"
             )
+        if chunk is not None:
+            if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+                raise ValueError(f"chunk must be a positive integer or None, got {chunk!r}")
+            if -(maps.ndim - 2) in dims:
+                raise ValueError(
+                    f"chunk: the first image axis of maps shape {tuple(maps.shape)} is Fourier encoded "
+                    f"(fft_dims {dims}); chunks need an axis the operator is separable along"
+                )
+        self.chunk = chunk
         self.maps = maps
         self.mask = mask.to(device=maps.device, dtype=maps.real.dtype)
         self.fft_dims = dims
@@ -137,11 +151,32 @@ class SenseOperator(LinearOperator):
     def adjoint(self, k: torch.Tensor) -> torch.Tensor:
         """``A^H k = S^H F^H M k``: k-space (B, C, *spatial) -> image (B, *spatial)."""
         self._check(k, "k-space")
-        return (self._maps_fft.conj() * self._ifft(self._mask_fft * k)).sum(dim=1)
+        return self._chunked(self._adjoint, k, k.shape[2], 2)
 
     def normal(self, x: torch.Tensor) -> torch.Tensor:
-        """``A^H A x`` without materialising more than the coil images once."""
+        """``A^H A x`` without materialising more than the coil images once (of a chunk)."""
         self._check(x, "image")
-        coil_k = self._fft(self._maps_fft * x.unsqueeze(1))
-        coil_k = coil_k * (self.mask * self.mask)  # the modulation squares to one
-        return (self._maps_fft.conj() * self._ifft(coil_k)).sum(dim=1)
+        return self._chunked(self._normal, x, x.shape[1], 1)
+
+    def _adjoint(self, k: torch.Tensor, sl: slice) -> torch.Tensor:
+        maps, mask = self._part(self._maps_fft, sl), self._part(self._mask_fft, sl)
+        return (maps.conj() * self._ifft(mask * k)).sum(dim=1)
+
+    def _normal(self, x: torch.Tensor, sl: slice) -> torch.Tensor:
+        maps, mask = self._part(self._maps_fft, sl), self._part(self.mask, sl)
+        coil_k = self._fft(maps * x.unsqueeze(1))
+        coil_k = coil_k * (mask * mask)  # the modulation squares to one
+        return (maps.conj() * self._ifft(coil_k)).sum(dim=1)
+
+    @staticmethod
+    def _part(t: torch.Tensor, sl: slice) -> torch.Tensor:
+        """``t``'s piece along the first image axis (axis 2 of k-space), unless it broadcasts."""
+        return t if t.shape[2] == 1 else t[:, :, sl]
+
+    def _chunked(self, fn, t: torch.Tensor, n: int, axis: int) -> torch.Tensor:
+        """``fn(t, slice)`` over chunks of the first image axis (at ``axis`` of ``t``), joined."""
+        whole = slice(None)
+        if self.chunk is None or self.chunk >= n:
+            return fn(t, whole)
+        parts = [fn(t.narrow(axis, a, min(self.chunk, n - a)), slice(a, a + self.chunk)) for a in range(0, n, self.chunk)]
+        return torch.cat(parts, dim=1)

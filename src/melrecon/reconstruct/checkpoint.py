@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from melrecon.data.subsample import check_mask_options
@@ -53,29 +52,40 @@ def find_run(run_or_ckpt: str | os.PathLike, ckpt: str | None = None,
     return ckpt_path, cfg_path
 
 
-def load_network(cfg: Any, ckpt_path: str | os.PathLike) -> nn.Module:
+def load_network(cfg: Any, ckpt_path: str | os.PathLike, num_unrolls: int | None = None) -> nn.Module:
     """Build the network of ``cfg.model`` and load its weights from a Lightning checkpoint.
 
-    :class:`melrecon.lit.ReconModule` stores the network as ``self.net``, so its parameters
-    are the ``net.``-prefixed entries of the checkpoint's ``state_dict`` (loaded strictly:
-    a checkpoint that does not match the config is an error). Returns the network in eval mode.
+    The checkpoint's own record of the model config (stored by :class:`melrecon.lit.ReconModule`
+    since issue 11) must equal ``cfg.model`` (but the memory-mode keys,
+    :data:`melrecon.lit.runinfo.EXECUTION_KEYS`): weights of another network are refused with
+    the differing keys even when every tensor shape fits. ``num_unrolls`` then rebuilds a
+    shared-weight network at another depth (:func:`set_num_unrolls`). The parameters are the
+    ``net.``-prefixed entries of the checkpoint's ``state_dict``, loaded strictly. Returns the
+    network in eval mode.
     """
     import hydra
+
+    from melrecon.lit.runinfo import format_differences, read_checkpoint, run_differences
 
     if "model" not in cfg or "_target_" not in cfg.model:
         raise ReconstructError("the run config has no model section with a _target_")
     try:
+        # Lightning checkpoints made by ReconModule hold only plain values (weights_only-safe)
+        ckpt = read_checkpoint(ckpt_path, what="checkpoint")
+    except ValueError as err:
+        raise ReconstructError(str(err)) from None
+    state = ckpt["state_dict"]
+    record = ckpt.get("melrecon", {}).get("config")
+    diffs = run_differences(record, cfg, ("model",)) if record is not None else []
+    if diffs:
+        raise ReconstructError(f"checkpoint {ckpt_path} does not fit the run's model config (checkpoint -> "
+                               f"config): {format_differences(diffs)}")
+    if num_unrolls is not None:
+        set_num_unrolls(cfg, num_unrolls)
+    try:
         net = hydra.utils.instantiate(cfg.model)
     except Exception as err:  # noqa: BLE001 - any instantiation failure is a config problem here
         raise ReconstructError(f"cannot build the network from the run config: {err}") from err
-    try:
-        # Lightning checkpoints made by ReconModule hold only plain values (weights_only-safe)
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise ReconstructError(f"cannot read checkpoint {ckpt_path}: {err}") from err
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not state:
-        raise ReconstructError(f"checkpoint {ckpt_path} has no state_dict (is it a Lightning checkpoint?)")
     weights = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
     if not weights:
         raise ReconstructError(f"checkpoint {ckpt_path}: no 'net.*' parameters (not a ReconModule checkpoint)")
@@ -87,21 +97,24 @@ def load_network(cfg: Any, ckpt_path: str | os.PathLike) -> nn.Module:
     return net.eval()
 
 
-def data_settings(cfg: Any, **overrides: Any) -> Any:
+def data_settings(cfg: Any, whole_volume: bool = False, **overrides: Any) -> Any:
     """The run's data settings as a :class:`KspaceDataModule` (no files are touched).
 
     ``root`` and ``synthetic`` are replaced (the run's data folder is not needed, and its path
     may use interpolations that only resolve inside Hydra). ``overrides`` with value ``None``
     are ignored; the others replace ``cfg.data`` keys (``eval_acceleration``, ``mask_type``,
-    ``calib``, ``slab_size``) and are checked by the DataModule/datasets.
+    ``calib``, ``slab_size``) and are checked by the DataModule/datasets.  ``whole_volume``:
+    ``slab_size=None``, one item per volume (as for a run trained on whole volumes).
     """
+    if whole_volume:
+        overrides = {**overrides, "slab_size": None}
     import hydra
 
     from melrecon.data.datamodule import KspaceDataModule
 
     if "data" not in cfg or "_target_" not in cfg.data:
         raise ReconstructError("the run config has no data section with a _target_")
-    kwargs = {k: v for k, v in overrides.items() if v is not None}
+    kwargs = {k: v for k, v in overrides.items() if v is not None or (k == "slab_size" and whole_volume)}
     try:
         dm = hydra.utils.instantiate(cfg.data, root=".", synthetic=None, **kwargs)
     except Exception as err:  # noqa: BLE001
@@ -115,7 +128,7 @@ def data_settings(cfg: Any, **overrides: Any) -> Any:
         raise ReconstructError(f"data settings: {err}") from None
     if dm.eval_acceleration is not None and not float(dm.eval_acceleration) > 1:
         raise ReconstructError(f"acceleration (--accel / data.eval_acceleration) must be > 1, got {dm.eval_acceleration}")
-    if dm.slab_size < 1:
+    if dm.slab_size is not None and dm.slab_size < 1:
         raise ReconstructError(f"slab size (--slab-size / data.slab_size) must be >= 1, got {dm.slab_size}")
     return dm
 

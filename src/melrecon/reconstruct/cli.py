@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import torch
 from torch import nn
 
 from melrecon.data.h5 import LayoutError, validate_file
+from melrecon.data.locks import LockBusy, file_lock
 from melrecon.data.validate import collect
 from melrecon.reconstruct.checkpoint import (
     ReconstructError,
@@ -18,56 +21,136 @@ from melrecon.reconstruct.checkpoint import (
     eval_dataset,
     find_run,
     load_network,
-    set_num_unrolls,
 )
-from melrecon.reconstruct.output import print_table, write_csv, write_result
+from melrecon.models.regularizers import ConvStack, set_tile
+from melrecon.reconstruct.output import (
+    LOCK_NAME,
+    csv_row,
+    file_sha256,
+    print_table,
+    results_in,
+    write_csv,
+    write_result,
+)
 from melrecon.reconstruct.stitch import ScanResult, reconstruct_scan
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m melrecon.reconstruct",
+def build_parser(prog: str = "python -m melrecon.reconstruct") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog,
                                 description="Reconstruct scans with a trained melrecon network.")
     p.add_argument("run", metavar="RUN_OR_CKPT", help="training run folder, or a .ckpt file inside one")
     p.add_argument("inputs", metavar="INPUT", nargs="+", help=".h5 files or folders of them (melrecon layout)")
-    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--out", required=True,
+                   help="output folder (created); it holds the results of one checkpoint, written by one run at a time")
+    p.add_argument("--overwrite", action="store_true",
+                   help="remove results of another checkpoint found in --out (default: refuse)")
     p.add_argument("--ckpt", help="checkpoint in the run folder (path or name under checkpoints/; default last.ckpt)")
     p.add_argument("--config", help="run config to use instead of <run>/.hydra/config.yaml")
     p.add_argument("--accel", type=float, help="acceleration R of the evaluation mask (default: the run's data.eval_acceleration)")
     p.add_argument("--mask-type", help="mask type (volume3d: poisson|lines; cine: vd_kt|interleaved_kt)")
     p.add_argument("--calib", type=int, help="calibration region size (default: the run's data.calib)")
     p.add_argument("--slab-size", type=int, help="volume3d: readout positions per slab (default: the run's data.slab_size)")
+    p.add_argument("--whole-volume", action="store_true",
+                   help="volume3d: one network call per volume, all readout positions (no slabs, no seams); "
+                        "the default for runs trained on whole volumes (data.slab_size null)")
+    p.add_argument("--tile", type=int, nargs="+", metavar="T",
+                   help="evaluate every CNN in exact tiles of this size, one entry per convolved axis "
+                        "(bounds memory on whole volumes; default: the run's model.regularizer.tile)")
+    p.add_argument("--dc-chunk", type=int, metavar="N",
+                   help="apply the SENSE adjoint/normal in chunks of N readout positions (default: the run's model.dc_chunk)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     p.add_argument("--batch-size", type=int, default=1, help="items (slabs / slices) per network call (default 1)")
     p.add_argument("--num-unrolls", type=int,
-                   help="run the network with this many unrolls (shared-weight networks only; default: as trained)")
+                   help="run the network with this many unrolls (shared-weight networks only; default: as trained); "
+                        "with a target, the metrics at the trained depth are printed beside the new ones")
+    p.add_argument("--format", default="h5",
+                   help="comma-separated outputs: h5 (result file, what evaluate reads), nifti (<stem>.nii.gz), "
+                        "png (previews; cine also a GIF; a labelled comparison when there is a target)")
     return p
 
 
-def _setup(args: argparse.Namespace) -> tuple[nn.Module, Any, Path, Path, torch.device]:
-    """Network (on its device), data settings, checkpoint and config paths; ReconstructError."""
+FORMATS = ("h5", "nifti", "png")
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """``"h5,nifti"`` -> ``("h5", "nifti")``; unknown names are a usage error."""
+    formats = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    bad = [x for x in formats if x not in FORMATS]
+    if bad or not formats:
+        raise ReconstructError(f"--format {text!r}: choose from {', '.join(FORMATS)} (comma-separated)")
+    return formats
+
+
+def _setup(args: argparse.Namespace) -> tuple[nn.Module, nn.Module | None, Any, Path, Path, torch.device]:
+    """Network (on its device), the network at its trained depth when ``--num-unrolls`` changes
+    it (else None), data settings, checkpoint and config paths; ReconstructError."""
     from omegaconf import OmegaConf
 
     import melrecon.lit.app  # noqa: F401  registers the config resolvers a saved config may use
 
     if args.batch_size < 1:
         raise ReconstructError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.whole_volume and args.slab_size is not None:
+        raise ReconstructError("--whole-volume and --slab-size exclude each other")
+    if args.dc_chunk is not None and args.dc_chunk < 1:
+        raise ReconstructError(f"--dc-chunk must be >= 1, got {args.dc_chunk}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ReconstructError("--device cuda: no CUDA device is available (this torch build or machine)")
     ckpt_path, cfg_path = find_run(args.run, args.ckpt, args.config)
     cfg = OmegaConf.load(cfg_path)
-    if args.num_unrolls is not None:
-        set_num_unrolls(cfg, args.num_unrolls)
+    trained = None
+    depth = int(cfg.model.get("num_unrolls", 0))
+    if args.num_unrolls is not None and args.num_unrolls != depth:
+        print(f"note: --num-unrolls {args.num_unrolls}: the network runs {args.num_unrolls} unrolls of its shared "
+              f"weights; it was trained with {depth} (metrics at {depth} are shown beside)")
+        trained = load_network(OmegaConf.load(cfg_path), ckpt_path).to(device)
     dm = data_settings(cfg, eval_acceleration=args.accel, mask_type=args.mask_type, calib=args.calib,
-                       slab_size=args.slab_size)
-    net = load_network(cfg, ckpt_path).to(device)
-    return net, dm, ckpt_path.resolve(), cfg_path.resolve(), device
+                       slab_size=args.slab_size, whole_volume=args.whole_volume)
+    net = load_network(cfg, ckpt_path, args.num_unrolls).to(device)
+    if args.tile is not None:
+        try:
+            if trained is not None:
+                set_tile(trained, args.tile)
+            if set_tile(net, args.tile) == 0:
+                raise ReconstructError("--tile: the run's network has no ConvStack CNN to tile")
+        except ValueError as err:
+            raise ReconstructError(f"--tile {' '.join(map(str, args.tile))}: {err}") from None
+    if args.dc_chunk is not None:
+        net.dc_chunk = args.dc_chunk
+        if trained is not None:
+            trained.dc_chunk = args.dc_chunk
+    return net, trained, dm, ckpt_path.resolve(), cfg_path.resolve(), device
+
+
+def _layout_input(path: Path, scratch: Path) -> Path:
+    """``path`` itself, or for a fastMRI test/challenge file (k-space with ``mask``, no melrecon
+    layout) a prospective layout file converted into ``scratch`` (ESPIRiT maps from the
+    fully-sampled centre columns, at most 24 wide, as ``melrecon convert fastmri``)."""
+    from melrecon.data.convert.fastmri import convert_fastmri, is_fastmri_undersampled
+
+    if not is_fastmri_undersampled(path):
+        return path
+    print(f"       {path}: fastMRI undersampled file; ESPIRiT maps from its calibration region")
+    return convert_fastmri(path, scratch / path.name, progress=False)
+
+
+def _mask_note(result: ScanResult, dm: Any) -> str:
+    """Which mask was used and its acceleration, for the console and the result attributes."""
+    if result.mask_stored:
+        return f"mask stored in the file, R = {result.acceleration:.2f}"
+    return (f"mask {dm.mask_type} drawn (calib {dm.calib}), R = {result.acceleration:.2f} "
+            f"(requested {result.acceleration_requested:g})")
 
 
 def _reconstruct_file(path: Path, out_path: Path, net: nn.Module, dm: Any, device: torch.device,
-                      batch_size: int, provenance: dict[str, str]) -> tuple[str, ScanResult]:
-    """Validate one input, reconstruct it and write its result file; returns (kind, result).
+                      batch_size: int, provenance: dict[str, str], formats: tuple[str, ...] = ("h5",),
+                      source: Path | None = None,
+                      trained: nn.Module | None = None) -> tuple[str, ScanResult, dict[str, float]]:
+    """Validate one input, reconstruct it and write its outputs; returns (kind, result, metrics of
+    the network at its trained depth when ``trained`` is given and the file has a target, else {}).
 
+    ``source`` is the file the user named when ``path`` was converted from it (fastMRI).
     Raises LayoutError / ValueError / OSError / RuntimeError naming what is wrong with the file.
     """
     if out_path.exists() and out_path.resolve() == path.resolve():
@@ -81,21 +164,64 @@ def _reconstruct_file(path: Path, out_path: Path, net: nn.Module, dm: Any, devic
     finally:
         dataset.close()
     attrs = {
-        **provenance, "source_file": str(path.resolve()),
+        **provenance, "source_file": str((source or path).resolve()),
         "kind": info.kind, "acceleration": result.acceleration,
-        "acceleration_requested": result.acceleration_requested, "mask_type": dm.mask_type,
+        "acceleration_requested": result.acceleration_requested,
+        "mask_type": "stored" if result.mask_stored else dm.mask_type, "mask": _mask_note(result, dm),
         "calib": dm.calib, "normalize": bool(dm.normalize), "data_range": result.data_range,
+        "has_target": result.has_target,
     }
     if info.kind == "volume3d":
-        attrs["slab_size"] = dm.slab_size
-    write_result(out_path, result, attrs)
-    return info.kind, result
+        attrs["slab_size"] = -1 if dm.slab_size is None else dm.slab_size  # -1: the whole volume at once
+        attrs["tile"] = ", ".join(sorted({str(m.tile) for m in net.modules() if isinstance(m, ConvStack)}))
+    at_trained = _trained_depth_metrics(trained, path, dm, device, batch_size, result)
+    attrs.update({f"{k}_trained_depth": v for k, v in at_trained.items()})
+    if "h5" in formats:
+        write_result(out_path, result, attrs)
+    _export(out_path.parent, out_path.stem, result, info.kind, formats, path)
+    return info.kind, result, at_trained
+
+
+def _claim_out(out_dir: Path, ckpt_sha: str, overwrite: bool) -> None:
+    """Make ``out_dir`` hold results of this checkpoint only: results of another checkpoint are
+    refused (ReconstructError) or, with ``--overwrite``, removed. The caller holds the lock."""
+    others = {p: a for p, a in results_in(out_dir).items() if a.get("checkpoint_sha256") != ckpt_sha}
+    if not others:
+        return
+    first, attrs = next(iter(others.items()))
+    if not overwrite:
+        raise ReconstructError(
+            f"--out {out_dir} holds {len(others)} result(s) of another checkpoint ({attrs['checkpoint']}, e.g. "
+            f"{first.name}); mixing checkpoints in one folder is refused: choose another --out, or pass "
+            "--overwrite to remove them"
+        )
+    for p in others:
+        p.unlink()
+    print(f"removed {len(others)} result(s) of checkpoint {attrs['checkpoint']} from {out_dir} (--overwrite)")
+
+
+def _export(out_dir: Path, stem: str, result: ScanResult, kind: str, formats: tuple[str, ...], path: Path) -> None:
+    """NIfTI / PNG outputs of one result (:mod:`melrecon.export`), with a labelled
+    zero-filled / reconstruction / target / error strip of the centre plane when there is a target."""
+    from melrecon.export import comparison_strip, export_image, save_png, voxel_size_of
+
+    wanted = [f for f in formats if f in ("nifti", "png")]
+    if not wanted:
+        return
+    export_image(out_dir, stem, result.reconstruction, kind, wanted, voxel_size_of(path))
+    if "png" in wanted and result.has_target:
+        def centre(a: Any) -> Any:  # volume3d: the (Y, Z) plane at the centre readout; cine: frame 0 of the centre slice
+            return a[a.shape[0] // 2] if kind == "volume3d" else (a if a.ndim == 3 else a[a.shape[0] // 2])[0]
+        strip = comparison_strip(centre(result.zero_filled), centre(result.reconstruction), centre(result.target),
+                                 data_range=result.data_range)
+        save_png(out_dir / f"{stem}_comparison.png", strip)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        net, dm, ckpt_path, cfg_path, device = _setup(args)
+        formats = parse_formats(args.format)
+        net, trained, dm, ckpt_path, cfg_path, device = _setup(args)
     except ReconstructError as err:
         print(f"melrecon: error: {err}", file=sys.stderr)
         return 2
@@ -109,7 +235,28 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"melrecon: error: cannot create the output folder --out {out_dir}: {err}", file=sys.stderr)
         return 2
-    provenance = {"checkpoint": str(ckpt_path), "config": str(cfg_path)}
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(out_dir / LOCK_NAME, blocking=False))
+            provenance = {"checkpoint": str(ckpt_path), "checkpoint_sha256": file_sha256(ckpt_path),
+                          "config": str(cfg_path)}
+            _claim_out(out_dir, provenance["checkpoint_sha256"], args.overwrite)
+        except LockBusy:
+            print(f"melrecon: error: another reconstruct is writing to --out {out_dir} (lock "
+                  f"{out_dir / LOCK_NAME} is held): wait for it, or choose another --out", file=sys.stderr)
+            return 2
+        except (ReconstructError, OSError) as err:
+            print(f"melrecon: error: {' '.join(str(err).split())}", file=sys.stderr)
+            return 2
+        with tempfile.TemporaryDirectory(prefix="melrecon-reconstruct-") as scratch:
+            return _run(files, out_dir, net, trained, dm, device, args, formats, provenance, ckpt_path, Path(scratch))
+
+
+def _run(files: list[Path], out_dir: Path, net: nn.Module, trained: nn.Module | None, dm: Any,
+         device: torch.device, args: argparse.Namespace, formats: tuple[str, ...], provenance: dict[str, str],
+         ckpt_path: Path, scratch: Path) -> int:
+    """Reconstruct every file into ``out_dir`` (locked and claimed; ``scratch``: a temporary
+    folder for inputs converted on the fly); write metrics.csv from every result in the folder."""
     failed: list[tuple[Path, str]] = []
     rows: list[dict[str, Any]] = []
     taken: dict[str, Path] = {}
@@ -119,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if out_path.name in taken:
                 raise ValueError(f"output {out_path} would overwrite the result of {taken[out_path.name]} (same file stem)")
-            kind, result = _reconstruct_file(path, out_path, net, dm, device, args.batch_size, provenance)
+            layout_path = _layout_input(path, scratch)
+            kind, result, at_trained = _reconstruct_file(layout_path, out_path, net, dm, device, args.batch_size,
+                                                         provenance, formats, source=path, trained=trained)
         except (LayoutError, ValueError, OSError, RuntimeError) as err:
             msg = " ".join(str(err).split())
             if str(path) not in msg:
@@ -129,11 +278,39 @@ def main(argv: list[str] | None = None) -> int:
             continue
         taken[out_path.name] = path
         rows.append({"file": str(path), "name": path.name, "output": str(out_path), "kind": kind,
-                     "acceleration": result.acceleration, **result.metrics})
-        print(f"ok     {path} -> {out_path} (R = {result.acceleration:.2f})")
+                     "acceleration": result.acceleration, "mask": _mask_note(result, dm), **result.metrics,
+                     **{f"{k}_trained_depth": v for k, v in at_trained.items()}})
+        print(f"ok     {path} -> {out_path} ({_mask_note(result, dm)}"
+              + ("" if result.has_target else "; no target, no metrics") + ")")
+        if at_trained:
+            print(f"       depth {args.num_unrolls}: PSNR {result.metrics['psnr']:.2f} dB, SSIM {result.metrics['ssim']:.4f}"
+                  f"; trained depth: PSNR {at_trained['psnr']:.2f} dB, SSIM {at_trained['ssim']:.4f}")
+    # metrics.csv from every result in the folder (earlier runs of this checkpoint included),
+    # so that it never disagrees with the files beside it
+    everything = [csv_row(p, a) for p, a in results_in(out_dir).items()]
+    csv_path = out_dir / "metrics.csv"
+    if everything:
+        try:
+            write_csv(csv_path, everything)
+        except OSError as err:
+            print(f"melrecon: error: cannot write {csv_path}: {' '.join(str(err).split())}", file=sys.stderr)
+            return 2
     if rows:
-        write_csv(out_dir / "metrics.csv", rows)
         print_table(rows)
-    print(f"{len(rows)} reconstructed, {len(failed)} failed" + (f"; metrics in {out_dir / 'metrics.csv'}" if rows else ""),
+    print(f"{len(rows)} reconstructed, {len(failed)} failed"
+          + (f"; metrics of {len(everything)} result(s) in {csv_path}" if everything else ""),
           file=sys.stderr if failed else sys.stdout)
     return 1 if failed else 0
+
+
+def _trained_depth_metrics(trained: nn.Module | None, path: Path, dm: Any, device: torch.device,
+                           batch_size: int, result: ScanResult) -> dict[str, float]:
+    """Metrics of the network at its trained depth on the same file and masks (``--num-unrolls``
+    changed the depth and the file has a target), else ``{}``."""
+    if trained is None or not result.has_target:
+        return {}
+    dataset = eval_dataset(dm, [path])
+    try:
+        return reconstruct_scan(trained, dataset, device, batch_size).metrics
+    finally:
+        dataset.close()

@@ -1,8 +1,15 @@
-"""What a reconstruction writes: one HDF5 file per scan, ``metrics.csv``, a table on screen."""
+"""What a reconstruction writes: one HDF5 file per scan, ``metrics.csv``, a table on screen.
+
+An output folder holds the results of one checkpoint (``checkpoint_sha256`` attribute of every
+result file) and is written by one ``reconstruct`` at a time (:data:`LOCK_NAME`,
+:func:`melrecon.data.locks.file_lock`). ``metrics.csv`` is rebuilt from every result file in
+the folder (:func:`results_in`), so it always lists exactly the files beside it.
+"""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import sys
@@ -15,7 +22,51 @@ import numpy as np
 from melrecon.data.h5 import atomic_path
 from melrecon.reconstruct.stitch import METRIC_KEYS, ScanResult
 
-CSV_COLUMNS = ("file", "output", "kind", "acceleration", *METRIC_KEYS)
+CSV_COLUMNS = ("file", "output", "kind", "acceleration", "mask", *METRIC_KEYS)
+TRAINED_DEPTH = tuple(f"{k}_trained_depth" for k in ("psnr", "ssim", "nmse"))  # with --num-unrolls
+LOCK_NAME = ".melrecon-reconstruct.lock"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file (the identity of a checkpoint, whatever its name or path)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def result_attrs(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The attributes of a result file written by :func:`write_result`, or None for any other
+    file (not HDF5, or no ``checkpoint`` attribute: not ours, left alone)."""
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+    except (OSError, RuntimeError):
+        return None
+    if "checkpoint" not in attrs:
+        return None
+    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+
+
+def results_in(folder: str | os.PathLike) -> dict[Path, dict[str, Any]]:
+    """Result files in ``folder`` (not recursive, hidden temporaries skipped) -> their attributes."""
+    out = {}
+    for p in sorted(Path(folder).glob("*.h5")):
+        if p.name.startswith("."):
+            continue
+        attrs = result_attrs(p)
+        if attrs is not None:
+            out[p] = attrs
+    return out
+
+
+def csv_row(path: Path, attrs: dict[str, Any]) -> dict[str, Any]:
+    """One ``metrics.csv`` row (plus ``name`` for the table) from a result file's attributes."""
+    src = str(attrs.get("source_file", ""))
+    return {"file": src, "name": Path(src).name, "output": str(path), "kind": attrs.get("kind", ""),
+            "acceleration": float(attrs.get("acceleration", float("nan"))), "mask": attrs.get("mask", ""),
+            **{k: float(attrs[k]) for k in (*METRIC_KEYS, *TRAINED_DEPTH) if k in attrs}}
 
 
 def write_result(path: str | os.PathLike, result: ScanResult, attrs: dict[str, Any]) -> Path:
@@ -32,10 +83,12 @@ def write_result(path: str | os.PathLike, result: ScanResult, attrs: dict[str, A
 
 
 def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
-    """``metrics.csv`` (columns :data:`CSV_COLUMNS`), written atomically."""
+    """``metrics.csv`` (columns :data:`CSV_COLUMNS`, plus :data:`TRAINED_DEPTH` when a row has
+    them), written atomically. A file without a target leaves its metric cells empty."""
     path = Path(path)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    extra = [k for k in TRAINED_DEPTH if any(k in r for r in rows)]
+    writer = csv.DictWriter(buf, fieldnames=[*CSV_COLUMNS, *extra], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     with atomic_path(path) as tmp:
@@ -53,12 +106,15 @@ def print_table(rows: list[dict[str, Any]], file: Any = None) -> None:
         table.add_column(col, justify="left" if col == "file" else "right")
 
     def fmt(row: dict[str, Any]) -> list[str]:
-        vals = [f"{row[k]:.2f}" if k.startswith("psnr") else f"{row[k]:.4f}" for k in METRIC_KEYS]
+        vals = ["-" if k not in row else f"{row[k]:.2f}" if k.startswith("psnr") else f"{row[k]:.4f}"
+                for k in METRIC_KEYS]  # "-": no target (prospective file), nothing to score
         return [str(row["name"]), f"{row['acceleration']:.2f}", *vals]
 
     for row in rows:
         table.add_row(*fmt(row))
+    scored = [r for r in rows if "psnr" in r]
     if len(rows) > 1:
-        mean = {k: float(np.mean([r[k] for r in rows])) for k in (*METRIC_KEYS, "acceleration")}
+        mean = {k: float(np.mean([r[k] for r in scored])) for k in METRIC_KEYS if scored}
+        mean["acceleration"] = float(np.mean([r["acceleration"] for r in rows]))
         table.add_row(*fmt({"name": f"mean of {len(rows)}", **mean}), style="bold")
     Console(file=file or sys.stdout, width=160).print(table)

@@ -3,6 +3,7 @@ into the scan in the source file's units, and scored with :mod:`melrecon.metrics
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,9 @@ METRIC_KEYS = ("psnr", "ssim", "nmse", "psnr_zf", "ssim_zf", "nmse_zf")
 @dataclass
 class ScanResult:
     """A reconstructed scan in the source file's units, arrays as written to the output file
-    (shapes: :mod:`melrecon.reconstruct`)."""
+    (shapes: :mod:`melrecon.reconstruct`). A prospective file (stored mask) has
+    ``mask_stored`` set, ``acceleration_requested`` NaN, and, without a target, a NaN
+    ``target`` and no ``metrics``."""
 
     reconstruction: np.ndarray
     zero_filled: np.ndarray
@@ -32,6 +35,8 @@ class ScanResult:
     acceleration: float
     acceleration_requested: float
     metrics: dict[str, float] = field(default_factory=dict)
+    mask_stored: bool = False
+    has_target: bool = True
 
 
 def _batches(dataset: Any, batch_size: int) -> list[list[int]]:
@@ -107,15 +112,17 @@ def reconstruct_scan(net: nn.Module, dataset: Any, device: torch.device | str = 
         mask = np.stack([masks[s] for s in range(n_pos)])
         if not info.has_slice_axis:  # keep the file's layout: (T, X, Y) series, (T, Y) mask
             recon, zf, target, mask = recon[0], zf[0], target[0], mask[0]
-    # the R the dataset asked of its mask sampler for these items (one per file in evaluation)
+    # the R the dataset asked of its mask sampler for these items (one per file in evaluation);
+    # a stored mask was acquired, not requested
     name = Path(info.path).name
-    accel_req = float(np.mean([dataset.masks(name, pos)[0] for pos in sorted(masks)]))
+    accel_req = math.nan if info.has_mask else float(np.mean([dataset.masks(name, pos)[0] for pos in sorted(masks)]))
     res = ScanResult(
         reconstruction=recon, zero_filled=zf, target=target, mask=mask.astype(np.float32),
         data_range=data_range, acceleration=float(mask.size / max(mask.sum(), 1.0)),
-        acceleration_requested=accel_req,
+        acceleration_requested=accel_req, mask_stored=info.has_mask, has_target=info.has_target,
     )
-    res.metrics = scan_metrics(res.reconstruction, res.zero_filled, res.target, res.data_range)
+    if info.has_target:  # no metrics without a target (prospective data)
+        res.metrics = scan_metrics(res.reconstruction, res.zero_filled, res.target, res.data_range)
     return res
 
 

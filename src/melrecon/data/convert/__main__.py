@@ -2,10 +2,11 @@
 
 Usage::
 
-    python -m melrecon.data.convert {mridata,fastmri,ocmr,cmrxrecon} IN OUT
-        [--calib 24] [--maps MAPS.npy] [--readout-crop N] [--key NAME] [--overwrite]
+    python -m melrecon.data.convert {mridata,fastmri,ocmr,cmrxrecon,twix} IN OUT
+        [--calib 24] [--maps MAPS.npy] [--readout-crop N] [--key NAME] [--twix-mode auto]
+        [--overwrite]
 
-IN is a file or a folder (every ``*.h5`` / ``*.mat`` below it is converted). OUT is the output
+IN is a file or a folder (every ``*.h5`` / ``*.mat`` below it is converted; ``*.dat`` for twix). OUT is the output
 ``.h5`` file for a single input, otherwise a folder (``<stem>.h5`` per input; for CMRxRecon the
 patient folder name is prefixed, e.g. ``P001_cine_sax.h5``). Coil maps are estimated with
 ESPIRiT unless ``--maps`` gives known maps (a ``.npy`` in the output geometry; single input).
@@ -22,26 +23,37 @@ import numpy as np
 from tqdm import tqdm
 
 from melrecon.data.convert import CONVERTERS
+from melrecon.data.convert.twix import MODES as TWIX_MODES
 
 
-def _inputs(path: Path) -> list[Path]:
+def _inputs(path: Path, fmt: str) -> list[Path]:
+    suffixes = (".dat",) if fmt == "twix" else (".h5", ".mat")
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.suffix in (".h5", ".mat") and p.is_file())
+        return sorted(p for p in path.rglob("*") if p.suffix in suffixes and p.is_file())
     return [path]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m melrecon.data.convert", description=__doc__.split("\n")[0])
+def build_parser(prog: str = "python -m melrecon.data.convert") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("format", choices=tuple(CONVERTERS))
     parser.add_argument("input", type=Path)
     parser.add_argument("output", type=Path)
     parser.add_argument("--calib", type=int, default=24, help="ESPIRiT calibration width")
     parser.add_argument("--maps", type=Path, help="known coil maps (.npy, output geometry); skips ESPIRiT")
-    parser.add_argument("--readout-crop", type=int, help="fastmri: crop the oversampled readout to N")
+    parser.add_argument("--readout-crop", type=int,
+                        help="fastmri: crop the oversampled readout to N; twix: readout size after removing the "
+                             "oversampling (default: samples / Dicom.flReadoutOSFactor)")
     parser.add_argument("--key", help="cmrxrecon: variable name (default kspace_full, then kspace)")
+    parser.add_argument("--twix-mode", choices=TWIX_MODES, default="auto",
+                        help="twix: 3d -> volume3d, 2d multi-slice -> volume3d slice stack, cine -> cine "
+                             "(default auto: 3d if the Par counter varies, cine if Phs does, else 2d)")
     parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    inputs = _inputs(args.input)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    inputs = _inputs(args.input, args.format)
     if not inputs or not inputs[0].exists():
         print(f"error: no input files at {args.input}", file=sys.stderr)
         return 1
@@ -50,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     single = len(inputs) == 1 and args.output.suffix == ".h5"
     extra = {}
-    if args.format == "fastmri" and args.readout_crop:
+    if args.format in ("fastmri", "twix") and args.readout_crop:
         extra["readout_crop"] = args.readout_crop
+    if args.format == "twix":
+        extra["mode"] = args.twix_mode
     if args.format == "cmrxrecon" and args.key:
         extra["key"] = args.key
     failed = 0

@@ -34,9 +34,23 @@ def _check_maps(maps: np.ndarray | None, shape: tuple[int, ...], what: str) -> n
     return maps.astype(np.complex64)
 
 
+def calibration_width(mask: np.ndarray) -> int:
+    """Side of the largest fully-sampled square centred on the k-space centre (index N // 2)
+    of a 2D mask (Y, Z): the calibration region ESPIRiT may use in undersampled data."""
+    mask = np.asarray(mask) > 0
+    cy, cz = (n // 2 for n in mask.shape)
+    width = 0
+    for k in range(1, min(mask.shape) + 1):
+        y0, z0 = cy - k // 2, cz - k // 2
+        if y0 < 0 or z0 < 0 or not mask[y0:y0 + k, z0:z0 + k].all():
+            break
+        width = k
+    return width
+
+
 def finish_volume(
     kspace: np.ndarray, out: str | os.PathLike, source: str, maps: np.ndarray | None = None,
-    calib: int = 24, progress: bool = True, extra_attrs: dict | None = None,
+    calib: int = 24, progress: bool = True, extra_attrs: dict | None = None, mask: np.ndarray | None = None,
 ) -> Path:
     """Maps (ESPIRiT per readout position unless ``maps`` given), target, write a volume3d file.
 
@@ -46,13 +60,25 @@ def finish_volume(
         source: provenance text.
         maps: known maps (C, X, Y, Z) — skips ESPIRiT (tests, or maps computed elsewhere).
         calib: ESPIRiT calibration width.
+        mask: (Y, Z) sampling mask of prospectively undersampled k-space: the file stores it
+            and no target; ESPIRiT uses at most the fully-sampled centre
+            (:func:`calibration_width`).
     """
     kspace = np.asarray(kspace, dtype=np.complex64)
     maps = _check_maps(maps, kspace.shape, str(out))
+    if mask is not None:
+        acs = calibration_width(mask)
+        if maps is None and acs <= 6:  # ESPIRiT's kernel is 6 wide: the region must be wider
+            raise ValueError(f"{out}: field 'mask': the fully-sampled centre is {acs} wide; ESPIRiT needs a "
+                             "calibration region wider than its 6-point kernel (or give --maps)")
+        calib = min(calib, acs)
     if maps is None:
         maps = np.empty_like(kspace)
         for x in tqdm(range(kspace.shape[1]), desc=f"ESPIRiT {Path(out).name}", disable=not progress, leave=False):
             maps[:, x] = _espirit(kspace[:, x], calib)
+    if mask is not None:  # prospective: nothing to compare with
+        return write_scan(out, kspace, maps, None, kind="volume3d", source=source, extra_attrs=extra_attrs,
+                          mask=mask)
     target = np.sum(np.conj(maps) * ifftc_np(kspace, axes=(-2, -1)), axis=0)
     return write_scan(out, kspace, maps, target, kind="volume3d", source=source, extra_attrs=extra_attrs)
 
