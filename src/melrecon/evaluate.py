@@ -42,6 +42,7 @@ import h5py
 import numpy as np
 
 from melrecon.data.h5 import LayoutError, atomic_path, find_files, validate_file
+from melrecon.study import stats
 
 METRICS = ("psnr", "ssim", "nmse")
 MetricFn = Callable[[np.ndarray, np.ndarray, float], float]
@@ -155,29 +156,20 @@ def score_volume(pred: np.ndarray, target: np.ndarray, metrics: dict[str, Metric
 
 def summarize(values: Sequence[float]) -> tuple[float, float, int]:
     """``(mean, sample std (ddof 1; NaN for n < 2), n)`` of the finite values."""
-    v = np.asarray([x for x in values if np.isfinite(x)], dtype=np.float64)
-    if v.size == 0:
-        return math.nan, math.nan, 0
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan, int(v.size)
+    s = stats.summarize([x for x in values if np.isfinite(x)])
+    return s.mean, s.std, s.n
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict[str, float]:
-    """Mean of ``b - a`` over pairs with both values finite, its Student-t CI and n.
+    """Mean of ``b - a`` over pairs with both values finite, its Student-t CI
+    (:func:`melrecon.study.stats.t_interval`, the study's interval) and n.
 
     Returns ``{"mean_diff", "ci_low", "ci_high", "n"}`` (CI NaN for n < 2).
     """
-    from scipy import stats
-
     d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
     d = d[np.isfinite(d)]
-    n = int(d.size)
-    if n == 0:
-        return {"mean_diff": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0}
-    mean = float(d.mean())
-    if n < 2:
-        return {"mean_diff": mean, "ci_low": math.nan, "ci_high": math.nan, "n": n}
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * d.std(ddof=1) / math.sqrt(n))
-    return {"mean_diff": mean, "ci_low": mean - half, "ci_high": mean + half, "n": n}
+    low, high = stats.t_interval(d, level)
+    return {"mean_diff": float(d.mean()) if d.size else math.nan, "ci_low": low, "ci_high": high, "n": int(d.size)}
 
 
 @dataclass

@@ -19,6 +19,8 @@ from lightning_fabric.loggers.logger import rank_zero_experiment
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
+from melrecon.data.h5 import atomic_path
+
 
 class _ResumingWriter(ExperimentWriter):
     def __init__(self, log_dir: str, resume_step: int | None) -> None:
@@ -32,14 +34,12 @@ class _ResumingWriter(ExperimentWriter):
             reader = csv.DictReader(f)
             fields = list(reader.fieldnames or [])
             rows = [r for r in reader if not r.get("step") or int(float(r["step"])) < self.resume_step]
-        tmp = self.metrics_file_path + ".tmp"
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(self.metrics_file_path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.metrics_file_path)
         self.metrics_keys = sorted(fields)  # new keys are added to this header (Lightning rewrites it)
         return None
 
