@@ -153,7 +153,36 @@ class TinyCineDataModule(pl.LightningDataModule):
 
 # ---------------------------------------------------------------------- W&B offline files
 def read_wandb_history(path: Path) -> dict[str, list[str]]:
-    """Keys -> JSON values of the history records in an offline ``run-*.wandb`` file.
+    """Keys -> JSON values of the history records in an offline ``run-*.wandb`` file."""
+    history: dict[str, list[str]] = {}
+    for row in read_wandb_rows(path):
+        for key, value in row.items():
+            history.setdefault(key, []).append(value)
+    return history
+
+
+def read_synced_wandb_rows(run_dir: Path, done=lambda rows: True, wait_s: float = 20.0) -> list[dict[str, str]]:
+    """History rows of the run folder's one offline W&B run (what ``wandb sync
+    <run>/wandb/offline-run-*`` uploads; superseded folders are not in that glob).
+
+    wandb-core may still be writing the file after ``wandb.finish()`` returns on a busy machine:
+    the file is read again until ``done(rows)`` or ``wait_s`` seconds have passed.
+    """
+    import time
+
+    folders = sorted((Path(run_dir) / "wandb").glob("offline-run-*"))
+    assert len(folders) == 1, f"one offline W&B run expected in {run_dir}/wandb, found {folders}"
+    (file,) = folders[0].glob("run-*.wandb")
+    deadline = time.monotonic() + wait_s
+    while True:
+        rows = read_wandb_rows(file)
+        if done(rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.5)
+
+
+def read_wandb_rows(path: Path) -> list[dict[str, str]]:
+    """The history rows (key -> JSON value, one dict per ``log`` call) of an offline ``run-*.wandb`` file.
 
     The file is a LevelDB-style log (header ``:W&B``, 32 KiB blocks, records split into
     FULL/FIRST/MIDDLE/LAST chunks) of protobuf ``Record`` messages; W&B offline keeps the
@@ -181,11 +210,10 @@ def read_wandb_history(path: Path) -> dict[str, list[str]]:
             buf += chunk
         elif kind == 4:
             chunks.append(buf + chunk)
-    history: dict[str, list[str]] = {}
+    rows: list[dict[str, str]] = []
     for c in chunks:
         rec = pb.Record()
         rec.ParseFromString(c)
         if rec.WhichOneof("record_type") == "history":
-            for item in rec.history.item:
-                history.setdefault(item.key or "/".join(item.nested_key), []).append(item.value_json)
-    return history
+            rows.append({item.key or "/".join(item.nested_key): item.value_json for item in rec.history.item})
+    return rows

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, read_wandb_history, run_train
+from conftest import CONF, read_synced_wandb_rows, read_wandb_history, run_train
 
 from melrecon.lit import app
 
@@ -103,6 +103,19 @@ def test_resume_continues_step_and_wandb_run(compose_cfg, monkeypatch, tmp_path)
     rows = read_csv_rows(run1 / "csv")
     steps = [int(r["step"]) for r in rows if r.get("train/loss")]
     assert steps == [0, 1, 2, 3], steps  # no step of the first epoch was repeated
+    # W&B: `wandb sync` of offline folders of one id keeps the last one synced, so the resumed
+    # run's folder holds the whole history (replayed from the CSV and images/), each row once
+    superseded = list((run1 / "wandb" / "superseded").glob(f"offline-run-*-{ck['melrecon']['wandb_id']}"))
+    assert len(superseded) == 1, superseded
+    history = read_synced_wandb_rows(run1, done=lambda r: sum("val/ssim" in x for x in r) >= 2)
+    assert history and all(x.get("trainer/global_step") is not None for x in history)
+    assert [int(x["trainer/global_step"]) for x in history if "train/loss" in x] == [0, 1, 2, 3]
+    assert [float(x["val/ssim"]) for x in history if "val/ssim" in x] == logged(rows, "val/ssim")
+    assert [float(x["val/ssim_best"]) for x in history if "val/ssim_best" in x] == logged(rows, "val/ssim_best")
+    strips = [int(x["trainer/global_step"]) for x in history if "val_images/item0/_type" in x]
+    assert strips == [2, 4], strips  # epoch 0's strip replayed from images/, epoch 1's logged
+    captions = [x["val_images/item0/captions"] for x in history if "val_images/item0/captions" in x]
+    assert all(".h5 @ " in c for c in captions), captions  # the caption saved in the PNG
 
 
 @pytest.mark.slow

@@ -230,13 +230,19 @@ def comparison_frames(zero_filled: np.ndarray, reconstruction: np.ndarray, targe
     return out
 
 
-def save_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
-    """Write an RGB uint8 array (H, W, 3) as PNG (folders created)."""
+def save_png(path: str | os.PathLike, rgb: np.ndarray, description: str | None = None) -> Path:
+    """Write an RGB uint8 array (H, W, 3) as PNG (folders created); ``description`` goes into the
+    PNG's ``Description`` text chunk (read back with ``PIL.Image.open(path).info``)."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(path)
+    info = None
+    if description is not None:
+        info = PngInfo()
+        info.add_itxt("Description", description)  # iTXt: UTF-8 (file names may not be Latin-1)
+    Image.fromarray(rgb).save(path, pnginfo=info)
     return path
 
 

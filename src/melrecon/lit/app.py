@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from melrecon.lit.console import stdout_is_terminal
 from melrecon.lit.runinfo import check_same_run, checkpoint_run_dir, config_record, read_checkpoint, unique_dir
+from melrecon.lit.wandb_history import rebuild_on_resume
 
 log = logging.getLogger("melrecon")
 
@@ -213,6 +214,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         n_params = sum(p.numel() for p in net.parameters())
         for lg in loggers:
             lg.log_hyperparams({**resolved, "n_params": n_params})
+        if ckpt is not None:  # the new offline W&B run gets the history before the checkpoint
+            rebuild_on_resume(loggers, callbacks, int(ckpt.get("global_step", 0)))
 
     if cfg.get("train", True):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -196,15 +196,17 @@ class ReconImageLogger(pl.Callback):
             if name == "WandbLogger":
                 import wandb
 
-                lg.log_image(key=f"val_images/item{item}", images=[strip], caption=[caption])
+                lg.log_image(key=f"val_images/item{item}", images=[strip], caption=[caption], step=step)
                 if frames:
                     with tempfile.TemporaryDirectory() as tmp:
                         # wandb copies the file into the run's media folder when it is logged
                         gif = write_gif(Path(tmp) / f"val_item{item}_step{step}.gif", np.stack(frames), fps=self.fps)
-                        lg.experiment.log({f"val_video/item{item}": wandb.Video(str(gif), format="gif")})
+                        lg.experiment.log({f"val_video/item{item}": wandb.Video(str(gif), format="gif"),
+                                           "trainer/global_step": step})
             elif name == "TensorBoardLogger":
                 lg.experiment.add_image(f"val_images/item{item}", strip[None], step, dataformats="CHW")
         if self.save_dir is not None:
-            save_png(self.save_dir / f"step{step:07d}_item{item}.png", strip)
+            # the saved strips (with caption) are what a resumed run replays into W&B (wandb_history)
+            save_png(self.save_dir / f"step{step:07d}_item{item}.png", strip, description=caption)
             if frames:
                 write_gif(self.save_dir / f"step{step:07d}_item{item}.gif", np.stack(frames), fps=self.fps)
