@@ -5,12 +5,15 @@
 - :func:`assert_adjoint`: the dot-product test ``<A x, y> = <x, A^H y>`` for any operator;
 - :func:`rand_complex`: complex Gaussian noise from a seeded generator;
 - :func:`grads_of_step`: one training step's gradients (chain input first, then parameters);
-- :func:`rel_error`, :func:`max_rel_error`: relative errors of lists of tensors.
+- :func:`rel_error`, :func:`max_rel_error`: relative errors of lists of tensors;
+- :func:`read_csv`, :func:`read_metrics_csv`, :func:`column`: CSV tables and a run's CSV-logger history.
 """
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -95,3 +98,21 @@ def model_config(name: str):
     model = cfg.model
     OmegaConf.set_struct(model, False)  # tests merge their own settings onto it
     return model
+
+
+def read_csv(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a CSV file with a header, as dicts of strings."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_metrics_csv(folder: str | Path) -> list[dict[str, str]]:
+    """The rows of the one Lightning CSV-logger ``metrics.csv`` under ``folder`` (a run keeps one history)."""
+    files = list(Path(folder).rglob("metrics.csv"))
+    assert len(files) == 1, f"one metrics.csv expected under {folder}, found {files}"
+    return read_csv(files[0])
+
+
+def column(rows: list[dict[str, str]], key: str) -> list[float]:
+    """The values of ``key`` in the rows that logged it, in order."""
+    return [float(r[key]) for r in rows if r.get(key) not in (None, "")]

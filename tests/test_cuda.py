@@ -10,7 +10,6 @@ defaults, TF32 convolutions included, since that is how training runs on the car
 
 from __future__ import annotations
 
-import csv
 import functools
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import TinyCineDataModule
-from helpers import grads_of_step, max_rel_error
+from helpers import grads_of_step, max_rel_error, read_metrics_csv
 from pytorch_lightning.loggers import CSVLogger
 
 from melrecon.bench import build_network
@@ -114,8 +113,7 @@ def _fit(tmp_path: Path, device: str, precision: str = "32") -> list[dict[str, s
                          enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
                          num_sanity_val_steps=0, default_root_dir=tmp_path, enable_checkpointing=False)
     trainer.fit(module, datamodule=TinyCineDataModule())
-    with open(next(Path(tmp_path).rglob("metrics.csv"))) as f:
-        return list(csv.DictReader(f))
+    return read_metrics_csv(tmp_path)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -3,12 +3,12 @@ summary and paired statistics equal independent SciPy computations, and bad inpu
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from helpers import read_csv
 from scipy import stats
 
 from melrecon import evaluate as ev
@@ -49,11 +49,6 @@ def _target(rng, shape):
     return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 @pytest.fixture
 def study(tmp_path):
     """Targets (3 volumes, 1 cine) and two methods A (less noise) and B, reconstruct format."""
@@ -74,7 +69,7 @@ def test_evaluate_equals_reconstruct_metrics_and_scipy_statistics(study, capsys)
     out = root / "eval"
     assert ev.main(["--target", str(root / "targets"), "--predictions", str(root / "A"), str(root / "B"),
                     "--zero-filled", "--out", str(out)]) == 0
-    rows = _read_csv(out / "per_volume.csv")
+    rows = read_csv(out / "per_volume.csv")
     assert len(rows) == 12
     for row in rows:
         method, name = row["method"], row["file"]
@@ -83,7 +78,7 @@ def test_evaluate_equals_reconstruct_metrics_and_scipy_statistics(study, capsys)
         for k in ev.METRICS:
             assert float(row[k]) == pytest.approx(src[k + suffix], rel=1e-9, abs=1e-12), (method, name, k)
 
-    summary = {r["method"]: r for r in _read_csv(out / "summary.csv")}
+    summary = {r["method"]: r for r in read_csv(out / "summary.csv")}
     assert list(summary) == ["zero-filled (A)", "A", "B"]
     psnr_a = [stored["A"][f"scan{i}.h5"]["psnr"] for i in range(4)]
     psnr_b = [stored["B"][f"scan{i}.h5"]["psnr"] for i in range(4)]
@@ -91,7 +86,7 @@ def test_evaluate_equals_reconstruct_metrics_and_scipy_statistics(study, capsys)
     assert float(summary["A"]["psnr_std"]) == pytest.approx(np.std(psnr_a, ddof=1), rel=1e-9)
     assert summary["A"]["n"] == "4"
 
-    paired = {(r["a"], r["b"], r["metric"]): r for r in _read_csv(out / "paired.csv")}
+    paired = {(r["a"], r["b"], r["metric"]): r for r in read_csv(out / "paired.csv")}
     assert len(paired) == 3 * 3  # 3 pairs x 3 metrics
     r = paired[("A", "B", "psnr")]
     ci = stats.ttest_rel(psnr_b, psnr_a).confidence_interval(0.95)
@@ -118,9 +113,9 @@ def test_missing_target_and_bad_shape_are_named_others_scored(study, capsys):
     assert code == 1
     assert "orphan.h5" in err and "no target" in err
     assert "scan1.h5" in err and "(3, 10, 9)" in err and "(3, 10, 8)" in err
-    summary = {r["method"]: r for r in _read_csv(root / "eval" / "summary.csv")}
+    summary = {r["method"]: r for r in read_csv(root / "eval" / "summary.csv")}
     assert summary["A"]["n"] == "4" and summary["B"]["n"] == "3"
-    paired = _read_csv(root / "eval" / "paired.csv")
+    paired = read_csv(root / "eval" / "paired.csv")
     assert {r["n"] for r in paired} == {"3"}  # pairs only over the volumes both methods have
 
 
@@ -132,7 +127,7 @@ def test_cropped_reconstruction_is_scored_on_the_centre_crop(tmp_path, capsys):
     stored = _prediction(tmp_path / "p" / "c.h5", crop, rng, 0.1, 0.3)
     assert ev.main(["--target", str(tmp_path / "t"), "--predictions", str(tmp_path / "p"),
                     "--out", str(tmp_path / "e")]) == 0
-    row = _read_csv(tmp_path / "e" / "per_volume.csv")[0]
+    row = read_csv(tmp_path / "e" / "per_volume.csv")[0]
     assert float(row["psnr"]) == pytest.approx(stored["psnr"], rel=1e-9)
     assert float(row["data_range"]) == pytest.approx(float(np.abs(crop).max()), rel=1e-6)
     assert "centre-cropped" in capsys.readouterr().out
@@ -166,7 +161,7 @@ def test_end_to_end_with_reconstruct_output(tmp_path, data_dir, monkeypatch):
     assert rc.main([str(run), str(val), "--out", str(tmp_path / "rec")]) == 0
     assert ev.main(["--target", str(val), "--predictions", str(tmp_path / "rec"), "--zero-filled",
                     "--out", str(tmp_path / "e")]) == 0
-    for row in _read_csv(tmp_path / "e" / "per_volume.csv"):
+    for row in read_csv(tmp_path / "e" / "per_volume.csv"):
         with h5py.File(tmp_path / "rec" / row["file"], "r") as f:
             suffix = "_zf" if row["method"].startswith("zero-filled") else ""
             for k in ev.METRICS:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CONF, run_train
+from helpers import read_metrics_csv
 from omegaconf import OmegaConf, open_dict
 
 from melrecon.lit import app
@@ -303,12 +304,7 @@ def test_two_epochs_straight_equal_one_plus_resumed_one(compose_cfg, tmp_path):
 
 # ---------------------------------------------------------------------- 7. kill -9, then resume
 def _csv_rows(run_dir: Path) -> list[dict]:
-    import csv
-
-    files = list((run_dir / "csv").rglob("metrics.csv"))
-    assert len(files) == 1, files  # one history, not one per invocation
-    with open(files[0]) as f:
-        return list(csv.DictReader(f))
+    return read_metrics_csv(run_dir / "csv")  # one history, not one per invocation
 
 
 def _val_epochs_in_csv(run_dir: Path) -> list[int]:

@@ -25,13 +25,9 @@ import bench  # noqa: E402
 import depcheck  # noqa: E402
 import train_runs  # noqa: E402
 from profiles import BENCH, BF16_EXPERIMENTS  # noqa: E402
+from helpers import read_csv  # noqa: E402
 
 from melrecon.bench import FAMILIES, build_network, grad_rel_err  # noqa: E402
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 # ------------------------------------------------------------------------------ end to end

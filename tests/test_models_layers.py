@@ -211,8 +211,6 @@ def test_bad_input_shapes_raise():
 
 @pytest.mark.parametrize("name,kind", [("modl3d_slab", "slab"), ("modl2d_slice", "slab"), ("modl_cine", "cine")])
 def test_model_configs_instantiate_and_run(name, kind):
-    from pathlib import Path
-
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 

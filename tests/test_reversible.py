@@ -6,8 +6,6 @@ Sizes are tiny (CPU); the asserted tolerances are the issue's done-when figures.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -245,7 +243,6 @@ def test_model_configs_instantiate_modules(name, layout):
     selects the gradient direction; a misspelt CNN setting is an error that names it."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     cfg = model_config(name)
     assert (cfg.num_unrolls, cfg.regularizer.width, cfg.regularizer.depth, cfg.dc.lam_init) == (10, 64, 5, 0.05)

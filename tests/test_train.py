@@ -1,28 +1,18 @@
 """The training application end to end on the tiny synthetic presets (real data, model, module)."""
 
-import csv
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import CONF, read_synced_wandb_rows, read_wandb_history, run_train
+from helpers import column, read_metrics_csv
 
 from melrecon.lit import app
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 VAL_KEYS = ("val/psnr", "val/ssim", "val/nmse")
 MEM_KEY = "train/peak_mem_gib"
-
-
-def read_csv_rows(folder: Path) -> list[dict]:
-    path = next(Path(folder).rglob("metrics.csv"))
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
-def logged(rows, key):
-    return [float(r[key]) for r in rows if r.get(key) not in (None, "")]
 
 
 def test_default_run_fast_dev_run(compose_cfg):
@@ -67,9 +57,9 @@ def test_wandb_offline_and_csv_hold_metrics(compose_cfg, monkeypatch, tmp_path):
     # fixed validation items as images, and (cine) as a GIF video
     for media in ("val_images/item0", "val_video/item0"):
         assert any(k.startswith(media + "/") for k in history), f"{media} not logged: {sorted(history)}"
-    rows = read_csv_rows(run_dir / "csv")
+    rows = read_metrics_csv(run_dir / "csv")
     for key in (*VAL_KEYS, MEM_KEY):
-        assert logged(rows, key), f"{key} not in the csv"
+        assert column(rows, key), f"{key} not in the csv"
     # last and best checkpoints in the run folder; images of the fixed items
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert any(p.name.startswith("epoch_") for p in (run_dir / "checkpoints").iterdir())
@@ -100,7 +90,7 @@ def test_resume_continues_step_and_wandb_run(compose_cfg, monkeypatch, tmp_path)
     assert ck2["global_step"] == 4  # continued from step 2, not restarted
     assert ck2["epoch"] == 1
     assert ck2["melrecon"]["wandb_id"] == ck["melrecon"]["wandb_id"]  # same W&B run
-    rows = read_csv_rows(run1 / "csv")
+    rows = read_metrics_csv(run1 / "csv")
     steps = [int(r["step"]) for r in rows if r.get("train/loss")]
     assert steps == [0, 1, 2, 3], steps  # no step of the first epoch was repeated
     # W&B: `wandb sync` of offline folders of one id keeps the last one synced, so the resumed
@@ -110,8 +100,8 @@ def test_resume_continues_step_and_wandb_run(compose_cfg, monkeypatch, tmp_path)
     history = read_synced_wandb_rows(run1, done=lambda r: sum("val/ssim" in x for x in r) >= 2)
     assert history and all(x.get("trainer/global_step") is not None for x in history)
     assert [int(x["trainer/global_step"]) for x in history if "train/loss" in x] == [0, 1, 2, 3]
-    assert [float(x["val/ssim"]) for x in history if "val/ssim" in x] == logged(rows, "val/ssim")
-    assert [float(x["val/ssim_best"]) for x in history if "val/ssim_best" in x] == logged(rows, "val/ssim_best")
+    assert [float(x["val/ssim"]) for x in history if "val/ssim" in x] == column(rows, "val/ssim")
+    assert [float(x["val/ssim_best"]) for x in history if "val/ssim_best" in x] == column(rows, "val/ssim_best")
     strips = [int(x["trainer/global_step"]) for x in history if "val_images/item0/_type" in x]
     assert strips == [2, 4], strips  # epoch 0's strip replayed from images/, epoch 1's logged
     captions = [x["val_images/item0/captions"] for x in history if "val_images/item0/captions" in x]
@@ -128,10 +118,10 @@ def test_ddp_two_processes_score_each_volume_once(tmp_path, data_dir):
     ddp = run_train([*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                      f"hydra.run.dir={tmp_path / 'ddp'}"], tmp_path, data_dir, timeout=400)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    a, b = read_csv_rows(tmp_path / "single"), read_csv_rows(tmp_path / "ddp")
-    assert logged(a, "val/num_volumes")[-1] == logged(b, "val/num_volumes")[-1] == 3.0
+    a, b = read_metrics_csv(tmp_path / "single"), read_metrics_csv(tmp_path / "ddp")
+    assert column(a, "val/num_volumes")[-1] == column(b, "val/num_volumes")[-1] == 3.0
     for key in (*VAL_KEYS, "val/psnr_zf"):
-        assert logged(b, key)[-1] == pytest.approx(logged(a, key)[-1], rel=1e-4), key
+        assert column(b, key)[-1] == pytest.approx(column(a, key)[-1], rel=1e-4), key
 
 
 @pytest.mark.parametrize("args,expect", [
@@ -163,10 +153,15 @@ def test_console_line_per_validation_epoch_in_train_log(tmp_path, data_dir):
                       r"zero-filled psnr ([\d.]+) ssim ([\d.]+) nmse ([\d.]+) \| peak mem ([\d.]+) GiB \| step ([\d.]+) s")
     epochs = [m for m in line.finditer(text)]
     assert [int(m.group(1)) for m in epochs] == [0, 1], text[-3000:]
-    rows = read_csv_rows(run_dir)
+    rows = read_metrics_csv(run_dir)
     last = [r for r in rows if r.get("val/psnr")][-1]  # the csv logger's last validation row
     assert float(epochs[-1].group(3)) == pytest.approx(float(last["val/psnr"]), abs=0.006)
     assert float(epochs[-1].group(9)) > 0 and float(epochs[-1].group(10)) > 0
+    for m in epochs:  # the figures PeakMemoryMonitor logged: epoch max and mean, not re-measured
+        train = [r for r in rows if r.get("train/peak_mem_gib") and int(r["epoch"]) == int(m.group(1))]
+        assert float(m.group(9)) == pytest.approx(max(float(r["train/peak_mem_gib"]) for r in train), abs=0.006)
+        times = [float(r["train/step_time_s"]) for r in train]
+        assert float(m.group(10)) == pytest.approx(sum(times) / len(times), abs=0.0006)
     assert re.search(r"epoch 0 step 1/\d+ loss", text)  # progress lines instead of the bar
     assert "summary (2 validation epochs" in text and "python -m melrecon.reconstruct" in text
     assert "best checkpoint: " + str(run_dir / "checkpoints") in text
@@ -191,3 +186,11 @@ def test_whole_volume_experiment_with_tiles_that_cut_the_volume(compose_cfg, nam
     net = instantiate(cfg.model)
     stacks = [m for m in net.modules() if hasattr(m, "halo")]
     assert stacks and all(s.tile == (5, 8, None) for s in stacks) and net.dc_chunk == 3
+
+
+def test_console_line_without_the_memory_monitor_says_n_a():
+    from melrecon.lit.console import ConsoleSummary
+
+    line = ConsoleSummary.epoch_line({"epoch": 0, "step": 2, "val/psnr": 20.0, "peak_mem_gib": float("nan"),
+                                      "step_time_s": float("nan")})
+    assert line.endswith("| peak mem n/a | step n/a") and "val psnr 20.00 ssim n/a" in line

@@ -1,16 +1,15 @@
 """ReconModule and callbacks on stand-ins (TinyNet, TinyCineDataModule): fast, no Hydra."""
 
 import copy
-import csv
 import functools
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import TinyCineDataModule, TinyCineDataset, TinyNet
+from helpers import column, read_metrics_csv
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import default_collate
 
@@ -36,14 +35,6 @@ def make_trainer(tmp_path, max_epochs=1, callbacks=(), **kw):
                       log_every_n_steps=1, num_sanity_val_steps=0, default_root_dir=tmp_path, **kw)
 
 
-def read_csv(tmp_path):
-    path = next(Path(tmp_path).rglob("metrics.csv"))
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
-def column(rows, key):
-    return [float(r[key]) for r in rows if r.get(key) not in (None, "")]
 
 
 def test_logs_fastmri_metrics_peak_memory_and_net_stats(tmp_path):
@@ -52,7 +43,7 @@ def test_logs_fastmri_metrics_peak_memory_and_net_stats(tmp_path):
     trainer = make_trainer(tmp_path, callbacks=[PeakMemoryMonitor(), NetStatsLogger()])
     trainer.validate(module, datamodule=dm)  # untrained: recon == x0 + CNN(x0)
     trainer.fit(module, datamodule=dm)
-    rows = read_csv(tmp_path)
+    rows = read_metrics_csv(tmp_path)
     for key in ("train/loss", "val/psnr", "val/ssim", "val/nmse", "val/psnr_zf", "val/num_volumes",
                 "train/peak_mem_gib", "train/step_time_s", "dc/lam", "val/ssim_best"):
         assert column(rows, key), f"{key} not logged"
@@ -197,7 +188,7 @@ def test_learning_rate_monitor_logs_train_lr_and_ssim_best_is_the_running_max(tm
     for name, kw, want in (("plain", {}, [1e-2] * 12), ("step", {"scheduler": sched}, [1e-2] * 4 + [5e-3] * 4 + [2.5e-3] * 4)):
         trainer = make_trainer(tmp_path / name, max_epochs=3, callbacks=[LearningRateMonitor()])
         trainer.fit(make_module(**kw), datamodule=TinyCineDataModule())  # 4 steps per epoch
-        rows = read_csv(tmp_path / name)
+        rows = read_metrics_csv(tmp_path / name)
         assert column(rows, "train/lr") == pytest.approx(want, rel=1e-12), name
         ssim, best = column(rows, "val/ssim"), column(rows, "val/ssim_best")
         assert len(ssim) == 3 and best == list(np.maximum.accumulate(ssim))

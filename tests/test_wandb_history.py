@@ -64,7 +64,7 @@ class FakeLogger:
 
 def test_replay_orders_by_step_reads_captions_and_skips_a_cut_strip(tmp_path, caplog):
     strip = np.zeros((4, 6, 3), np.uint8)
-    good = save_png(tmp_path / "step0000002_item0.png", strip, description="vol_0.h5 @ 3: zf | recon")
+    save_png(tmp_path / "step0000002_item0.png", strip, description="vol_0.h5 @ 3: zf | recon")
     cut = save_png(tmp_path / "step0000001_item0.png", strip)
     cut.write_bytes(cut.read_bytes()[:20])  # what a kill during the write leaves
     rows = [(0, {"train/loss": 0.5}), (1, {"val/ssim": 0.7}), (2, {"train/loss": 0.4})]

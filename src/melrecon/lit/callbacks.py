@@ -30,11 +30,20 @@ class PeakMemoryMonitor(pl.Callback):
       - ``train/peak_mem_reserved_gib``: CUDA only, ``max_memory_reserved`` during the step.
       - ``train/step_time_s``: wall time from batch start to batch end (forward, backward and
         optimizer step; CUDA is synchronised at both ends so the time is real).
+
+    The current training epoch's figures stay readable for other callbacks (ConsoleSummary):
+    ``epoch_peak_gib`` (max of ``train/peak_mem_gib``; NaN before the first step) and
+    ``epoch_step_times`` (each step's ``train/step_time_s``).
     """
 
     def __init__(self, log_step_time: bool = True) -> None:
         self.log_step_time = log_step_time
         self._t0 = 0.0
+        self.epoch_peak_gib = float("nan")
+        self.epoch_step_times: list[float] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.epoch_peak_gib, self.epoch_step_times = float("nan"), []
 
     @staticmethod
     def _cuda(pl_module: pl.LightningModule) -> bool:
@@ -58,6 +67,8 @@ class PeakMemoryMonitor(pl.Callback):
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux: KiB
         dt = time.perf_counter() - self._t0
+        self.epoch_peak_gib = peak if not self.epoch_step_times else max(self.epoch_peak_gib, peak)
+        self.epoch_step_times.append(dt)
         pl_module.log("train/peak_mem_gib", peak, on_step=True, on_epoch=False, batch_size=1)
         if self.log_step_time:
             pl_module.log("train/step_time_s", dt, on_step=True, on_epoch=False, batch_size=1)

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
 import sys
-import time
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.utilities import rank_zero_only
+
+from melrecon.lit.callbacks import PeakMemoryMonitor
 
 log = logging.getLogger("melrecon")
 
-GIB = float(2**30)
 VAL_KEYS = ("psnr", "ssim", "nmse")
 
 
@@ -46,9 +44,10 @@ class ConsoleSummary(pl.Callback):
         epoch 3 step 120 | val psnr 22.65 ssim 0.7012 nmse 0.0312 | zero-filled psnr 15.71 ...
         | peak mem 1.21 GiB | step 0.350 s
 
-    ``peak mem``: CUDA ``max_memory_allocated`` over the epoch's training steps, else the
-    process's peak resident set (``ru_maxrss``); ``step``: mean wall time of the epoch's
-    training steps. Without a progress bar (``trainer.enable_progress_bar=false``, which
+    ``peak mem``: the maximum of ``train/peak_mem_gib`` over the epoch's training steps, and
+    ``step``: the mean of their ``train/step_time_s``, both as measured (and logged) by
+    :class:`melrecon.lit.callbacks.PeakMemoryMonitor`; ``n/a`` without that callback. Without
+    a progress bar (``trainer.enable_progress_bar=false``, which
     :func:`melrecon.lit.app.run` sets when stdout is not a terminal) a line ``epoch E step
     S/N loss L`` is written every ``every_n_steps`` training steps. At the end of ``fit``: the
     best epoch by the checkpoint callback's monitor (``val/ssim`` by default), its metrics, the
@@ -60,32 +59,16 @@ class ConsoleSummary(pl.Callback):
             raise ValueError(f"callbacks.console.every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps = int(every_n_steps)
         self.history: list[dict[str, float]] = []  # one entry per validation epoch
-        self._t0 = 0.0
-        self._times: list[float] = []
-        self._peak = 0.0
 
     # ------------------------------------------------------------------ training steps
     @staticmethod
-    def _cuda(pl_module: pl.LightningModule) -> bool:
-        return pl_module.device.type == "cuda" and torch.cuda.is_available()
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._times, self._peak = [], 0.0
-        if self._cuda(pl_module):
-            torch.cuda.reset_peak_memory_stats(pl_module.device)
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        self._t0 = time.perf_counter()
+    def _step_figures(trainer: pl.Trainer) -> tuple[float, list[float]]:
+        """The current epoch's peak memory (GiB) and step times (s) from PeakMemoryMonitor."""
+        monitor = next((cb for cb in trainer.callbacks if isinstance(cb, PeakMemoryMonitor)), None)
+        return (math.nan, []) if monitor is None else (monitor.epoch_peak_gib, monitor.epoch_step_times)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        if self._cuda(pl_module):
-            torch.cuda.synchronize(pl_module.device)
-            self._peak = torch.cuda.max_memory_allocated(pl_module.device) / GIB
-        else:
-            self._peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux: KiB
-        self._times.append(time.perf_counter() - self._t0)
         if trainer.progress_bar_callback is None and (batch_idx + 1) % self.every_n_steps == 0:
             self._progress_line(trainer, batch_idx)
 
@@ -95,17 +78,18 @@ class ConsoleSummary(pl.Callback):
         total_s = str(int(total)) if math.isfinite(total) else "?"
         loss = trainer.callback_metrics.get("train/loss")
         loss_s = f"{float(loss):.4g}" if loss is not None else "n/a"
-        log.info("epoch %d step %d/%s loss %s (%.3f s/step)", trainer.current_epoch, batch_idx + 1, total_s, loss_s,
-                 sum(self._times[-self.every_n_steps:]) / max(len(self._times[-self.every_n_steps:]), 1))
+        recent = self._step_figures(trainer)[1][-self.every_n_steps:]
+        timing = f" ({sum(recent) / len(recent):.3f} s/step)" if recent else ""
+        log.info("epoch %d step %d/%s loss %s%s", trainer.current_epoch, batch_idx + 1, total_s, loss_s, timing)
 
     # ------------------------------------------------------------------ validation epochs
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        entry = {"epoch": trainer.current_epoch, "step": trainer.global_step, **m,
-                 "peak_mem_gib": self._peak,
-                 "step_time_s": sum(self._times) / len(self._times) if self._times else math.nan}
+        peak, times = self._step_figures(trainer)
+        entry = {"epoch": trainer.current_epoch, "step": trainer.global_step, **m, "peak_mem_gib": peak,
+                 "step_time_s": sum(times) / len(times) if times else math.nan}
         self.history.append(entry)
         self._epoch_line(entry)
 
@@ -114,8 +98,11 @@ class ConsoleSummary(pl.Callback):
         """The one-line summary of a validation epoch (see the class docstring)."""
         val = " ".join(f"{k} {_fmt(k, entry.get(f'val/{k}'))}" for k in VAL_KEYS)
         zf = " ".join(f"{k} {_fmt(k, entry.get(f'val/{k}_zf'))}" for k in VAL_KEYS)
+        peak, step = entry["peak_mem_gib"], entry["step_time_s"]
+        peak_s = f"{peak:.2f} GiB" if math.isfinite(peak) else "n/a"
+        step_s = f"{step:.3f} s" if math.isfinite(step) else "n/a"
         return (f"epoch {int(entry['epoch'])} step {int(entry['step'])} | val {val} | zero-filled {zf} | "
-                f"peak mem {entry['peak_mem_gib']:.2f} GiB | step {entry['step_time_s']:.3f} s")
+                f"peak mem {peak_s} | step {step_s}")
 
     @rank_zero_only
     def _epoch_line(self, entry: dict[str, float]) -> None:

@@ -31,7 +31,8 @@ from melrecon.study.baselines import build_baseline
 from melrecon.study.config import StudyError
 from melrecon.study.files import read_json, write_csv, write_json
 from melrecon.study.job import SCORE_COLUMNS
-from melrecon.study.results import METRICS, MethodResult, read_scores
+from melrecon.metrics import METRICS
+from melrecon.study.results import MethodResult, read_scores
 
 log = logging.getLogger("melrecon.study")
 

@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 from melrecon.study import plots
 from melrecon.study.config import RunSpec, StudyError, comparisons
 from melrecon.study.files import write_csv, write_text
-from melrecon.study.results import METRICS, MethodResult, load_run
+from melrecon.metrics import METRICS
+from melrecon.study.results import MethodResult, load_run
 from melrecon.study.stats import PairedDifference, paired_difference, summarize
 
 log = logging.getLogger("melrecon.study")

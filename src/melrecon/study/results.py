@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from melrecon.metrics import METRICS
 from melrecon.study.files import read_csv, read_json
 
 
