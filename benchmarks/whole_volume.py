@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
-from melrecon.bench import training_step  # noqa: E402
-from melrecon.mel.memory import MemoryProbe  # noqa: E402
+from melrecon.bench import measure_step  # noqa: E402
 from melrecon.models import ProximalDC, ResidualCNN, UnrolledNet  # noqa: E402
 from melrecon.models.memory_model import MODES, choose_tile, predict_peak  # noqa: E402
 from melrecon.physics.problems import random_sense_problem  # noqa: E402
@@ -61,16 +59,7 @@ def measure(volume: Sequence[int], tile: tuple[int, ...] | None, opts: dict[str,
                       dc_chunk=opts["dc_chunk"]).to(device)
     if opts["double"]:
         net = net.double()
-
-    training_step(net, prob)  # norm estimates start on the first call
-    net.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with MemoryProbe(cuda=device.type == "cuda") as probe:
-        training_step(net, prob)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    m = measure_step(net, prob, warmup=1)  # norm estimates start on the first call
     pred = predict_peak(volume, coils=opts["coils"], width=opts["width"], depth=opts["depth"],
                         num_unrolls=opts["unrolls"], memory=opts["memory"], tile=tile,
                         real_bytes=8 if opts["double"] else 4, dc_chunk=opts["dc_chunk"])
@@ -78,12 +67,12 @@ def measure(volume: Sequence[int], tile: tuple[int, ...] | None, opts: dict[str,
         "volume": "x".join(map(str, volume)),
         "tile": "none" if tile is None else "x".join(map(str, tile)),
         "tiles": pred.tiles,
-        "probe_MB": probe.peak_bytes / 2**20,
+        "probe_MB": m.probe_peak_bytes / 2**20,
         "model_MB": pred.probe_bytes / 2**20,
         "graph_MB": pred.terms["cnn_graph"] / 2**20,  # one CNN graph: the tile's (+ halo) when tiled
         "pred_peak_MB": pred.peak_bytes / 2**20,
-        "cuda_MB": probe.cuda_peak_bytes / 2**20 if probe.cuda_peak_bytes is not None else float("nan"),
-        "time_s": time.perf_counter() - t0,
+        "cuda_MB": m.cuda_peak_bytes / 2**20 if m.cuda_peak_bytes is not None else float("nan"),
+        "time_s": m.time_s,
     }
 
 

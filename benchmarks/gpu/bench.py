@@ -43,8 +43,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 if str(SRC) not in sys.path:  # a checkout without `pip install -e .` (run.sh also sets PYTHONPATH)
     sys.path.insert(0, str(SRC))
 
-from melrecon.bench import FAMILIES, build_network, grad_rel_err, training_step  # noqa: E402
-from melrecon.mel.memory import MemoryProbe  # noqa: E402
+from melrecon.bench import FAMILIES, grad_rel_err, measure_step, network_for, training_step  # noqa: E402
 from melrecon.physics.problems import LAYOUTS, SenseProblem, random_sense_problem  # noqa: E402
 from profiles import BENCH  # noqa: E402  (benchmarks/gpu/, this script's folder)
 from rows import RowWriter  # noqa: E402
@@ -88,32 +87,17 @@ def measure_case(family: str, kind: str, n: int, mode: str, problem: SenseProble
     The number of timed steps is ``steps``, cut so that they take about ``case_cap_s`` seconds
     in all (at least one). Returns the CSV row and the parameter gradients of the measured step.
     """
-    device = problem.x0.device
-    cuda = device.type == "cuda"
-    net = build_network(family, kind, n, mode, **opts).to(device)
-    if problem.x0.dtype == torch.complex128:
-        net = net.double()
-    net.train()
-    for _ in range(warmup):
-        _step(net, problem)
-    net.zero_grad(set_to_none=True)
-    _sync(device)
-    t0 = time.perf_counter()
-    with MemoryProbe(cuda=cuda) as probe:  # resets the CUDA peak statistics on entry
-        loss = training_step(net, problem)
-    _sync(device)
-    first_s = time.perf_counter() - t0
-    max_alloc = torch.cuda.max_memory_allocated(device) if cuda else None
-    grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in net.parameters()]
-    stats = net.log_stats() if hasattr(net, "log_stats") else {}
+    net = network_for(problem, family, kind, n, mode, **opts)
+    m = measure_step(net, problem, warmup)
+    first_s, grads, stats, max_alloc = m.time_s, m.grads, m.stats, m.cuda_max_alloc_bytes
     n_timed = max(1, min(steps, int(case_cap_s // max(first_s, 1e-9))))
     times = [timed_step(net, problem) for _ in range(n_timed)]
     row: dict[str, Any] = {
         "family": family, "kind": kind, "N": n, "mode": mode, "status": "ok",
-        "cuda_peak_MiB": probe.cuda_peak_bytes / MIB if probe.cuda_peak_bytes is not None else None,
+        "cuda_peak_MiB": m.cuda_peak_bytes / MIB if m.cuda_peak_bytes is not None else None,
         "cuda_max_alloc_MiB": max_alloc / MIB if max_alloc is not None else None,
-        "probe_peak_MiB": probe.peak_bytes / MIB,
-        "step_ms": 1e3 * statistics.median(times), "timed_steps": n_timed, "loss": float(loss),
+        "probe_peak_MiB": m.probe_peak_bytes / MIB,
+        "step_ms": 1e3 * statistics.median(times), "timed_steps": n_timed, "loss": m.loss,
         "drift": stats.get("mel/drift"), "anchors": stats.get("mel/anchors"),
         "fallbacks": stats.get("mel/fallbacks"), "inv_iters": stats.get("mel/inv_iters"),
     }

@@ -4,14 +4,17 @@ the ``memory_modes`` study).
 The benchmarks time one training step of a network named by (family, layout, N, memory mode) on
 a :func:`melrecon.physics.problems.random_sense_problem`; this module is what they share, so the
 CPU table and the GPU figures measure the same networks. A new family is one more branch of
-:func:`build_network` and one more entry of :data:`FAMILIES`. :func:`run_case` is one measured
-step (memory, time, gradients) as benchmarks/memory.py and the study record it.
+:func:`build_network` and one more entry of :data:`FAMILIES`. :func:`measure_step` is one
+measured training step of any network (warm-up, bytes autograd held, CUDA peak, time,
+gradients), used by :func:`run_case` (benchmarks/memory.py, the study), benchmarks/gpu/bench.py
+and benchmarks/whole_volume.py.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -88,50 +91,85 @@ def grad_rel_err(grads: Sequence[Tensor], ref: Sequence[Tensor]) -> float:
     return max(float((g - r).norm()) / (float(r.norm()) or 1.0) for g, r in zip(grads, ref, strict=True))
 
 
-def run_case(
-    family: str, kind: str, n: int, mode: str, problem: SenseProblem, opts: dict[str, Any], warmup: int
-) -> tuple[dict[str, Any], list[torch.Tensor]]:
-    """One measured training step of :func:`build_network` ``(family, kind, n, mode, **opts)``.
+@dataclass
+class StepMeasure:
+    """One measured training step (:func:`measure_step`).
 
-    ``warmup`` identical steps come first (spectral-norm estimates and the ``auto`` anchor
-    controller reach their steady state, and every mode computes the same function). Returns
-    the row (``probe_peak_MB``: bytes autograd held for backward, :class:`MemoryProbe`;
-    ``cuda_peak_MB`` on a GPU; ``time_s`` of the step; loss; the network's MEL statistics) and
-    the parameter gradients of the measured step (for :func:`grad_rel_err` between modes).
-    Shared by benchmarks/memory.py and the ``memory_modes`` study.
+    Attributes:
+        probe_peak_bytes: peak bytes autograd held for backward (:class:`MemoryProbe`).
+        cuda_peak_bytes: ``max_memory_allocated`` during the step minus the allocation at its
+            start (MemoryProbe) on a GPU, else None.
+        cuda_max_alloc_bytes: ``max_memory_allocated`` during the step (absolute), else None.
+        time_s: wall time of the step (synchronised on a GPU).
+        loss: the step's loss.
+        grads: parameter gradients of the step (zeros for a parameter without one).
+        stats: the network's ``log_stats()`` after the step (``mel/drift``, ``mel/anchors``, ...).
     """
+
+    probe_peak_bytes: int
+    cuda_peak_bytes: int | None
+    cuda_max_alloc_bytes: int | None
+    time_s: float
+    loss: float
+    grads: list[Tensor]
+    stats: dict[str, float]
+
+
+def measure_step(net: nn.Module, problem: SenseProblem, warmup: int = 1) -> StepMeasure:
+    """``warmup`` training steps (spectral-norm estimates and the ``auto`` anchor controller reach
+    their steady state), then one measured step; gradients are zeroed before each step."""
     device = problem.x0.device
-    net = build_network(family, kind, n, mode, **opts).to(device)
-    if problem.x0.dtype == torch.complex128:
-        net = net.double()
     net.train()
     for _ in range(warmup):
         net.zero_grad(set_to_none=True)
         training_step(net, problem)
     net.zero_grad(set_to_none=True)
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    with MemoryProbe(cuda=device.type == "cuda") as probe:
+    with MemoryProbe(cuda=device.type == "cuda") as probe:  # resets the CUDA peak statistics on entry
         loss = training_step(net, problem)
+    max_alloc = None
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+        max_alloc = torch.cuda.max_memory_allocated(device)  # before the gradient copies below
     dt = time.perf_counter() - t0
+    grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in net.parameters()]
     stats = net.log_stats() if hasattr(net, "log_stats") else {}
+    return StepMeasure(probe.peak_bytes, probe.cuda_peak_bytes, max_alloc, dt, float(loss), grads, stats)
+
+
+def network_for(problem: SenseProblem, family: str, kind: str, n: int, mode: str, **opts: Any) -> nn.Module:
+    """:func:`build_network` on the problem's device, in float64 for a complex128 problem."""
+    net = build_network(family, kind, n, mode, **opts).to(problem.x0.device)
+    return net.double() if problem.x0.dtype == torch.complex128 else net
+
+
+def run_case(
+    family: str, kind: str, n: int, mode: str, problem: SenseProblem, opts: dict[str, Any], warmup: int
+) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """One measured training step (:func:`measure_step`) of :func:`build_network` ``(family, kind, n, mode, **opts)``.
+
+    Returns the row (``probe_peak_MB``: bytes autograd held for backward; ``cuda_peak_MB`` on a
+    GPU; ``time_s`` of the step; loss; the network's MEL statistics) and the parameter gradients
+    of the measured step (for :func:`grad_rel_err` between modes). Shared by
+    benchmarks/memory.py and the ``memory_modes`` study.
+    """
+    m = measure_step(network_for(problem, family, kind, n, mode, **opts), problem, warmup)
+    nan = float("nan")
     row = {
         "family": family,
         "kind": kind,
         "N": n,
         "mode": mode,
-        "probe_peak_MB": probe.peak_bytes / 2**20,
-        "cuda_peak_MB": (probe.cuda_peak_bytes / 2**20) if probe.cuda_peak_bytes is not None else float("nan"),
-        "time_s": dt,
-        "loss": float(loss),
-        "drift": stats.get("mel/drift", float("nan")),
-        "anchors": stats.get("mel/anchors", float("nan")),
-        "anchor_every": stats.get("mel/anchor_every", float("nan")),
-        "fallbacks": stats.get("mel/fallbacks", float("nan")),
-        "inv_iters": stats.get("mel/inv_iters", float("nan")),
+        "probe_peak_MB": m.probe_peak_bytes / 2**20,
+        "cuda_peak_MB": m.cuda_peak_bytes / 2**20 if m.cuda_peak_bytes is not None else nan,
+        "time_s": m.time_s,
+        "loss": m.loss,
+        "drift": m.stats.get("mel/drift", nan),
+        "anchors": m.stats.get("mel/anchors", nan),
+        "anchor_every": m.stats.get("mel/anchor_every", nan),
+        "fallbacks": m.stats.get("mel/fallbacks", nan),
+        "inv_iters": m.stats.get("mel/inv_iters", nan),
     }
-    grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in net.parameters()]
-    return row, grads
+    return row, m.grads
