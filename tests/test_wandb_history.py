@@ -50,9 +50,10 @@ def test_saved_strips_upto_reads_the_callback_names(tmp_path):
 class FakeLogger:
     """Records what a WandbLogger would be asked to log."""
 
-    def __init__(self, offline: bool = True, sync_dir: Path | None = None, run_id: str = "abc123"):
+    def __init__(self, offline: bool = True, sync_dir: Path | None = None, run_id: str = "abc123",
+                 disabled: bool = False):
         self.calls: list[tuple] = []
-        self.experiment = SimpleNamespace(offline=offline, sync_dir=str(sync_dir), id=run_id,
+        self.experiment = SimpleNamespace(offline=offline, sync_dir=str(sync_dir), id=run_id, disabled=disabled,
                                           log=lambda d: self.calls.append(("log", d)))
 
     def log_metrics(self, metrics, step):
@@ -105,6 +106,16 @@ def test_online_run_is_left_as_wandb_resumes_it(tmp_path, caplog):
         assert wh.rebuild_offline_history(lg, csv_file, resume_step=1) is None
     assert lg.calls == [] and "W&B online" in caplog.text and str(csv_file) in caplog.text
     assert (tmp_path / "wandb" / "run-20260101_000000-abc123").is_dir()
+
+
+def test_disabled_wandb_is_left_alone(tmp_path, caplog):
+    (tmp_path / "wandb" / "offline-run-20260101_000000-abc123").mkdir(parents=True)
+    csv_file = write_csv(tmp_path / "metrics.csv", [{"step": 0, "train/loss": 1.0}])
+    lg = FakeLogger(offline=False, disabled=True, sync_dir=tmp_path / "wandb" / "run-x-abc123")
+    with caplog.at_level(logging.WARNING, logger="melrecon"):
+        assert wh.rebuild_offline_history(lg, csv_file, resume_step=1) is None
+    assert lg.calls == [] and not caplog.text
+    assert (tmp_path / "wandb" / "offline-run-20260101_000000-abc123").is_dir()
 
 
 def test_resume_without_the_csv_logger_says_the_history_is_not_rebuilt(tmp_path, caplog):

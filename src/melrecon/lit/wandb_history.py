@@ -116,9 +116,11 @@ def rebuild_offline_history(logger: Any, csv_file: Path, resume_step: int,
         images_dir: ReconImageLogger's ``save_dir`` (None: no strips to replay).
 
     Returns:
-        what was done, or None for an online run (left as W&B resumes it).
+        what was done, or None for an online run (left as W&B resumes it) or a disabled one.
     """
     run = logger.experiment
+    if getattr(run, "disabled", False):  # WANDB_MODE=disabled: nothing is written
+        return None
     if not run.offline:
         log.warning("W&B online: the resumed run continues what the interrupted one had uploaded; "
                     "records it had not uploaded are missing there and steps from %d on may appear "
