@@ -148,8 +148,7 @@ def image_panel(methods: Sequence[MethodResult], kind: str, path: Path, error_ga
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"test volume {volume}", fontsize=9)
-    return _save(fig, path)
+    return _save(fig, path, title=f"test volume {volume}")
 
 
 def memory_modes(rows: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -176,10 +175,14 @@ def memory_modes(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def _save(fig: Any, path: Path) -> Path:
+def _save(fig: Any, path: Path, title: str | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if title:  # tight_layout ignores a suptitle: keep a strip of about 0.45 inch free above the axes
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.45 / fig.get_figheight()))
+    else:
+        fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=_DPI)
     plt.close(fig)
