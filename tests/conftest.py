@@ -73,6 +73,9 @@ def run_train(args: list[str], tmp_path: Path, data_dir: Path, env: dict | None 
               timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``python train.py ARGS`` in a subprocess with logs and data in tmp folders."""
     e = dict(os.environ)
+    # an in-process W&B run of an earlier test leaves its service's address here: a child would
+    # share that service, and a killed child's run id would stay "in use" there for its resume
+    e.pop("WANDB_SERVICE", None)
     e.update({"MELRECON_DATA_DIR": str(data_dir), "WANDB_MODE": "disabled", "WANDB_SILENT": "true",
               "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"})
     e.update(env or {})
