@@ -230,6 +230,10 @@ def comparison_frames(zero_filled: np.ndarray, reconstruction: np.ndarray, targe
     return out
 
 
+PNG_DESCRIPTION_KEY = "Description"
+"""PNG text keyword under which :func:`save_png` stores ``description`` (a standard keyword)."""
+
+
 def save_png(path: str | os.PathLike, rgb: np.ndarray, description: str | None = None) -> Path:
     """Write an RGB uint8 array (H, W, 3) as PNG (folders created); ``description`` goes into the
     PNG's ``Description`` text chunk (read back with ``PIL.Image.open(path).info``)."""
@@ -241,7 +245,7 @@ def save_png(path: str | os.PathLike, rgb: np.ndarray, description: str | None =
     info = None
     if description is not None:
         info = PngInfo()
-        info.add_itxt("Description", description)  # iTXt: UTF-8 (file names may not be Latin-1)
+        info.add_itxt(PNG_DESCRIPTION_KEY, description)  # iTXt: UTF-8 (file names may not be Latin-1)
     Image.fromarray(rgb).save(path, pnginfo=info)
     return path
 

@@ -3,6 +3,7 @@ images/videos."""
 
 from __future__ import annotations
 
+import re
 import resource
 import tempfile
 import time
@@ -148,6 +149,29 @@ class NetStatsLogger(pl.Callback):
             pl_module.log_dict(stats, on_step=True, on_epoch=False, batch_size=1)
 
 
+STRIP_NAME = re.compile(r"^step(\d+)_item(\d+)\.png$")
+"""Name of a strip saved by :class:`ReconImageLogger` (:func:`strip_path`): step S, item i."""
+
+
+def strip_path(save_dir: Path, step: int, item: int, suffix: str = ".png") -> Path:
+    """``save_dir/step{S:07d}_item{i}{suffix}``: a saved strip (``.png``) or its cine GIF (``.gif``)."""
+    return Path(save_dir) / f"step{step:07d}_item{item}{suffix}"
+
+
+def log_wandb_strip(logger: Any, item: int, image: np.ndarray | str | Path, caption: str, step: int,
+                    gif: Path | None = None) -> None:
+    """Log one strip to a Lightning ``WandbLogger`` as ``val_images/item{i}`` (and a cine GIF as
+    ``val_video/item{i}``) at ``trainer/global_step`` = ``step``: what ReconImageLogger logs, and
+    what a resumed run replays from the saved files (melrecon.lit.wandb_history)."""
+    import wandb
+
+    logger.log_image(key=f"val_images/item{item}", images=[image if isinstance(image, np.ndarray) else str(image)],
+                     caption=[caption], step=step)
+    if gif is not None:  # wandb copies the file into the run's media folder when it is logged
+        logger.experiment.log({f"val_video/item{item}": wandb.Video(str(gif), format="gif"),
+                               "trainer/global_step": step})
+
+
 class ReconImageLogger(pl.Callback):
     """Log labelled zero-filled | reconstruction | target | error strips for fixed validation items.
 
@@ -202,22 +226,18 @@ class ReconImageLogger(pl.Callback):
     def _emit(self, trainer: pl.Trainer, item: int, strip: np.ndarray, caption: str,
               frames: list[np.ndarray] | None) -> None:
         step = trainer.global_step
-        for lg in trainer.loggers:
-            name = type(lg).__name__
-            if name == "WandbLogger":
-                import wandb
-
-                lg.log_image(key=f"val_images/item{item}", images=[strip], caption=[caption], step=step)
-                if frames:
-                    with tempfile.TemporaryDirectory() as tmp:
-                        # wandb copies the file into the run's media folder when it is logged
-                        gif = write_gif(Path(tmp) / f"val_item{item}_step{step}.gif", np.stack(frames), fps=self.fps)
-                        lg.experiment.log({f"val_video/item{item}": wandb.Video(str(gif), format="gif"),
-                                           "trainer/global_step": step})
-            elif name == "TensorBoardLogger":
-                lg.experiment.add_image(f"val_images/item{item}", strip[None], step, dataformats="CHW")
-        if self.save_dir is not None:
-            # the saved strips (with caption) are what a resumed run replays into W&B (wandb_history)
-            save_png(self.save_dir / f"step{step:07d}_item{item}.png", strip, description=caption)
-            if frames:
-                write_gif(self.save_dir / f"step{step:07d}_item{item}.gif", np.stack(frames), fps=self.fps)
+        wandb_loggers = [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
+        with tempfile.TemporaryDirectory() as tmp:
+            if self.save_dir is not None:
+                # the saved strips (with caption) are what a resumed run replays into W&B (wandb_history)
+                save_png(strip_path(self.save_dir, step, item), strip, description=caption)
+            gif = None
+            if frames and (self.save_dir is not None or wandb_loggers):  # written once, used by both
+                gif = write_gif(strip_path(self.save_dir or Path(tmp), step, item, ".gif"), np.stack(frames),
+                                fps=self.fps)
+            for lg in trainer.loggers:
+                name = type(lg).__name__
+                if name == "WandbLogger":
+                    log_wandb_strip(lg, item, strip, caption, step, gif)
+                elif name == "TensorBoardLogger":
+                    lg.experiment.add_image(f"val_images/item{item}", strip[None], step, dataformats="CHW")

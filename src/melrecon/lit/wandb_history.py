@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +32,11 @@ from typing import Any, Iterable
 
 from pytorch_lightning.utilities import rank_zero_only
 
+from melrecon.export import PNG_DESCRIPTION_KEY
+from melrecon.lit.callbacks import STRIP_NAME, ReconImageLogger, log_wandb_strip
+
 log = logging.getLogger("melrecon")
 
-IMAGE_NAME = re.compile(r"^step(\d+)_item(\d+)\.png$")
-"""Name of a strip saved by ReconImageLogger: ``step{S:07d}_item{i}.png``."""
-
-PNG_CAPTION_KEY = "Description"
-"""PNG text chunk holding a saved strip's caption (a standard PNG keyword)."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +79,7 @@ def saved_strips_upto(images_dir: Path | None, step: int) -> list[tuple[int, int
         return []
     found = []
     for p in images_dir.iterdir():
-        m = IMAGE_NAME.match(p.name)
+        m = STRIP_NAME.match(p.name)
         if m and int(m.group(1)) <= step:
             found.append((int(m.group(1)), int(m.group(2)), p))
     return sorted(found)
@@ -135,7 +132,6 @@ def rebuild_offline_history(logger: Any, csv_file: Path, resume_step: int,
 
 def _replay(logger: Any, rows: list[tuple[int, dict[str, float]]], strips: list[tuple[int, int, Path]]) -> int:
     """Log rows and strips in step order (a step's rows before its strips); return the strips logged."""
-    import wandb
     from PIL import Image
 
     events: list[tuple[int, int, Any]] = [(s, 0, m) for s, m in rows]
@@ -149,15 +145,12 @@ def _replay(logger: Any, rows: list[tuple[int, dict[str, float]]], strips: list[
         try:
             with Image.open(png) as im:
                 im.load()  # a strip cut short by the kill fails here, not inside W&B
-                caption = im.info.get(PNG_CAPTION_KEY, f"{png.name} (caption not saved)")
+                caption = im.info.get(PNG_DESCRIPTION_KEY, f"{png.name} (caption not saved)")
         except OSError as err:
             log.warning("W&B history: %s is not a readable PNG (%s); not replayed", png, err)
             continue
-        logger.log_image(key=f"val_images/item{item}", images=[str(png)], caption=[caption], step=step)
         gif = png.with_suffix(".gif")
-        if gif.is_file():
-            logger.experiment.log({f"val_video/item{item}": wandb.Video(str(gif), format="gif"),
-                                   "trainer/global_step": step})
+        log_wandb_strip(logger, item, png, caption, step, gif if gif.is_file() else None)
         logged += 1
     return logged
 
@@ -169,7 +162,6 @@ def rebuild_on_resume(loggers: Iterable[Any], callbacks: Iterable[Any], resume_s
     history cannot be rebuilt, which is said (and the earlier folders stay where they are)."""
     from pytorch_lightning.loggers import WandbLogger
 
-    from melrecon.lit.callbacks import ReconImageLogger
     from melrecon.lit.loggers import ResumableCSVLogger
 
     loggers = list(loggers)
@@ -197,5 +189,4 @@ def rebuild_on_resume(loggers: Iterable[Any], callbacks: Iterable[Any], resume_s
                      f"; earlier offline folders moved to {done.superseded[0].parent}" if done.superseded else "")
 
 
-__all__ = ["Rebuilt", "csv_rows_before", "saved_strips_upto", "rebuild_offline_history", "rebuild_on_resume",
-           "IMAGE_NAME", "PNG_CAPTION_KEY"]
+__all__ = ["Rebuilt", "csv_rows_before", "saved_strips_upto", "rebuild_offline_history", "rebuild_on_resume"]
