@@ -1,4 +1,5 @@
-"""Classical reconstructions with the networks' interface, for the studies' baselines.
+"""Classical reconstructions with the networks' interface, for the studies' baselines and
+``melrecon reconstruct --method``.
 
 Each baseline is a parameter-free ``torch.nn.Module`` with the networks' signature
 ``forward(x0, kspace, maps, mask) -> image like x0`` (DESIGN.md layouts), so a study applies it
@@ -7,27 +8,21 @@ the same evaluation dataset, hence the same per-file mask, normalisation, stitch
 data range.
 
 - :class:`ZeroFilled`: ``A^H y`` (what the networks start from).
-- :class:`CGSense`: Tikhonov-regularised SENSE, ``(A^H A + lam I) x = A^H y`` by our
-  conjugate gradient (:func:`melrecon.physics.cg.cg_sense`), ``max_iter`` iterations at most.
-- :class:`L1Wavelet`: ``min_x 1/2 ||A x - y||^2 + lam ||W x||_1`` with SigPy's Daubechies
-  wavelets. volume3d: SigPy's own ``sigpy.mri.app.L1WaveletRecon`` on the 3D k-space of the
-  item (the readout is fully sampled, so transforming it back to kx is exact and the 3D problem
-  equals ours); cine: the same objective over (t, x, y) (see below).
-- :class:`TotalVariation`: ``min_x 1/2 ||A x - y||^2 + lam ||grad x||_1`` (anisotropic TV).
-  volume3d: ``sigpy.mri.app.TotalVariationRecon`` over (x, y, z). Cine: that app cannot be
-  used as is, because its SENSE operator Fourier-transforms *every* image axis, time
-  included, while cine data are Fourier encoded in (x, y) only, with a different ky mask per
-  frame. The cine objective is therefore posed with SigPy's operators (maps shared by the
-  frames, FFT over (x, y), the k-t mask) and TV over (t, x, y), and solved by the same solver
-  the app uses (``sigpy.app.LinearLeastSquares``: primal-dual hybrid gradient for TV,
-  accelerated proximal gradient for wavelets).
+- :class:`CGSense`: Tikhonov-regularised SENSE, ``(A^H A + lam I) x = A^H y`` by conjugate gradient
+  to relative residual ``tol`` (:func:`melrecon.physics.cg.cg_sense`).
+- :class:`L1Wavelet`: ``min_x 1/2 ||A x - y||^2 + lam ||W x||_1``, ``W`` an orthonormal Daubechies
+  wavelet over the *image* axes only ((x, y, z) for volumes, (x, y) of every frame for cine) with
+  the levels the sizes allow, cycle-spun, by FISTA (:func:`melrecon.physics.cs.fista_l1_wavelet`).
+- :class:`TotalVariation`: ``min_x 1/2 ||A x - y||^2 + lam sum_a |D_a x|`` (anisotropic TV over
+  (x, y, z) for volumes, (t, x, y) for cine) by ADMM (:func:`melrecon.physics.cs.admm_tv`).
 
-Both compressed-sensing solvers start from the least-squares (SENSE) solution after
-``init_iters`` conjugate-gradient iterations rather than from zero: with SigPy's step sizes
-the primal-dual solver moves slowly (its step is 1 / ||[A; G]||^2, and ||G||^2 is about 4 per
-differenced axis against ||A||^2 <= 1), so from zero it stops far from the minimiser within a
-practical iteration count (tiny synthetic cine, 200 iterations: 18.6 dB from zero, 20.3 dB
-from the SENSE start, CG-SENSE alone 19.4 dB). The start does not change the minimiser.
+Every iterative baseline runs to its stated criterion (``tol``) with an iteration cap
+(``max_iter``) and records each solve in ``solves`` (iterations, converged), which the study
+reports. The compressed-sensing solvers start from ``init_iters`` CG-SENSE iterations (the
+start does not change the minimiser; it saves iterations).
+
+``backend: bart`` runs the same three problems through BART's ``pics`` where ``bart`` is installed
+(:mod:`melrecon.physics.bart`).
 
 Images are in the dataset's normalised units (targets O(1), data range 1), so one ``lam``
 grid serves every file; a study picks ``lam`` on the validation split.
@@ -35,17 +30,19 @@ grid serves every file; a study picks ``lam`` on the validation split.
 
 from __future__ import annotations
 
-import numpy as np
-import sigpy as sp
-import sigpy.mri
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-from melrecon.data.npfft import fftc_np
+from melrecon.physics import bart as _bart
 from melrecon.physics.cg import cg_sense
+from melrecon.physics.cs import SolveResult, admm_tv, fista_l1_wavelet
 from melrecon.physics.sense import SenseOperator
 
 KINDS = ("volume3d", "cine")
+METHODS = ("zero_filled", "cg_sense", "l1_wavelet", "tv")
+BACKENDS = ("melrecon", "bart")
 
 
 def _check_kind(kind: str) -> str:
@@ -54,128 +51,129 @@ def _check_kind(kind: str) -> str:
     return kind
 
 
+def image_axes(kind: str, with_time: bool) -> tuple[int, ...]:
+    """Axes of the image (B, X, Y, Z) or (B, T, X, Y) a regulariser acts on: every spatial axis,
+    and time for cine when ``with_time``."""
+    return (1, 2, 3) if kind == "volume3d" or with_time else (2, 3)
+
+
 class ZeroFilled(nn.Module):
     """``A^H y``: the zero-filled, coil-combined image."""
+
+    solves: list[dict[str, Any]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.solves = []
 
     def forward(self, x0: Tensor, kspace: Tensor, maps: Tensor, mask: Tensor) -> Tensor:
         return x0
 
 
-class CGSense(nn.Module):
-    """CG-SENSE with Tikhonov weight ``lam`` (>= 0), stopped at relative residual ``tol`` or
-    after ``max_iter`` iterations (early stopping is itself a regulariser at lam = 0)."""
+class _Iterative(nn.Module):
+    """Shared options and the record of solves (``solves``: one dict per forward call)."""
 
-    def __init__(self, lam: float = 0.0, max_iter: int = 30, tol: float = 1e-6) -> None:
+    def __init__(self, kind: str, lam: float, tol: float, max_iter: int, backend: str = "melrecon") -> None:
         super().__init__()
-        if lam < 0 or max_iter < 1:
-            raise ValueError(f"CGSense: lam must be >= 0 and max_iter >= 1, got {lam}, {max_iter}")
-        self.lam, self.max_iter, self.tol = float(lam), int(max_iter), float(tol)
+        if lam < 0 or max_iter < 1 or tol <= 0:
+            raise ValueError(f"{type(self).__name__}: lam must be >= 0, max_iter >= 1 and tol > 0, "
+                             f"got {lam}, {max_iter}, {tol}")
+        if backend not in BACKENDS:
+            raise ValueError(f"{type(self).__name__}: backend must be one of {BACKENDS}, got {backend!r}")
+        self.kind, self.lam, self.tol, self.max_iter = _check_kind(kind), float(lam), float(tol), int(max_iter)
+        self.backend = backend
+        self.solves: list[dict[str, Any]] = []
+
+    def record(self, res: SolveResult) -> Tensor:
+        converged = None if res.converged is None else bool(res.converged)  # None: backend cannot tell
+        self.solves.append({"iterations": int(res.iterations), "converged": converged})
+        return res.x
 
     def forward(self, x0: Tensor, kspace: Tensor, maps: Tensor, mask: Tensor) -> Tensor:
-        return cg_sense(SenseOperator(maps, mask), kspace, self.lam, self.tol, self.max_iter).x
+        if self.backend == "bart":
+            return self.record(_bart.pics(self.bart_method, self.kind, kspace, maps, mask, self.lam,
+                                          self.max_iter, **self.bart_options()))
+        return self.record(self.solve(SenseOperator(maps, mask), kspace, x0))
 
+    bart_method = ""
 
-def cine_sense_linop(maps: np.ndarray, mask: np.ndarray, frames: int) -> sp.linop.Linop:
-    """SigPy operator of one cine item: image (T, X, Y) -> k-space (C, T, X, Y).
+    def bart_options(self) -> dict[str, Any]:
+        return {}
 
-    ``A = M F_xy S``: maps (C, 1, X, Y) shared by all frames, centred orthonormal FFT over
-    (x, y) (SigPy's convention, the same as ours), k-t mask (1, T, 1, Y).
-    """
-    coils, _, nx, ny = maps.shape
-    S = sp.linop.Multiply((frames, nx, ny), maps)
-    F = sp.linop.FFT(S.oshape, axes=(-2, -1))
-    M = sp.linop.Multiply(F.oshape, mask)
-    return M * F * S
-
-
-class _SigPyBaseline(nn.Module):
-    """Shared loop: one SigPy problem per batch item, numpy complex64 in and out."""
-
-    def __init__(self, kind: str, lam: float, max_iter: int = 100, init_iters: int = 20) -> None:
-        super().__init__()
-        if lam < 0 or max_iter < 1 or init_iters < 0:
-            raise ValueError(f"{type(self).__name__}: lam must be >= 0, max_iter >= 1 and init_iters >= 0, "
-                             f"got {lam}, {max_iter}, {init_iters}")
-        self.kind, self.lam, self.max_iter = _check_kind(kind), float(lam), int(max_iter)
-        self.init_iters = int(init_iters)
-
-    def start(self, A: sp.linop.Linop | None, y: np.ndarray, maps: np.ndarray,
-              weights: np.ndarray | None = None) -> np.ndarray | None:
-        """The SENSE least-squares solution after ``init_iters`` CG iterations (None: start at 0)."""
-        if self.init_iters == 0:
-            return None
-        if A is None:  # volume3d: SigPy's SENSE app on the 3D k-space
-            return sigpy.mri.app.SenseRecon(y, maps, weights=weights, max_iter=self.init_iters, show_pbar=False).run()
-        return sp.app.LinearLeastSquares(A, y, max_iter=self.init_iters, show_pbar=False).run()
-
-    def forward(self, x0: Tensor, kspace: Tensor, maps: Tensor, mask: Tensor) -> Tensor:
-        out = [self.solve_item(*(t[b].detach().cpu().numpy() for t in (kspace, maps, mask)))
-               for b in range(x0.shape[0])]
-        return torch.from_numpy(np.stack(out).astype(np.complex64)).to(x0.device)
-
-    def solve_item(self, kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def solve(self, op: SenseOperator, kspace: Tensor, x0: Tensor) -> SolveResult:
         raise NotImplementedError
 
 
-def _volume_problem(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Hybrid (C, X, ky, kz) k-space -> full 3D k-space (C, kx, ky, kz) (readout fully sampled)
-    and the mask (1, ky, kz) broadcast over coils and kx."""
-    return fftc_np(kspace, axes=(1,)).astype(np.complex64), mask.reshape(1, *mask.shape[-2:])
+class CGSense(_Iterative):
+    """CG-SENSE with Tikhonov weight ``lam`` (>= 0), run to relative residual ``tol`` (at most
+    ``max_iter`` iterations)."""
+
+    bart_method = "cg_sense"
+
+    def __init__(self, lam: float = 0.0, max_iter: int = 200, tol: float = 1e-5, kind: str = "volume3d",
+                 backend: str = "melrecon") -> None:
+        super().__init__(kind, lam, tol, max_iter, backend)
+
+    def solve(self, op: SenseOperator, kspace: Tensor, x0: Tensor) -> SolveResult:
+        res = cg_sense(op, kspace, self.lam, self.tol, self.max_iter)
+        return SolveResult(res.x, res.iterations, res.converged)
 
 
-class L1Wavelet(_SigPyBaseline):
-    """L1-wavelet compressed sensing (see the module doc), ``wave_name`` a PyWavelets name."""
+class _CompressedSensing(_Iterative):
+    def __init__(self, kind: str, lam: float, max_iter: int, tol: float, init_iters: int,
+                 backend: str) -> None:
+        super().__init__(kind, lam, tol, max_iter, backend)
+        if init_iters < 0:
+            raise ValueError(f"{type(self).__name__}: init_iters must be >= 0, got {init_iters}")
+        self.init_iters = int(init_iters)
 
-    def __init__(self, kind: str, lam: float, max_iter: int = 100, init_iters: int = 20,
-                 wave_name: str = "db4") -> None:
-        super().__init__(kind, lam, max_iter, init_iters)
-        self.wave_name = wave_name
-
-    def solve_item(self, kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        if self.kind == "volume3d":
-            y, weights = _volume_problem(kspace, maps, mask)
-            app = sigpy.mri.app.L1WaveletRecon(y, maps, self.lam, weights=weights, wave_name=self.wave_name,
-                                               x=self.start(None, y, maps, weights), max_iter=self.max_iter,
-                                               show_pbar=False)
-            return app.run()
-        A = cine_sense_linop(maps, mask, kspace.shape[1])
-        W = sp.linop.Wavelet(A.ishape, wave_name=self.wave_name)
-        proxg = sp.prox.UnitaryTransform(sp.prox.L1Reg(W.oshape, self.lam), W)
-        return sp.app.LinearLeastSquares(A, kspace, x=self.start(A, kspace, maps), proxg=proxg,
-                                         max_iter=self.max_iter, show_pbar=False).run()
+    def start(self, op: SenseOperator, kspace: Tensor, x0: Tensor) -> Tensor:
+        """The SENSE least-squares image after ``init_iters`` CG iterations (``x0`` when 0)."""
+        return cg_sense(op, kspace, 0.0, 0.0, self.init_iters).x if self.init_iters else x0
 
 
-class TotalVariation(_SigPyBaseline):
+class L1Wavelet(_CompressedSensing):
+    """L1-wavelet compressed sensing (see the module doc); ``wave_name`` a PyWavelets name,
+    ``levels`` None for what the image sizes allow, ``spins`` shifts averaged (cycle spinning; 1: none)."""
+
+    bart_method = "l1_wavelet"
+
+    def __init__(self, kind: str, lam: float, max_iter: int = 1000, tol: float = 1e-4, init_iters: int = 20,
+                 wave_name: str = "db4", levels: int | None = None, spins: int = 8,
+                 backend: str = "melrecon") -> None:
+        super().__init__(kind, lam, max_iter, tol, init_iters, backend)
+        self.wave_name, self.levels, self.spins = wave_name, levels, int(spins)
+
+    def solve(self, op: SenseOperator, kspace: Tensor, x0: Tensor) -> SolveResult:
+        return fista_l1_wavelet(op, kspace, self.lam, image_axes(self.kind, False), self.start(op, kspace, x0),
+                                wave_name=self.wave_name, levels=self.levels, spins=self.spins,
+                                tol=self.tol, max_iter=self.max_iter)
+
+
+class TotalVariation(_CompressedSensing):
     """Total-variation compressed sensing: over (x, y, z) for volumes, (t, x, y) for cine."""
 
-    def solve_item(self, kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        if self.kind == "volume3d":
-            y, weights = _volume_problem(kspace, maps, mask)
-            app = sigpy.mri.app.TotalVariationRecon(y, maps, self.lam, weights=weights,
-                                                    x=self.start(None, y, maps, weights), max_iter=self.max_iter,
-                                                    show_pbar=False)
-            return app.run()
-        A = cine_sense_linop(maps, mask, kspace.shape[1])
-        G = sp.linop.FiniteDifference(A.ishape, axes=(0, 1, 2))
-        proxg = sp.prox.L1Reg(G.oshape, self.lam)
-        return sp.app.LinearLeastSquares(A, kspace, x=self.start(A, kspace, maps), proxg=proxg, G=G,
-                                         max_iter=self.max_iter, show_pbar=False).run()
+    bart_method = "tv"
+
+    def __init__(self, kind: str, lam: float, max_iter: int = 500, tol: float = 1e-3, init_iters: int = 20,
+                 backend: str = "melrecon") -> None:
+        super().__init__(kind, lam, max_iter, tol, init_iters, backend)
+
+    def solve(self, op: SenseOperator, kspace: Tensor, x0: Tensor) -> SolveResult:
+        return admm_tv(op, kspace, self.lam, image_axes(self.kind, True), self.start(op, kspace, x0),
+                       tol=self.tol, max_iter=self.max_iter)
 
 
-#: Baseline name in a study config -> constructor of (kind, **options without the lam grid).
-def build_baseline(method: str, kind: str, lam: float | None = None, **options) -> nn.Module:
+def build_baseline(method: str, kind: str, lam: float | None = None, **options: Any) -> nn.Module:
     """The baseline ``method`` (``zero_filled`` | ``cg_sense`` | ``l1_wavelet`` | ``tv``) for
     ``kind`` data with regularisation weight ``lam`` and solver ``options``."""
     _check_kind(kind)
     if method == "zero_filled":
         return ZeroFilled()
     if method == "cg_sense":
-        return CGSense(lam or 0.0, **options)
+        return CGSense(lam or 0.0, kind=kind, **options)
     if method == "l1_wavelet":
         return L1Wavelet(kind, float(lam), **options)
     if method == "tv":
         return TotalVariation(kind, float(lam), **options)
-    raise ValueError(f"unknown baseline method {method!r}; use zero_filled, cg_sense, l1_wavelet or tv")
-
-
-METHODS = ("zero_filled", "cg_sense", "l1_wavelet", "tv")
+    raise ValueError(f"unknown baseline method {method!r}; use one of {', '.join(METHODS)}")
