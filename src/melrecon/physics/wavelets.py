@@ -37,7 +37,7 @@ class ImageWavelet:
 
     Args:
         shape: full array shape (e.g. (B, X, Y, Z)); axes not in ``axes`` are left alone.
-        axes: the transformed axes (negative or positive indices).
+        axes: the transformed axes (negative or positive indices); axes of length 1 are skipped.
         wave_name: a PyWavelets wavelet name (``db4``: Daubechies, 4 vanishing moments).
         levels: decomposition levels; None: :func:`wavelet_levels` of the axes' sizes.
     """
@@ -46,9 +46,11 @@ class ImageWavelet:
                  levels: int | None = None) -> None:
         self.shape = tuple(int(s) for s in shape)
         nd = len(self.shape)
-        self.axes = tuple(sorted(a % nd for a in axes))
-        if not self.axes or len(set(self.axes)) != len(self.axes):
+        given = [a % nd for a in axes]
+        if not given or len(set(given)) != len(given):
             raise ValueError(f"wavelet axes must be distinct axes of shape {self.shape}, got {tuple(axes)}")
+        # an axis of length 1 (a 2D slice stored as a volume with one z position) is left alone
+        self.axes = tuple(sorted(a for a in given if self.shape[a] > 1)) or tuple(given[:1])
         sizes = [self.shape[a] for a in self.axes]
         self.levels = wavelet_levels(sizes) if levels is None else int(levels)
         if self.levels < 0:

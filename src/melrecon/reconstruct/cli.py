@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import sys
 import tempfile
 from pathlib import Path
@@ -35,11 +36,26 @@ from melrecon.reconstruct.output import (
 from melrecon.reconstruct.stitch import ScanResult, reconstruct_scan
 
 
-def build_parser(prog: str = "python -m melrecon.reconstruct") -> argparse.ArgumentParser:
+#: ``--method``: classical reconstructions (no checkpoint) and their default weight ``--lam``, in the
+#: data's normalised units (a study's tuned values are the better choice: ``--lam``)
+CLASSICAL = {"zero_filled": None, "cg_sense": 1e-2, "l1_wavelet": 1e-3, "tv": 1e-3}
+
+
+def build_parser(prog: str = "python -m melrecon.reconstruct", classical: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog,
-                                description="Reconstruct scans with a trained melrecon network.")
-    p.add_argument("run", metavar="RUN_OR_CKPT", help="training run folder, or a .ckpt file inside one")
+                                description="Reconstruct scans with a trained melrecon network, or with a classical "
+                                            "method (--method, no checkpoint).")
+    if not classical:
+        p.add_argument("run", metavar="RUN_OR_CKPT", help="training run folder, or a .ckpt file inside one "
+                                                          "(omitted with --method)")
     p.add_argument("inputs", metavar="INPUT", nargs="+", help=".h5 files or folders of them (melrecon layout)")
+    p.add_argument("--method", choices=tuple(CLASSICAL),
+                   help="classical reconstruction instead of a network: CG-SENSE, L1-wavelet or TV compressed "
+                        "sensing run to convergence (melrecon.study.baselines); whole volumes; no RUN_OR_CKPT")
+    p.add_argument("--lam", type=float, help="--method: regularisation weight in normalised units (default: "
+                   + ", ".join(f"{k} {v:g}" for k, v in CLASSICAL.items() if v is not None) + ")")
+    p.add_argument("--backend", choices=("melrecon", "bart"), default="melrecon",
+                   help="--method: solver (bart: BART's pics, needs the bart executable)")
     p.add_argument("--out", required=True,
                    help="output folder (created); it holds the results of one checkpoint, written by one run at a time")
     p.add_argument("--overwrite", action="store_true",
@@ -79,6 +95,40 @@ def parse_formats(text: str) -> tuple[str, ...]:
     if bad or not formats:
         raise ReconstructError(f"--format {text!r}: choose from {', '.join(FORMATS)} (comma-separated)")
     return formats
+
+
+def _classical_setup(args: argparse.Namespace, files: list[Path]) -> tuple[nn.Module, Any, str]:
+    """``--method``: the classical model, data settings for the files' kind (whole volumes, the
+    DataModule's defaults unless --accel/--mask-type/--calib) and a provenance name; ReconstructError."""
+    from omegaconf import OmegaConf
+
+    from melrecon.study.baselines import build_baseline
+
+    for bad in ("ckpt", "config", "num_unrolls", "tile", "dc_chunk", "slab_size"):
+        if getattr(args, bad) is not None:
+            raise ReconstructError(f"--{bad.replace('_', '-')} applies to networks, not to --method {args.method}")
+    kinds = set()
+    for path in files:
+        try:
+            kinds.add(validate_file(path).kind)
+        except (LayoutError, ValueError, OSError):
+            continue  # reported per file later
+    if len(kinds) > 1:
+        raise ReconstructError(f"--method: the inputs mix data kinds {sorted(kinds)}; reconstruct one kind per call")
+    kind = kinds.pop() if kinds else "volume3d"
+    lam = args.lam if args.lam is not None else CLASSICAL[args.method]
+    if lam is not None and lam < 0:
+        raise ReconstructError(f"--lam must be >= 0, got {lam}")
+    try:
+        options = {} if args.method == "zero_filled" else {"backend": args.backend}
+        model = build_baseline(args.method, kind, lam, **options)
+    except (ValueError, RuntimeError) as err:
+        raise ReconstructError(str(err)) from None
+    cfg = OmegaConf.create({"data": {"_target_": "melrecon.data.datamodule.KspaceDataModule", "kind": kind,
+                                     "root": ".", "accelerations": [args.accel or 4.0]}})
+    dm = data_settings(cfg, eval_acceleration=args.accel, mask_type=args.mask_type, calib=args.calib, whole_volume=True)
+    name = f"{args.method}" + (f" lam={lam:g}" if lam is not None else "") + (" (bart)" if args.backend == "bart" else "")
+    return model, dm, name
 
 
 def _setup(args: argparse.Namespace) -> tuple[nn.Module, nn.Module | None, Any, Path, Path, torch.device]:
@@ -218,14 +268,25 @@ def _export(out_dir: Path, stem: str, result: ScanResult, kind: str, formats: tu
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method")
+    classical = pre.parse_known_args(argv)[0].method is not None
+    args = build_parser(classical=classical).parse_args(argv)
+    files = collect(args.inputs)
     try:
         formats = parse_formats(args.format)
-        net, trained, dm, ckpt_path, cfg_path, device = _setup(args)
+        if classical:
+            net, dm, name = _classical_setup(args, files)
+            trained, device = None, torch.device("cpu")
+            provenance = {"checkpoint": f"classical: {name}", "config": ""}
+            provenance["checkpoint_sha256"] = hashlib.sha256(provenance["checkpoint"].encode()).hexdigest()
+        else:
+            net, trained, dm, ckpt_path, cfg_path, device = _setup(args)
+            provenance = {}
     except ReconstructError as err:
         print(f"melrecon: error: {err}", file=sys.stderr)
         return 2
-    files = collect(args.inputs)
     if not files:
         print(f"melrecon: error: no .h5 files found in {args.inputs}", file=sys.stderr)
         return 1
@@ -238,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(file_lock(out_dir / LOCK_NAME, blocking=False))
-            provenance = {"checkpoint": str(ckpt_path), "checkpoint_sha256": file_sha256(ckpt_path),
-                          "config": str(cfg_path)}
+            if not classical:
+                provenance = {"checkpoint": str(ckpt_path), "checkpoint_sha256": file_sha256(ckpt_path),
+                              "config": str(cfg_path)}
             _claim_out(out_dir, provenance["checkpoint_sha256"], args.overwrite)
         except LockBusy:
             print(f"melrecon: error: another reconstruct is writing to --out {out_dir} (lock "
@@ -249,18 +311,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"melrecon: error: {' '.join(str(err).split())}", file=sys.stderr)
             return 2
         with tempfile.TemporaryDirectory(prefix="melrecon-reconstruct-") as scratch:
-            return _run(files, out_dir, net, trained, dm, device, args, formats, provenance, ckpt_path, Path(scratch))
+            return _run(files, out_dir, net, trained, dm, device, args, formats, provenance,
+                        provenance["checkpoint"], Path(scratch))
 
 
 def _run(files: list[Path], out_dir: Path, net: nn.Module, trained: nn.Module | None, dm: Any,
          device: torch.device, args: argparse.Namespace, formats: tuple[str, ...], provenance: dict[str, str],
-         ckpt_path: Path, scratch: Path) -> int:
+         ckpt_path: Path | str, scratch: Path) -> int:
     """Reconstruct every file into ``out_dir`` (locked and claimed; ``scratch``: a temporary
     folder for inputs converted on the fly); write metrics.csv from every result in the folder."""
     failed: list[tuple[Path, str]] = []
     rows: list[dict[str, Any]] = []
     taken: dict[str, Path] = {}
-    print(f"checkpoint {ckpt_path} on {device}; {len(files)} file(s) -> {out_dir}")
+    print(f"{'' if str(ckpt_path).startswith('classical') else 'checkpoint '}{ckpt_path} on {device}; "
+          f"{len(files)} file(s) -> {out_dir}")
     for path in files:
         out_path = out_dir / f"{path.stem}.h5"
         try:

@@ -1,15 +1,19 @@
 """A study's classical baselines: lam chosen on the validation split, scored on the test split.
 
 For each entry of the study's ``baselines`` (``{name: {method, lam: [grid], ...options}}``) every
-``lam`` of the grid reconstructs every validation file; the ``lam`` with the best mean
-``select_on`` metric (SSIM by default, the metric that picks the networks' checkpoints) then
-reconstructs every test file. Files are read through the study's data settings (those of its
+``lam`` of the (coarse) grid reconstructs every validation file; the grid is then refined around the
+best mean ``select_on`` metric (PSNR, the headline metric; the study's networks pick their checkpoints
+by it too) in steps of x sqrt(10) (:func:`refine_lam`): outward while the best ``lam`` is at an end
+of the grid, then its two x sqrt(10) neighbours, so the choice is interior and within a half-decade.
+The chosen ``lam`` then reconstructs every test file. Every solve's iterations and whether it met
+its criterion are recorded (``val_grid.csv``, ``scores.csv``) and summarised in ``info.json`` and the
+study's settings column (``iters <= N, converged k/n``). Files are read through the study's data settings (those of its
 first run) by :func:`melrecon.study.adapter.reconstruct_file`, so a baseline sees exactly the
 masks, normalisation and data range the networks see; 3D volumes are given whole (one slab),
 so that 3D wavelets and TV act on the whole volume.
 
 Folder ``<study>/baselines/<name>/``: ``val_grid.csv`` (lam x volume x metric), ``scores.csv``,
-``info.json`` (chosen lam, grid means, time per volume), ``panel.npz``, and last the marker
+``info.json`` (chosen lam, grid means, whether it is interior, iterations, time per volume), ``panel.npz``, and last the marker
 ``done.json`` holding the baseline's settings and file lists: rerunning the study skips a
 baseline whose marker matches.
 """
@@ -38,6 +42,9 @@ log = logging.getLogger("melrecon.study")
 
 WHOLE_VOLUME = 2**31 - 1  # slab size that makes every 3D volume one evaluation item
 _HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "nmse": False}
+REFINE_FACTOR = math.sqrt(10.0)
+MAX_REFINE_STEPS = 8  # outward steps at most (a grid that still ends at its best value is reported)
+SOLVE_COLUMNS = ("iterations", "converged")
 
 
 def score_files(model: Any, settings: Any, files: list[Path], panel: Path | None = None,
@@ -46,11 +53,14 @@ def score_files(model: Any, settings: Any, files: list[Path], panel: Path | None
     panel volume's reconstruction, target and zero-filled image to ``panel``."""
     rows = []
     for i, path in enumerate(files):
+        solves = getattr(model, "solves", None)
+        if solves is not None:
+            solves.clear()
         t0 = time.perf_counter()
         res = adapter.reconstruct_file(model, settings, path)
         dt = time.perf_counter() - t0
         rows.append({"volume": Path(path).name, **adapter.volume_metrics(res.reconstruction, res.target, res.data_range),
-                     "acceleration": res.acceleration, "recon_time_s": dt})
+                     "acceleration": res.acceleration, "recon_time_s": dt, **solve_summary(solves or [])})
         if panel is not None and i == panel_index % len(files):
             panel.parent.mkdir(parents=True, exist_ok=True)
             np.savez_compressed(panel, reconstruction=res.reconstruction, target=res.target,
@@ -58,17 +68,50 @@ def score_files(model: Any, settings: Any, files: list[Path], panel: Path | None
     return rows
 
 
-def choose_lam(grid_rows: list[dict[str, Any]], select_on: str) -> tuple[Any, dict[str, float]]:
-    """The lam with the best mean ``select_on`` over volumes, and the mean of every lam."""
-    if select_on not in _HIGHER_IS_BETTER:
-        raise StudyError(f"select_on must be one of {tuple(_HIGHER_IS_BETTER)}, got {select_on!r}")
-    means: dict[Any, list[float]] = {}
-    for r in grid_rows:
-        means.setdefault(r["lam"], []).append(r[select_on])
-    avg = {lam: float(np.mean(v)) for lam, v in means.items()}
-    sign = 1.0 if _HIGHER_IS_BETTER[select_on] else -1.0
-    best = max(avg, key=lambda lam: sign * (avg[lam] if math.isfinite(avg[lam]) else -sign * math.inf))
-    return best, {str(k): v for k, v in avg.items()}
+def solve_summary(solves: list[dict[str, Any]]) -> dict[str, Any]:
+    """One file's solves (one per reconstructed item): most iterations, and whether all converged
+    (1 or 0; ``""`` when the method is not iterative or the backend cannot tell)."""
+    if not solves:
+        return {"iterations": "", "converged": ""}
+    flags = [s["converged"] for s in solves]
+    return {"iterations": max(int(s["iterations"]) for s in solves),
+            "converged": "" if any(f is None for f in flags) else int(all(flags))}
+
+
+def refine_lam(score: Any, grid: list[float], higher_is_better: bool = True,
+               factor: float = REFINE_FACTOR, max_steps: int = MAX_REFINE_STEPS) -> tuple[float, dict[float, float], bool]:
+    """Best ``lam`` of ``score(lam)`` (a mean validation metric) starting from the coarse ``grid``.
+
+    While the best value is at an end of the grid (among positive lams), the grid grows outward by
+    x ``factor`` (at most ``max_steps`` times); then the best value's x ``factor`` and / ``factor``
+    neighbours are added once. Returns (best lam, every evaluated lam's score, whether the best lam
+    has evaluated values on both sides). ``lam = 0`` is scored if given but never extended from.
+    """
+    sign = 1.0 if higher_is_better else -1.0
+    scores: dict[float, float] = {}
+
+    def evaluate(lam: float) -> None:
+        lam = float(f"{lam:.6g}")
+        if lam not in scores:
+            scores[lam] = float(score(lam))
+
+    def best() -> float:
+        return max(scores, key=lambda lam: sign * scores[lam] if math.isfinite(scores[lam]) else -math.inf)
+
+    for lam in grid:
+        evaluate(lam)
+    for _ in range(max_steps):
+        b, positive = best(), sorted(lam for lam in scores if lam > 0)
+        if b <= 0 or not positive or positive[0] < b < positive[-1]:
+            break
+        evaluate(b * factor if b == positive[-1] else b / factor)
+    b = best()
+    if b > 0:
+        evaluate(b * factor)
+        evaluate(b / factor)
+    b = best()
+    interior = any(lam < b for lam in scores) and any(lam > b for lam in scores)
+    return b, scores, interior
 
 
 def run_one(name: str, spec: dict[str, Any], kind: str, settings: Any, val_files: list[Path],
@@ -82,25 +125,42 @@ def run_one(name: str, spec: dict[str, Any], kind: str, settings: Any, val_files
         log.info("baseline %s: finished, skipped", name)
         info = read_json(out / "info.json")
     else:
-        grid_rows = []
+        grid_rows: list[dict[str, Any]] = []
+        interior = None
         if len(grid) > 1:
-            for lam in grid:
-                model = build_baseline(method, kind, lam, **spec)
-                grid_rows += [{"lam": lam, **r} for r in score_files(model, settings, val_files)]
-            lam, means = choose_lam(grid_rows, select_on)
-            write_csv(out / "val_grid.csv", grid_rows, ["lam", *SCORE_COLUMNS])
+            if select_on not in _HIGHER_IS_BETTER:
+                raise StudyError(f"select_on must be one of {tuple(_HIGHER_IS_BETTER)}, got {select_on!r}")
+
+            def val_score(lam: float) -> float:
+                rows = [{"lam": lam, **r} for r in score_files(build_baseline(method, kind, lam, **spec), settings, val_files)]
+                grid_rows.extend(rows)
+                return float(np.mean([r[select_on] for r in rows]))
+
+            lam, scores, interior = refine_lam(val_score, [float(v) for v in grid], _HIGHER_IS_BETTER[select_on])
+            means = {str(k): v for k, v in sorted(scores.items())}
+            write_csv(out / "val_grid.csv", grid_rows, ["lam", *SCORE_COLUMNS, *SOLVE_COLUMNS])
         else:
             lam, means = grid[0], {}
         log.info("baseline %s (%s): lam %s chosen on val (%s)", name, method, lam, select_on)
         model = build_baseline(method, kind, lam, **spec)
         rows = score_files(model, settings, test_files, out / "panel.npz", panel_index)
-        info = {"method": method, "lam": lam, "grid": grid, f"val_mean_{select_on}": means, "options": spec,
-                "recon_time_s": float(np.mean([r["recon_time_s"] for r in rows]))}
-        write_csv(out / "scores.csv", rows, SCORE_COLUMNS)
+        iters = [r["iterations"] for r in rows if r["iterations"] != ""]
+        known = [r["converged"] for r in rows if r["converged"] != ""]
+        info = {"method": method, "lam": lam, "grid": grid, f"val_mean_{select_on}": means, "interior": interior,
+                "options": spec, "recon_time_s": float(np.mean([r["recon_time_s"] for r in rows])),
+                "iterations_max": max(iters) if iters else None,
+                "converged": f"{sum(map(bool, known))}/{len(known)}" if known else None}
+        write_csv(out / "scores.csv", rows, [*SCORE_COLUMNS, *SOLVE_COLUMNS])
         write_json(out / "info.json", info)
         write_json(marker, {"fingerprint": fingerprint})
     lam = info.get("lam")
     settings_out = {"method": info["method"], **({"lam": lam} if lam is not None else {}), **info.get("options", {})}
+    if info.get("iterations_max") is not None:
+        settings_out["iters"] = f"<= {info['iterations_max']}"
+    if info.get("converged") is not None:
+        settings_out["converged"] = info["converged"]
+    if info.get("interior") is False:
+        settings_out["lam at grid end"] = True
     panel = out / "panel.npz"
     return MethodResult(name, _LABELS.get(info["method"], name), "baseline", settings_out,
                         {"recon_time_s": info["recon_time_s"], "n_params": 0}, read_scores(out / "scores.csv"),
@@ -120,7 +180,7 @@ def run_all(cfg: DictConfig, train_cfg: DictConfig, out_dir: Path) -> list[Metho
     kind = str(train_cfg.data.kind)
     settings = adapter.eval_settings(train_cfg, slab_size=WHOLE_VOLUME)
     data = OmegaConf.to_container(train_cfg.data, resolve=True)
-    select_on = str(cfg.get("select_on", "ssim"))
+    select_on = str(cfg.get("select_on", "psnr"))
     panel_index = int((cfg.get("score") or {}).get("panel_index", 0))
     results = []
     for name, spec in entries.items():
@@ -132,4 +192,4 @@ def run_all(cfg: DictConfig, train_cfg: DictConfig, out_dir: Path) -> list[Metho
     return results
 
 
-__all__ = ["run_all", "run_one", "choose_lam", "score_files", "WHOLE_VOLUME", "METRICS"]
+__all__ = ["run_all", "run_one", "refine_lam", "score_files", "solve_summary", "WHOLE_VOLUME", "METRICS"]
