@@ -5,8 +5,8 @@ A study config (Hydra, its own tree ``conf/study/``) has::
     defaults: [_self_, preset: cpu, optional NAME@_here_: ${preset}]
     name, kind (training | memory), description, out_dir
     reference: a method name; comparisons: [[a, b], ...] (paired a - b on the test volumes)
-    select_on: the validation metric that picks each baseline's lam (networks: the checkpoint
-               callback's monitor, val/ssim)
+    select_on: the validation metric that picks each baseline's lam (psnr, the headline metric;
+               networks: the checkpoint callback's monitor, val/ssim unless ``train`` sets it)
     budget: {seed, max_steps, val_every, lr, schedule: constant | cosine}
     train: {override: value}           every run, Hydra override syntax (``+key`` / ``++key`` ok)
     runs: {name: {label, experiment, overrides: {override: value}}}   (null drops a run)

@@ -111,7 +111,7 @@ def markdown(cfg: DictConfig, methods: Sequence[MethodResult], rows: Sequence[di
              f"- Budget (every network): {b.max_steps} optimizer steps, seed {b.seed}, validation every "
              f"{b.val_every} steps (checkpoint chosen on `val/ssim`), Adam lr {b.lr}, schedule {b.get('schedule', 'constant')}",
              f"- Test split: {len(volumes)} volumes, never seen in training or model selection; baselines' "
-             f"regularisation weight chosen on the validation split by {cfg.get('select_on', 'ssim').upper()}", "",
+             f"regularisation weight chosen on the validation split by {cfg.get('select_on', 'psnr').upper()} (x sqrt(10) refinement until interior; solvers run to their tolerance)", "",
              f"## Test results (mean ± std over {len(volumes)} volumes; Δ = paired difference to "
              f"**{ref.label}**, 95% paired-t interval)", "",
              "| method | settings | params | autograd MiB/step | logged peak GiB | step s | recon s/vol | "

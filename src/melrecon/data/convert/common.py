@@ -9,6 +9,7 @@ for cine) unless known maps are given, compute target = S^H F^H k and write the 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,29 @@ from tqdm import tqdm
 
 from melrecon.data.h5 import write_scan
 from melrecon.data.npfft import ifftc_np
-from melrecon.physics.coils import espirit_maps
+from melrecon.physics.coils import espirit_maps, uncovered_object
 
 
 def _espirit(kspace: np.ndarray, calib: int) -> np.ndarray:
     """ESPIRiT maps of one 2D multi-coil k-space (C, A, B); calib shrunk to fit small grids."""
     width = int(min(calib, *kspace.shape[1:]))
     return espirit_maps(kspace.astype(np.complex64), calib_width=width).numpy()
+
+
+def maps_cover_warning(path: str | os.PathLike, maps: np.ndarray, coil_images: np.ndarray, coil_axis: int) -> str | None:
+    """A one-line warning naming ``path`` when the maps are zero on part of the RSS object
+    (ESPIRiT's crop removed it: every reconstruction would lose it), else None."""
+    lost, total = uncovered_object(maps, coil_images, coil_axis)
+    if lost == 0:
+        return None
+    return (f"{path}: field 'maps': the coil maps are zero on {lost} of {total} object pixels (RSS > 10% of "
+            "its maximum); reconstructions will lose them: re-estimate the maps with a smaller ESPIRiT crop")
+
+
+def _warn_uncovered(out: str | os.PathLike, maps: np.ndarray, coil_images: np.ndarray, coil_axis: int) -> None:
+    msg = maps_cover_warning(out, maps, coil_images, coil_axis)
+    if msg:
+        warnings.warn(msg, stacklevel=3)
 
 
 def _check_maps(maps: np.ndarray | None, shape: tuple[int, ...], what: str) -> np.ndarray | None:
@@ -79,7 +96,9 @@ def finish_volume(
     if mask is not None:  # prospective: nothing to compare with
         return write_scan(out, kspace, maps, None, kind="volume3d", source=source, extra_attrs=extra_attrs,
                           mask=mask)
-    target = np.sum(np.conj(maps) * ifftc_np(kspace, axes=(-2, -1)), axis=0)
+    coil_images = ifftc_np(kspace, axes=(-2, -1))
+    _warn_uncovered(out, maps, coil_images, 0)
+    target = np.sum(np.conj(maps) * coil_images, axis=0)
     return write_scan(out, kspace, maps, target, kind="volume3d", source=source, extra_attrs=extra_attrs)
 
 
@@ -101,7 +120,9 @@ def finish_cine(
             _espirit(kspace[i].mean(axis=1), calib)  # time average: fully sampled, highest SNR
             for i in tqdm(range(s), desc=f"ESPIRiT {Path(out).name}", disable=not progress, leave=False)
         ])
-    target = np.sum(np.conj(maps[:, :, None]) * ifftc_np(kspace, axes=(-2, -1)), axis=1)
+    coil_images = ifftc_np(kspace, axes=(-2, -1))
+    _warn_uncovered(out, maps[:, :, None], coil_images, 1)
+    target = np.sum(np.conj(maps[:, :, None]) * coil_images, axis=1)
     return write_scan(out, kspace, maps, target, kind="cine", source=source, extra_attrs=extra_attrs)
 
 
