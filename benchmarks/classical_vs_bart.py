@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--crop", type=float, default=0.8)
     ap.add_argument("--noise", type=float, default=0.005, help="noise std of the semi-real slice (x max)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--runs", default="melrecon,bart,melrecon+bart_maps",
+                    help="comma-separated: melrecon (its own ESPIRiT maps), bart (pics with ecalib maps), "
+                         "melrecon+bart_maps (melrecon's solvers on BART's maps)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    ap.add_argument("--bart-iters", type=int, default=300, help="pics -i for BART's solves")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     if not bart_backend.available():
@@ -111,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
         mask = ky_mask(full.shape[-1], args.accel, args.calib, args.seed)
         under = full * mask[None, None, :]
         maps_bart = bart_maps(under, args.calib, args.crop, tmp)
-    maps_ours = espirit_maps(under, calib_width=args.calib, crop=args.crop).numpy()
+    wanted = args.runs.split(",")
+    maps_ours = espirit_maps(under, calib_width=args.calib, crop=args.crop).numpy() if "melrecon" in wanted else None
     if truth is None:  # fully sampled input: truth = SENSE combination with BART's maps of the full data
         truth = np.sum(np.conj(maps_bart) * ifftc_np(full, axes=(-2, -1)), 0)
         truth = truth / np.abs(truth).max()
@@ -123,17 +129,19 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"shape": list(full.shape), "accel": args.accel, "calib": args.calib, "crop": args.crop,
                      "lines": int(mask.sum()), "noise": args.noise, "methods": {}}
     runs = [("melrecon", "melrecon", maps_ours), ("bart", "bart", maps_bart), ("melrecon+bart_maps", "melrecon", maps_bart)]
+    runs = [r for r in runs if r[0] in wanted]
     for label, backend, maps in runs:
         maps_t = torch.from_numpy(maps[None, ..., None].astype(np.complex64))
         x0 = (maps_t.conj() * torch.from_numpy(ifftc_np(ifftc_np(under, axes=(1,)), axes=(2,))[None, ..., None]
                                                .astype(np.complex64))).sum(1)
         zf = volume_metrics(x0.abs()[..., 0], target, 1.0)["psnr"]
         results["methods"].setdefault("zero_filled", {})[label] = {"psnr": zf}
-        for method in METHODS:
+        for method in args.methods.split(","):
             recons, solves, times = {}, {}, {}
 
             def score(lam: float, method: str = method) -> float:
-                model = build_baseline(method, "volume3d", lam, backend=backend)
+                options = {"max_iter": args.bart_iters} if backend == "bart" else {}
+                model = build_baseline(method, "volume3d", lam, backend=backend, **options)
                 t0 = time.perf_counter()
                 recons[lam] = model(x0, kspace, maps_t, mask_t)[..., 0]
                 times[lam], solves[lam] = time.perf_counter() - t0, model.solves[-1]
