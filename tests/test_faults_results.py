@@ -54,3 +54,34 @@ def test_comparison_frames_of_thin_series_match_their_strip():
     frames = export.comparison_frames(zf, rec, tgt)
     strip = export.comparison_strip(zf, rec, tgt, data_range=float(tgt.max()), series=True)
     assert frames.shape[1:] == strip.shape and frames.shape[2] <= BOUND
+
+
+# ---------------------------------------------------------------------- evaluate: the same volumes
+def test_evaluate_compares_methods_on_the_volumes_every_method_has(tmp_path, capsys):
+    """A prediction folder missing one target's file: the summary used to show `modl | 2` next
+    to `missing | 1` (means over different volumes) with exit status 0."""
+    from test_evaluate import _layout_file, _prediction, _target
+
+    from melrecon import evaluate as ev
+    from melrecon.study.files import read_csv
+
+    rng = np.random.default_rng(0)
+    psnr = {}
+    for i in range(3):
+        target = _target(rng, (3, 10, 8))
+        _layout_file(tmp_path / "targets" / f"v{i}.h5", target, "volume3d")
+        psnr[i] = _prediction(tmp_path / "full" / f"v{i}.h5", target, rng, 0.05 * (i + 1), 0.5)["psnr"]
+        if i != 1:
+            _prediction(tmp_path / "partial" / f"v{i}.h5", target, rng, 0.1, 0.5)
+    code = ev.main(["--target", str(tmp_path / "targets"), "--predictions", str(tmp_path / "full"),
+                    str(tmp_path / "partial"), "--out", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert code == 1
+    warning = [ln for ln in err.splitlines() if "compared on" in ln]
+    assert len(warning) == 1 and "2 volume(s)" in warning[0] and "partial lacks v1.h5" in warning[0]
+    summary = {r["method"]: r for r in read_csv(tmp_path / "eval" / "summary.csv")}
+    assert summary["full"]["n"] == summary["partial"]["n"] == "2"
+    assert float(summary["full"]["psnr_mean"]) == pytest.approx((psnr[0] + psnr[2]) / 2, rel=1e-9)
+    assert {r["n"] for r in read_csv(tmp_path / "eval" / "paired.csv")} == {"2"}
+    # every volume scored is still listed per volume
+    assert len(read_csv(tmp_path / "eval" / "per_volume.csv")) == 5
