@@ -14,7 +14,7 @@ from melrecon import export
 
 
 # ---------------------------------------------------------------------- previews of extreme shapes
-BOUND = export._MAX_FIGURE_PX
+BOUND = 4096  # pixels: the documented bound on a preview's panels (export._MAX_FIGURE_PX)
 
 
 @pytest.mark.parametrize("shapes", [
