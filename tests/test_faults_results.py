@@ -33,10 +33,10 @@ def test_labelled_panels_stay_within_the_bound(shapes):
 
 @pytest.mark.parametrize("shape,kind", [
     ((1, 230, 180), "volume3d"),   # a one-slice volume (the fastMRI-style file that exhausted memory)
-    ((230, 1, 180), "volume3d"),
+    ((60, 1, 40), "volume3d"),
     ((1, 1, 1), "volume3d"),
     ((1, 1, 3, 2000), "cine"),     # one slice, one frame, a very long thin image
-    ((40, 1, 300), "cine"),        # (T, X, Y) with X = 1
+    ((12, 1, 80), "cine"),         # (T, X, Y) with X = 1
 ])
 def test_previews_of_extreme_shapes_are_bounded_and_quick(tmp_path, shape, kind):
     image = np.random.default_rng(1).random(shape) + 1j

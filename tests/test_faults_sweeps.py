@@ -1,10 +1,11 @@
 """A continued Optuna study with another fixed config (another task) used to append its trials to
-the study and report their "best value" beside trials of the original task."""
+the study and report their "best value" beside trials of the original task. (The command-line
+case, exit status 2 and no trial added, is in test_faults_runs.py's two-invocation test.)"""
 
 from __future__ import annotations
 
 import pytest
-from conftest import CONF, run_train
+from conftest import CONF
 
 
 def _compose(*overrides: str):
@@ -37,20 +38,3 @@ def test_continuation_with_another_fixed_config_is_refused_naming_the_keys(tmp_p
         _check(tmp_path, "data.accelerations=[2]", "model.regularizer.depth=4")
     assert "model.regularizer.depth (3 -> 4)" in str(err.value)
     assert "study_name" in str(err.value) and "\n" not in str(err.value)
-
-
-@pytest.mark.slow
-def test_sweep_continued_with_another_task_exits_2_in_one_line_and_adds_no_trial(tmp_path, data_dir):
-    import optuna
-
-    db = tmp_path / "study.db"
-    args = ["hparams_search=cine_optuna", "debug=tiny", "trainer.limit_train_batches=1", "logger=none",
-            "callbacks=none", "hydra.sweeper.n_trials=1", f"hydra.sweeper.storage=sqlite:///{db}",
-            "hydra.sweeper.study_name=t"]
-    first = run_train(args, tmp_path, data_dir)
-    assert first.returncode == 0, first.stderr[-3000:]
-    res = run_train([*args, "data.accelerations=[2]"], tmp_path, data_dir)
-    assert res.returncode == 2, res.stderr[-3000:]
-    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("melrecon: error:")]
-    assert len(lines) == 1 and "data.accelerations" in lines[0] and "Traceback" not in res.stderr
-    assert len(optuna.load_study(study_name="t", storage=f"sqlite:///{db}").trials) == 1

@@ -36,6 +36,7 @@ KINDS = ("volume3d", "cine")
 _MIN_PANEL_PX = 128  # small images are magnified (integer factor) so that titles fit above them
 _TITLE_PX = 30  # height of the title band above the panels (two lines of 7-point text)
 _MAX_FIGURE_PX = 4096  # bound on a drawing's panel width and height, whatever the array shapes
+_MAX_MAGNIFIED_PX = 1024  # magnification stops where a panel's long side would pass this
 _DPI = 100
 
 
@@ -129,6 +130,7 @@ def panel_layout(shapes: Sequence[tuple[int, ...]], scale: int | None = None) ->
     :data:`_MAX_FIGURE_PX` pixels in width and height: each image is subsampled by ``step``
     (``im[::step, ::step]``; 1 unless the images are larger than the bound) and then magnified
     ``scale`` times (default: the smallest factor that makes the shortest side >= 128 pixels,
+    but no more than keeps every panel's long side within :data:`_MAX_MAGNIFIED_PX`; always
     reduced so that the drawing stays within the bound; at least 1).
 
     The bound holds for any shapes, 1-pixel-thin planes of a one-slice volume included: without
@@ -139,9 +141,11 @@ def panel_layout(shapes: Sequence[tuple[int, ...]], scale: int | None = None) ->
     if step > 1:  # images larger than the bound: drawn subsampled, pixel for pixel
         heights = [math.ceil(h / step) for h in heights]
         widths = [math.ceil(w / step) for w in widths]
-    wanted = scale if scale is not None else math.ceil(_MIN_PANEL_PX / min(min(heights), min(widths)))
+    if scale is None:  # magnify small images, but a thin plane must not blow up the others
+        longest = max(max(heights), max(widths))
+        scale = min(math.ceil(_MIN_PANEL_PX / min(min(heights), min(widths))), _MAX_MAGNIFIED_PX // longest)
     fits = min(_MAX_FIGURE_PX // max(heights), _MAX_FIGURE_PX // sum(widths))
-    return step, max(1, min(int(wanted), fits))
+    return step, max(1, min(int(scale), fits))
 
 
 def labelled_panels(images: Sequence[np.ndarray], titles: Sequence[str], vmax: Sequence[float] | float | None = None,

@@ -199,22 +199,23 @@ class KspaceDataModule(pl.LightningDataModule):
                 f"data folder {self.root} holds a synthetic dataset made with {found}, but the config asks "
                 f"for {wanted}: delete the folder to regenerate, or point data.root elsewhere"
             )
+        def shown(names: list[str]) -> str:
+            return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+
         for split, names in expected_files(found["kind"], found["params"]).items():
             missing = [n for n in names if not (self.root / split / n).is_file()]
             if missing:
-                shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
                 raise ValueError(
                     f"synthetic dataset {self.root} is incomplete: {split} has {len(names) - len(missing)} of "
-                    f"{len(names)} files that {MARKER} lists (missing: {shown}); refusing to use a partial "
+                    f"{len(names)} files that {MARKER} lists (missing: {shown(missing)}); refusing to use a partial "
                     "set: delete the folder to regenerate it"
                 )
             extra = sorted(p.relative_to(self.root).as_posix() for p in find_files(self.root / split)
                            if p.relative_to(self.root / split).as_posix() not in names)
             if extra:
-                shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
                 raise ValueError(
                     f"synthetic dataset {self.root}: {split} holds {len(extra)} file(s) that {MARKER} does not list "
-                    f"({shown}); refusing to use them (a file copied from another split would train on test "
+                    f"({shown(extra)}); refusing to use them (a file copied from another split would train on test "
                     "data): remove them, or delete the folder to regenerate it"
                 )
 
