@@ -114,7 +114,8 @@ def test_missing_target_and_bad_shape_are_named_others_scored(study, capsys):
     assert "orphan.h5" in err and "no target" in err
     assert "scan1.h5" in err and "(3, 10, 9)" in err and "(3, 10, 8)" in err
     summary = {r["method"]: r for r in read_csv(root / "eval" / "summary.csv")}
-    assert summary["A"]["n"] == "4" and summary["B"]["n"] == "3"
+    assert summary["A"]["n"] == "3" and summary["B"]["n"] == "3"  # the volumes both methods have
+    assert "B lacks scan1.h5" in err
     paired = read_csv(root / "eval" / "paired.csv")
     assert {r["n"] for r in paired} == {"3"}  # pairs only over the volumes both methods have
 

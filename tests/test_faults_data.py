@@ -406,3 +406,31 @@ def test_4_reconstruct_refuses_an_inconsistent_file(cine_run, tiny_sets, tmp_pat
     assert _recon(cine_run, bad, "--out", tmp_path / "out") == 1
     assert f"FAILED {bad}: field 'target'" in capsys.readouterr().err
     assert not (tmp_path / "out" / "cine_test_0000.h5").exists()
+
+
+def test_depth_is_recorded_and_one_out_folder_holds_one_depth(cine_run, tiny_sets, tmp_path, capsys):
+    """``--num-unrolls 6`` into an --out holding trained-depth results used to mix depths in
+    metrics.csv with no record of either."""
+    import csv
+
+    from omegaconf import OmegaConf
+
+    val = tiny_sets["cine"] / "val"
+    out = tmp_path / "out"
+    assert _recon(cine_run, val, "--out", out) == 0
+    trained = int(OmegaConf.load(cine_run / ".hydra" / "config.yaml").model.num_unrolls)
+    with h5py.File(out / "cine_val_0000.h5", "r") as f:
+        assert int(f.attrs["num_unrolls"]) == int(f.attrs["trained_num_unrolls"]) == trained
+    capsys.readouterr()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    deeper = trained + 4
+    assert _recon(cine_run, tiny_sets["cine"] / "test", "--out", out, "--num-unrolls", deeper) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another depth" in err[0] and f"{trained} unrolls" in err[0], err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    # another folder: the depth used is in the attributes and in metrics.csv
+    assert _recon(cine_run, val, "--out", tmp_path / "deep", "--num-unrolls", deeper) == 0
+    with h5py.File(tmp_path / "deep" / "cine_val_0000.h5", "r") as f:
+        assert (int(f.attrs["num_unrolls"]), int(f.attrs["trained_num_unrolls"])) == (deeper, trained)
+    with open(tmp_path / "deep" / "metrics.csv") as fh:
+        assert [r["num_unrolls"] for r in csv.DictReader(fh)] == [str(deeper)]

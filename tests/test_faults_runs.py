@@ -273,6 +273,12 @@ def test_two_optuna_invocations_with_one_storage_try_different_points(tmp_path, 
         assert res.returncode == 0, res.stderr[-3000:]
     trials = optuna.load_study(study_name="t", storage=f"sqlite:///{db}").trials
     assert len(trials) == 2 and trials[0].params != trials[1].params
+    # continued with another task: refused before any trial, one line naming the key
+    res = run_train([*args, "data.accelerations=[2]"], tmp_path, data_dir)
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("melrecon: error:")]
+    assert res.returncode == 2 and len(lines) == 1 and "data.accelerations" in lines[0], res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert len(optuna.load_study(study_name="t", storage=f"sqlite:///{db}").trials) == 2
 
 
 # ---------------------------------------------------------------------- 9. exact resume

@@ -23,6 +23,7 @@ from melrecon.study.baselines import CGSense, L1Wavelet, TotalVariation, ZeroFil
 from melrecon.study.config import (
     RunSpec, StudyError, check_same_budget, compose_study, compose_train, format_overrides, run_specs,
 )
+from melrecon.study.job import SCORE_COLUMNS
 from melrecon.study.runner import plan_runs
 
 STUDIES = sorted(p.stem for p in (CONF / "study").glob("*.yaml"))
@@ -124,6 +125,8 @@ def test_plan_skips_finished_resumes_unfinished_and_refuses_foreign_runs(tmp_pat
     specs = [RunSpec(n, n, [f"x={n}"]) for n in ("done", "ckpt", "broken", "fresh")]
     (tmp_path / "done" / "study").mkdir(parents=True)
     (tmp_path / "done" / "study" / "done.json").write_text(json.dumps({"overrides": ["x=done"]}))
+    (tmp_path / "done" / "study" / "info.json").write_text("{}")  # a finished run's study files are whole
+    (tmp_path / "done" / "study" / "scores.csv").write_text(",".join(SCORE_COLUMNS) + "\n" + "v.h5" + ",1" * 5 + "\n")
     (tmp_path / "ckpt" / "checkpoints").mkdir(parents=True)
     (tmp_path / "ckpt" / "checkpoints" / "last.ckpt").write_bytes(b"")
     (tmp_path / "broken").mkdir()

@@ -16,13 +16,16 @@ datasets' convention) and the data range is the cropped target's maximum, as in 
 
 Per volume: PSNR, SSIM and NMSE with the project's metric definitions (fastMRI: magnitudes,
 data range = max |target| of the volume, PSNR/NMSE over the volume, SSIM per 2D slice averaged;
-see :func:`_metrics`). Per method: mean and sample standard deviation (ddof = 1) over its
-volumes. Per pair of methods (B - A over the volumes both have): mean paired difference with a
-95% Student-t confidence interval and n. Written to ``--out`` (default ``evaluation``):
-``per_volume.csv``, ``summary.csv``, ``paired.csv`` and ``evaluation.md`` (the Markdown tables,
-also printed). A prediction without a target, or with a shape the target cannot be matched to,
-is reported by name and left out; the exit status is then 1 (0 when every file was scored, 2
-for a usage error).
+see :func:`_metrics`). Methods are compared on the same volumes: the summary and paired tables
+use only the volumes every method scored (the common set); a volume that one method lacks (no
+file, or a file that could not be scored) is named, left out of every method's means, and
+makes the exit status 1. Per method: mean and sample standard deviation (ddof = 1) over the
+common volumes. Per pair of methods (B - A): mean paired difference with a 95% Student-t
+confidence interval and n. Written to ``--out`` (default ``evaluation``): ``per_volume.csv``
+(every volume scored, common or not), ``summary.csv``, ``paired.csv`` and ``evaluation.md``
+(the Markdown tables, also printed). A prediction without a target, or with a shape the target
+cannot be matched to, is reported by name and left out; the exit status is then 1 (0 when every
+file was scored, 2 for a usage error).
 """
 
 from __future__ import annotations
@@ -175,27 +178,42 @@ def paired_difference(a: Sequence[float], b: Sequence[float], level: float = 0.9
 @dataclass
 class Evaluation:
     """Scores of every method: ``scores[method][file] = {"psnr", "ssim", "nmse", "data_range"}``,
-    ``errors`` the files left out (one message each), ``notes`` what was adapted (crops)."""
+    ``errors`` the files left out (one message each), ``notes`` what was adapted (crops).
+
+    The summary and paired tables are over :meth:`common` volumes only (paired comparisons need
+    the same volumes); :meth:`missing` names the rest."""
 
     methods: list[str]
     scores: dict[str, dict[str, dict[str, float]]]
     errors: list[str]
     notes: list[str]
 
+    def common(self) -> list[str]:
+        """The volumes every method scored, sorted."""
+        sets = [set(self.scores[m]) for m in self.methods]
+        return sorted(set.intersection(*sets)) if sets else []
+
+    def missing(self) -> dict[str, list[str]]:
+        """``{method: [volumes another method scored but this one did not]}`` (methods with none left out)."""
+        every = set().union(*(self.scores[m] for m in self.methods)) if self.methods else set()
+        out = {m: sorted(every - set(self.scores[m])) for m in self.methods}
+        return {m: names for m, names in out.items() if names}
+
     def summary_rows(self) -> list[dict[str, object]]:
         rows = []
+        common = self.common()
         for m in self.methods:
-            row: dict[str, object] = {"method": m, "n": len(self.scores[m])}
+            row: dict[str, object] = {"method": m, "n": len(common)}
             for k in METRICS:
-                mean, std, _ = summarize([s[k] for s in self.scores[m].values()])
+                mean, std, _ = summarize([self.scores[m][f][k] for f in common])
                 row[f"{k}_mean"], row[f"{k}_std"] = mean, std
             rows.append(row)
         return rows
 
     def paired_rows(self) -> list[dict[str, object]]:
         rows = []
+        common = self.common()
         for a, b in combinations(self.methods, 2):
-            common = sorted(set(self.scores[a]) & set(self.scores[b]))
             for k in METRICS:
                 diff = paired_difference([self.scores[a][f][k] for f in common], [self.scores[b][f][k] for f in common])
                 rows.append({"a": a, "b": b, "metric": k, **diff})
@@ -247,7 +265,7 @@ def markdown(ev: Evaluation) -> str:
         lines.append(f"| {row['method']} | {row['n']} | " + " | ".join(cells) + " |")
     paired = ev.paired_rows()
     if paired:
-        lines += ["", "Paired differences (B − A, mean with 95% CI, n volumes both have):", "",
+        lines += ["", "Paired differences (B − A, mean with 95% CI, over the n volumes every method has):", "",
                   "| A | B | metric | mean diff | 95% CI | n |", "|---|---|---|---:|---|---:|"]
         for r in paired:
             k = str(r["metric"])
@@ -321,10 +339,19 @@ def main(argv: list[str] | None = None) -> int:
     if not any(ev.scores.values()):
         print("melrecon: error: no prediction could be scored", file=sys.stderr)
         return 1
+    missing = ev.missing()
+    if missing:
+        lacks = "; ".join(f"{m} lacks {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                          for m, names in missing.items())
+        print(f"melrecon: warning: methods are compared on the {len(ev.common())} volume(s) every method has; "
+              f"left out: {lacks}", file=sys.stderr)
+        if not ev.common():
+            print("melrecon: error: no volume was scored for every method", file=sys.stderr)
+            return 1
     paths = write_outputs(ev, args.out)
     print(markdown(ev), end="")
     print(f"tables in {paths['evaluation.md'].parent} ({', '.join(paths)})")
-    return 1 if ev.errors else 0
+    return 1 if ev.errors or missing else 0
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ import numpy as np
 KINDS = ("volume3d", "cine")
 _MIN_PANEL_PX = 128  # small images are magnified (integer factor) so that titles fit above them
 _TITLE_PX = 30  # height of the title band above the panels (two lines of 7-point text)
+_MAX_FIGURE_PX = 4096  # bound on a drawing's panel width and height, whatever the array shapes
+_MAX_MAGNIFIED_PX = 1024  # magnification stops where a panel's long side would pass this
 _DPI = 100
 
 
@@ -123,14 +125,38 @@ def write_nifti(
 
 
 # ---------------------------------------------------------------------- drawing
+def panel_layout(shapes: Sequence[tuple[int, ...]], scale: int | None = None) -> tuple[int, int]:
+    """``(step, scale)`` for drawing 2D images of ``shapes`` side by side within
+    :data:`_MAX_FIGURE_PX` pixels in width and height: each image is subsampled by ``step``
+    (``im[::step, ::step]``; 1 unless the images are larger than the bound) and then magnified
+    ``scale`` times (default: the smallest factor that makes the shortest side >= 128 pixels,
+    but no more than keeps every panel's long side within :data:`_MAX_MAGNIFIED_PX`; always
+    reduced so that the drawing stays within the bound; at least 1).
+
+    The bound holds for any shapes, 1-pixel-thin planes of a one-slice volume included: without
+    it a (1, 230) plane asked for a 128x magnification, a figure of 29440 x 23040 pixels.
+    """
+    heights, widths = [s[0] for s in shapes], [s[1] for s in shapes]
+    step = max(1, math.ceil(max(max(heights), sum(widths)) / _MAX_FIGURE_PX))
+    if step > 1:  # images larger than the bound: drawn subsampled, pixel for pixel
+        heights = [math.ceil(h / step) for h in heights]
+        widths = [math.ceil(w / step) for w in widths]
+    if scale is None:  # magnify small images, but a thin plane must not blow up the others
+        longest = max(max(heights), max(widths))
+        scale = min(math.ceil(_MIN_PANEL_PX / min(min(heights), min(widths))), _MAX_MAGNIFIED_PX // longest)
+    fits = min(_MAX_FIGURE_PX // max(heights), _MAX_FIGURE_PX // sum(widths))
+    return step, max(1, min(int(scale), fits))
+
+
 def labelled_panels(images: Sequence[np.ndarray], titles: Sequence[str], vmax: Sequence[float] | float | None = None,
                     scale: int | None = None) -> np.ndarray:
     """Draw 2D real images side by side with a title above each; RGB uint8 (H, W, 3).
 
     Each image is shown on a gray scale from 0 to its ``vmax`` (default: its own maximum),
     magnified by the integer ``scale`` (default: the smallest factor that makes the shortest
-    panel side >= 128 pixels), pixel for pixel (nearest neighbour). The array is
-    ``(_TITLE_PX + scale * max height, scale * sum of widths)``.
+    panel side >= 128 pixels), pixel for pixel (nearest neighbour), within
+    :data:`_MAX_FIGURE_PX` pixels in each direction (:func:`panel_layout`; larger images are
+    subsampled). The array is ``(_TITLE_PX + scale * max height, scale * sum of widths)``.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -141,8 +167,9 @@ def labelled_panels(images: Sequence[np.ndarray], titles: Sequence[str], vmax: S
     if any(im.ndim != 2 for im in images):
         raise ValueError(f"labelled_panels: images must be 2D, got shapes {[im.shape for im in images]}")
     vmaxs = list(vmax) if isinstance(vmax, Sequence) else [vmax] * len(images)
-    if scale is None:
-        scale = max(1, math.ceil(_MIN_PANEL_PX / min(min(im.shape) for im in images)))
+    vmaxs = [float(vm) if vm is not None else float(im.max()) for im, vm in zip(images, vmaxs)]
+    step, scale = panel_layout([im.shape for im in images], scale)
+    images = [im[::step, ::step] for im in images]
     height = scale * max(im.shape[0] for im in images)
     width = scale * sum(im.shape[1] for im in images)
     total_h = height + _TITLE_PX
@@ -152,7 +179,7 @@ def labelled_panels(images: Sequence[np.ndarray], titles: Sequence[str], vmax: S
     for im, title, vm in zip(images, titles, vmaxs):
         h, w = scale * im.shape[0], scale * im.shape[1]
         ax = fig.add_axes((left / width, (height - h) / total_h, w / width, h / total_h))
-        top = float(vm) if vm is not None else float(im.max())
+        top = vm
         ax.imshow(im, cmap="gray", vmin=0.0, vmax=top if top > 0 else 1.0, interpolation="nearest",
                   aspect="auto")
         ax.set_axis_off()
@@ -217,12 +244,13 @@ def comparison_frames(zero_filled: np.ndarray, reconstruction: np.ndarray, targe
                          f"{tgt.shape}")
     dr = float(data_range) if data_range is not None else float(tgt.max())
     first = comparison_strip(zf, rec, tgt, data_range=dr, series=True)
-    scale = max(1, math.ceil(_MIN_PANEL_PX / min(tgt.shape[1:])))
-    h, w = tgt.shape[1:]
+    step, scale = panel_layout([tgt.shape[1:]] * 4)  # the layout labelled_panels used
+    h, w = tgt[0, ::step, ::step].shape
     out = np.repeat(first[None], tgt.shape[0], axis=0)
     for t in range(tgt.shape[0]):
         err = np.abs(rec[t] - tgt[t])
-        for i, (im, top) in enumerate(((zf[t], dr), (rec[t], dr), (tgt[t], dr), (err, float(err.max())))):
+        for i, (full, top) in enumerate(((zf[t], dr), (rec[t], dr), (tgt[t], dr), (err, float(err.max())))):
+            im = full[::step, ::step]
             # matplotlib's 256-entry gray lookup: level floor(256 v), v in [0, 1]
             gray = np.minimum(np.floor(np.clip(im / (top if top > 0 else 1.0), 0.0, 1.0) * 256.0), 255.0)
             big = gray.astype(np.uint8).repeat(scale, axis=0).repeat(scale, axis=1)
@@ -298,6 +326,7 @@ def write_previews(out_dir: str | os.PathLike, stem: str, image: np.ndarray, kin
         titles = [f"X = {x}\n(Y, Z)", f"Y = {y}\n(X, Z)", f"Z = {z}\n(X, Y)"]
         return [save_png(out / f"{stem}_planes.png", labelled_panels(panels, titles, vmax))]
     series = image if image.ndim == 3 else image[image.shape[0] // 2]  # (T, X, Y) of the centre slice
+    step, scale = panel_layout([series.shape[1:]])  # the GIF: one frame, bounded like a drawing
     t, _, ny = series.shape
     shown = np.unique(np.linspace(0, t - 1, min(t, max_frames)).round().astype(int))
     frames = labelled_panels([series[i] for i in shown], [f"t = {i}" for i in shown], vmax)
@@ -305,8 +334,7 @@ def write_previews(out_dir: str | os.PathLike, stem: str, image: np.ndarray, kin
     xt = np.repeat(series[:, :, ny // 2].T, max(1, round(series.shape[1] / t)), axis=1)
     profile = labelled_panels([xt], [f"x-t profile, Y = {ny // 2}\n(time ->)"], vmax)
     return [save_png(out / f"{stem}_frames.png", frames), save_png(out / f"{stem}_xt.png", profile),
-            write_gif(out / f"{stem}.gif", series, fps=fps, vmax=vmax,
-                      scale=max(1, math.ceil(_MIN_PANEL_PX / min(series.shape[1:]))))]
+            write_gif(out / f"{stem}.gif", series[:, ::step, ::step], fps=fps, vmax=vmax, scale=scale)]
 
 
 def export_image(out_dir: str | os.PathLike, stem: str, image: np.ndarray, kind: str,

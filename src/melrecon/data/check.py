@@ -15,12 +15,17 @@ name, size and modification time (ns) and :data:`CHECK_VERSION`:
   written (read-only data) just keeps the in-process cache. Only passes are stored: a bad
   file is checked (and refused) every time. Replacing or editing a file changes its size or
   mtime and so re-checks it.
+
+:func:`file_hashes` gives each file's content hash (BLAKE2b of its bytes), cached the same way
+(in the same JSON file, with its own size and mtime stamp), so that the DataModule can refuse a
+file whose content is in two splits without reading every file at every set-up.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -33,11 +38,13 @@ CHECK_VERSION = 1
 CACHE_NAME = ".melrecon-check.json"
 
 _memory: dict[tuple[str, int, int], ScanInfo] = {}
+_hashes: dict[tuple[str, int, int], str] = {}
 
 
 def clear_memory_cache() -> None:
-    """Forget this process's verdicts (the JSON caches stay)."""
+    """Forget this process's verdicts and hashes (the JSON caches stay)."""
     _memory.clear()
+    _hashes.clear()
 
 
 def _stamp(path: Path) -> tuple[int, int]:
@@ -100,10 +107,53 @@ def check_files(paths: Sequence[str | os.PathLike]) -> list[ScanInfo]:
                 info = _from_entry(p, entry)
             if info is None:
                 info = validate_file(p, check_values=True)
-                entries[p.name] = {"size": size, "mtime_ns": mtime, "info": dataclasses.asdict(info)}
+                # merged: a content hash stored beside (with its own stamp) is kept
+                entries[p.name] = {**(entry or {}), "size": size, "mtime_ns": mtime, "info": dataclasses.asdict(info)}
                 changed = True
             _memory[key] = info
             out[p] = dataclasses.replace(info, path=str(p))
         if changed:
+            _save(folder, entries)
+    return [out[p] for p in paths]
+
+
+def _content_hash(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError as err:
+        raise LayoutError(path, "file", f"cannot read: {err.strerror or err}") from None
+    return h.hexdigest()
+
+
+def file_hashes(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Content hash (BLAKE2b-128 of the bytes, hex) of every file, in the order given; cached by
+    path, size and mtime in this process and in each folder's :data:`CACHE_NAME`."""
+    paths = [Path(p) for p in paths]
+    out: dict[Path, str] = {}
+    by_folder: dict[Path, list[Path]] = {}
+    for p in paths:
+        by_folder.setdefault(p.resolve().parent, []).append(p)
+    for folder, files in by_folder.items():
+        entries: dict[str, dict] | None = None  # the JSON cache, read only when this process lacks a hash
+        changed = False
+        for p in files:
+            size, mtime = _stamp(p)
+            key = (str(p.resolve()), size, mtime)
+            digest = _hashes.get(key)
+            if digest is None:
+                entries = _load(folder) if entries is None else entries
+                entry = entries.get(p.name) or {}
+                if entry.get("hash_stamp") == [size, mtime] and isinstance(entry.get("blake2b"), str):
+                    digest = entry["blake2b"]
+                else:
+                    digest = _content_hash(p)
+                    entries[p.name] = {**entry, "blake2b": digest, "hash_stamp": [size, mtime]}
+                    changed = True
+            _hashes[key] = digest
+            out[p] = digest
+        if changed and entries is not None:
             _save(folder, entries)
     return [out[p] for p in paths]

@@ -11,7 +11,9 @@ waits and reuses the set); a generated folder that lost files is refused, not us
 
 ``setup()`` checks every file of the splits it builds once (:mod:`melrecon.data.check`:
 readable HDF5, layout, finite values, target = S^H F^H k, unit maps, ``max``; cached by path,
-size and mtime) and that the items can be batched and scored (one item shape per split when the
+size and mtime), that no file content is in two splits (content hashes, cached the same way;
+a generated folder must also hold no file its ``synthetic.json`` does not list), and that the
+items can be batched and scored (one item shape per split when the
 batch size is > 1; evaluation images at least the SSIM window), refusing with one line naming
 file and field.
 
@@ -38,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from melrecon.data.check import check_files
+from melrecon.data.check import check_files, file_hashes
 from melrecon.data.datasets import CineDataset, SlabDataset
 from melrecon.data.h5 import LayoutError, ScanInfo, find_files
 from melrecon.data.samplers import KeyedSampler, VolumeSampler
@@ -132,6 +134,7 @@ class KspaceDataModule(pl.LightningDataModule):
         self.synthetic = None if synthetic is None else dict(synthetic)
         self.seed = int(seed)
         self.datasets: dict[str, Dataset] = {}
+        self._splits_checked = False
 
     # ------------------------------------------------------------------ files
     def split_files(self, split: str) -> list[Path]:
@@ -196,14 +199,24 @@ class KspaceDataModule(pl.LightningDataModule):
                 f"data folder {self.root} holds a synthetic dataset made with {found}, but the config asks "
                 f"for {wanted}: delete the folder to regenerate, or point data.root elsewhere"
             )
+        def shown(names: list[str]) -> str:
+            return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+
         for split, names in expected_files(found["kind"], found["params"]).items():
             missing = [n for n in names if not (self.root / split / n).is_file()]
             if missing:
-                shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
                 raise ValueError(
                     f"synthetic dataset {self.root} is incomplete: {split} has {len(names) - len(missing)} of "
-                    f"{len(names)} files that {MARKER} lists (missing: {shown}); refusing to use a partial "
+                    f"{len(names)} files that {MARKER} lists (missing: {shown(missing)}); refusing to use a partial "
                     "set: delete the folder to regenerate it"
+                )
+            extra = sorted(p.relative_to(self.root).as_posix() for p in find_files(self.root / split)
+                           if p.relative_to(self.root / split).as_posix() not in names)
+            if extra:
+                raise ValueError(
+                    f"synthetic dataset {self.root}: {split} holds {len(extra)} file(s) that {MARKER} does not list "
+                    f"({shown(extra)}); refusing to use them (a file copied from another split would train on test "
+                    "data): remove them, or delete the folder to regenerate it"
                 )
 
     def dataset(self, files: Sequence[str | os.PathLike], train: bool) -> Dataset:
@@ -258,7 +271,28 @@ class KspaceDataModule(pl.LightningDataModule):
                                   f"{ref[0].path} gives {ref[1]}; {split} batch_size={batch} stacks items of one "
                                   "shape: use files of one shape, or a batch size of 1")
 
+    def check_disjoint_splits(self) -> None:
+        """Refuse a file whose content is in two splits (the same file listed twice, or a copy),
+        naming both: a test file copied into train would make the test scores meaningless.
+        Content hashes are cached with the file checks (:func:`melrecon.data.check.file_hashes`),
+        so a folder is read once, not at every set-up. Splits that do not exist are skipped."""
+        seen: dict[str, tuple[str, Path]] = {}
+        for split in self.splits:
+            try:
+                files = self.split_files(split)
+            except ValueError:
+                continue  # a split this data has not (e.g. no test folder): set-up says so when it is used
+            for path, digest in zip(files, file_hashes(files)):
+                if digest in seen and seen[digest][0] != split:
+                    other_split, other = seen[digest]
+                    raise LayoutError(path, "file", f"its content is also in the {other_split} split ({other}); "
+                                      "a file must be in one split only")
+                seen.setdefault(digest, (split, path))
+
     def setup(self, stage: str | None = None) -> None:
+        if not self._splits_checked:
+            self.check_disjoint_splits()
+            self._splits_checked = True
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in wanted.get(stage, ("train", "val", "test")) if stage else ("train", "val", "test"):
             if split not in self.datasets:

@@ -232,22 +232,30 @@ def _reconstruct_file(path: Path, out_path: Path, net: nn.Module, dm: Any, devic
     return info.kind, result, at_trained
 
 
-def _claim_out(out_dir: Path, ckpt_sha: str, overwrite: bool) -> None:
-    """Make ``out_dir`` hold results of this checkpoint only: results of another checkpoint are
-    refused (ReconstructError) or, with ``--overwrite``, removed. The caller holds the lock."""
-    others = {p: a for p, a in results_in(out_dir).items() if a.get("checkpoint_sha256") != ckpt_sha}
+def _claim_out(out_dir: Path, ckpt_sha: str, depth: int | None, overwrite: bool) -> None:
+    """Make ``out_dir`` hold results of this checkpoint at this depth (``num_unrolls``) only:
+    results of another checkpoint or depth (or of unknown depth) are refused
+    (ReconstructError) or, with ``--overwrite``, removed. The caller holds the lock."""
+    def other(a: dict[str, Any]) -> str | None:
+        if a.get("checkpoint_sha256") != ckpt_sha:
+            return f"of another checkpoint ({a['checkpoint']})"
+        found = a.get("num_unrolls")
+        if depth is not None and (found is None or int(found) != depth):
+            return f"at another depth ({'unknown' if found is None else f'{int(found)} unrolls'}; this run: {depth})"
+        return None
+
+    others = {p: why for p, a in results_in(out_dir).items() if (why := other(a)) is not None}
     if not others:
         return
-    first, attrs = next(iter(others.items()))
+    first, why = next(iter(others.items()))
     if not overwrite:
         raise ReconstructError(
-            f"--out {out_dir} holds {len(others)} result(s) of another checkpoint ({attrs['checkpoint']}, e.g. "
-            f"{first.name}); mixing checkpoints in one folder is refused: choose another --out, or pass "
-            "--overwrite to remove them"
+            f"--out {out_dir} holds {len(others)} result(s) {why}, e.g. {first.name}; an output folder holds one "
+            "checkpoint at one depth: choose another --out, or pass --overwrite to remove them"
         )
     for p in others:
         p.unlink()
-    print(f"removed {len(others)} result(s) of checkpoint {attrs['checkpoint']} from {out_dir} (--overwrite)")
+    print(f"removed {len(others)} result(s) {why} from {out_dir} (--overwrite)")
 
 
 def _export(out_dir: Path, stem: str, result: ScanResult, kind: str, formats: tuple[str, ...], path: Path) -> None:
@@ -301,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             stack.enter_context(file_lock(out_dir / LOCK_NAME, blocking=False))
             if not classical:
                 provenance = {"checkpoint": str(ckpt_path), "checkpoint_sha256": file_sha256(ckpt_path),
-                              "config": str(cfg_path)}
-            _claim_out(out_dir, provenance["checkpoint_sha256"], args.overwrite)
+                              "config": str(cfg_path), **_depths(net, trained)}
+            _claim_out(out_dir, provenance["checkpoint_sha256"], provenance.get("num_unrolls"), args.overwrite)
         except LockBusy:
             print(f"melrecon: error: another reconstruct is writing to --out {out_dir} (lock "
                   f"{out_dir / LOCK_NAME} is held): wait for it, or choose another --out", file=sys.stderr)
@@ -313,6 +321,15 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="melrecon-reconstruct-") as scratch:
             return _run(files, out_dir, net, trained, dm, device, args, formats, provenance,
                         provenance["checkpoint"], Path(scratch))
+
+
+def _depths(net: nn.Module, trained: nn.Module | None) -> dict[str, int]:
+    """``num_unrolls`` the network runs and ``trained_num_unrolls`` it was trained with (result
+    attributes; empty for a network without ``num_unrolls``)."""
+    depth = getattr(net, "num_unrolls", None)
+    if depth is None:
+        return {}
+    return {"num_unrolls": int(depth), "trained_num_unrolls": int(getattr(trained or net, "num_unrolls"))}
 
 
 def _run(files: list[Path], out_dir: Path, net: nn.Module, trained: nn.Module | None, dm: Any,
@@ -342,7 +359,8 @@ def _run(files: list[Path], out_dir: Path, net: nn.Module, trained: nn.Module | 
             continue
         taken[out_path.name] = path
         rows.append({"file": str(path), "name": path.name, "output": str(out_path), "kind": kind,
-                     "acceleration": result.acceleration, "mask": _mask_note(result, dm), **result.metrics,
+                     "acceleration": result.acceleration, "mask": _mask_note(result, dm),
+                     "num_unrolls": provenance.get("num_unrolls", ""), **result.metrics,
                      **{f"{k}_trained_depth": v for k, v in at_trained.items()}})
         print(f"ok     {path} -> {out_path} ({_mask_note(result, dm)}"
               + ("" if result.has_target else "; no target, no metrics") + ")")

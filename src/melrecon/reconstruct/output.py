@@ -1,7 +1,8 @@
 """What a reconstruction writes: one HDF5 file per scan, ``metrics.csv``, a table on screen.
 
 An output folder holds the results of one checkpoint (``checkpoint_sha256`` attribute of every
-result file) and is written by one ``reconstruct`` at a time (:data:`LOCK_NAME`,
+result file) at one depth (``num_unrolls`` attribute: the unrolls the network ran, which
+``--num-unrolls`` may change from the trained ``trained_num_unrolls``) and is written by one ``reconstruct`` at a time (:data:`LOCK_NAME`,
 :func:`melrecon.data.locks.file_lock`). ``metrics.csv`` is rebuilt from every result file in
 the folder (:func:`results_in`), so it always lists exactly the files beside it.
 """
@@ -22,7 +23,7 @@ import numpy as np
 from melrecon.data.h5 import atomic_path
 from melrecon.reconstruct.stitch import METRIC_KEYS, ScanResult
 
-CSV_COLUMNS = ("file", "output", "kind", "acceleration", "mask", *METRIC_KEYS)
+CSV_COLUMNS = ("file", "output", "kind", "acceleration", "mask", "num_unrolls", *METRIC_KEYS)
 TRAINED_DEPTH = tuple(f"{k}_trained_depth" for k in ("psnr", "ssim", "nmse"))  # with --num-unrolls
 LOCK_NAME = ".melrecon-reconstruct.lock"
 
@@ -66,6 +67,7 @@ def csv_row(path: Path, attrs: dict[str, Any]) -> dict[str, Any]:
     src = str(attrs.get("source_file", ""))
     return {"file": src, "name": Path(src).name, "output": str(path), "kind": attrs.get("kind", ""),
             "acceleration": float(attrs.get("acceleration", float("nan"))), "mask": attrs.get("mask", ""),
+            "num_unrolls": attrs.get("num_unrolls", ""),
             **{k: float(attrs[k]) for k in (*METRIC_KEYS, *TRAINED_DEPTH) if k in attrs}}
 
 

@@ -20,6 +20,7 @@ baseline whose marker matches.
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import time
@@ -120,11 +121,8 @@ def run_one(name: str, spec: dict[str, Any], kind: str, settings: Any, val_files
     method = spec.pop("method", name)
     grid = spec.pop("lam", None)
     grid = [None] if grid is None else list(grid)
-    marker = out / "done.json"
-    if marker.is_file() and read_json(marker).get("fingerprint") == fingerprint:
-        log.info("baseline %s: finished, skipped", name)
-        info = read_json(out / "info.json")
-    else:
+    info = _finished(name, out, fingerprint)
+    if info is None:
         grid_rows: list[dict[str, Any]] = []
         interior = None
         if len(grid) > 1:
@@ -152,7 +150,7 @@ def run_one(name: str, spec: dict[str, Any], kind: str, settings: Any, val_files
                 "converged": f"{sum(map(bool, known))}/{len(known)}" if known else None}
         write_csv(out / "scores.csv", rows, [*SCORE_COLUMNS, *SOLVE_COLUMNS])
         write_json(out / "info.json", info)
-        write_json(marker, {"fingerprint": fingerprint})
+        write_json(out / "done.json", {"fingerprint": fingerprint})
     lam = info.get("lam")
     settings_out = {"method": info["method"], **({"lam": lam} if lam is not None else {}), **info.get("options", {})}
     if info.get("iterations_max") is not None:
@@ -165,6 +163,28 @@ def run_one(name: str, spec: dict[str, Any], kind: str, settings: Any, val_files
     return MethodResult(name, _LABELS.get(info["method"], name), "baseline", settings_out,
                         {"recon_time_s": info["recon_time_s"], "n_params": 0}, read_scores(out / "scores.csv"),
                         panel if panel.is_file() else None)
+
+
+def _finished(name: str, out: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``info.json`` of a finished baseline whose marker matches ``fingerprint``, else None;
+    a marker that cannot be read, or beside a missing or broken ``scores.csv`` / ``info.json``,
+    is said in one line (the baseline is computed again)."""
+    marker = out / "done.json"
+    if not marker.is_file():
+        return None
+    try:
+        found = read_json(marker)
+        if not isinstance(found, dict) or found.get("fingerprint") != fingerprint:
+            return None
+        info = read_json(out / "info.json")
+        if not read_scores(out / "scores.csv") or not isinstance(info, dict) or "method" not in info:
+            raise ValueError("no scores or no method")
+    except (OSError, ValueError, KeyError, csv.Error) as err:
+        log.warning("baseline %s: unfinished (%s: %s); computing it again", name, type(err).__name__,
+                    " ".join(str(err).split()))
+        return None
+    log.info("baseline %s: finished, skipped", name)
+    return info
 
 
 _LABELS = {"zero_filled": "zero-filled", "cg_sense": "CG-SENSE", "l1_wavelet": "CS L1-wavelet", "tv": "CS TV"}

@@ -13,11 +13,18 @@ runs the job: in the study process, or on a SLURM node). After training it
    peak memory the training logged (``train/step_time_s``, ``train/peak_mem_gib``),
 4. writes ``<run>/study/scores.csv`` (one row per test volume), ``info.json`` and
    ``panel.npz`` (the panel volume's reconstruction), then, last and atomically,
-   ``<run>/study/done.json``: the marker by which the study skips a finished run.
+   ``<run>/study/done.json``: the marker by which the study skips a finished run
+   (:func:`read_done`: a marker that cannot be read, or beside missing or broken study files,
+   makes the run unfinished again).
+
+A job resumed from a checkpoint that had already reached the end of training (the run was
+killed while being scored) skips training and only scores (:func:`training_complete`).
 """
 
 from __future__ import annotations
 
+import csv
+import logging
 import math
 import statistics
 import time
@@ -32,6 +39,8 @@ from melrecon.data.batch import ReconBatch
 from melrecon.study import adapter
 from melrecon.study.files import read_csv, read_json, write_csv, write_json
 
+log = logging.getLogger("melrecon.study")
+
 SCORE_COLUMNS = ("volume", "psnr", "ssim", "nmse", "acceleration", "recon_time_s")
 DONE = "done.json"
 
@@ -40,8 +49,47 @@ def study_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "study"
 
 
+def read_done(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(marker, None)`` for a finished run: ``study/done.json`` a JSON object with its
+    ``overrides`` list, beside a readable ``scores.csv`` (header and at least one volume) and
+    ``info.json``. ``(None, why)`` when the marker exists but the run's study files are not whole
+    (a truncated, empty or malformed file, a deleted ``scores.csv``): the run is unfinished and
+    is scored again. ``(None, None)`` without a marker."""
+    out = study_dir(run_dir)
+    if not (out / DONE).is_file():
+        return None, None
+    try:
+        marker = read_json(out / DONE)
+        if not isinstance(marker, dict) or not isinstance(marker.get("overrides"), list):
+            return None, f"{out / DONE} is not a study marker (no overrides list)"
+        rows = read_csv(out / "scores.csv")
+        if not rows or any(r.get(c) in (None, "") for r in rows for c in SCORE_COLUMNS):
+            return None, f"{out / 'scores.csv'} holds no complete per-volume rows"
+        if not isinstance(read_json(out / "info.json"), dict):
+            return None, f"{out / 'info.json'} is not a JSON object"
+    except (OSError, ValueError, csv.Error) as err:  # json.JSONDecodeError is a ValueError
+        return None, f"{out}: {type(err).__name__}: {' '.join(str(err).split())}"
+    return marker, None
+
+
 def is_done(run_dir: Path) -> bool:
-    return (study_dir(run_dir) / DONE).is_file()
+    return read_done(run_dir)[0] is not None
+
+
+def training_complete(ckpt_path: str | Path, trainer_cfg: Any) -> bool:
+    """Whether the run of ``ckpt_path`` had reached the end of training (``trainer.max_steps``
+    optimizer steps, or ``trainer.max_epochs`` completed epochs): resuming it would train
+    nothing and validate nothing (what a run killed while being scored leaves)."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    max_steps = int(trainer_cfg.get("max_steps") or -1)
+    if max_steps > 0 and int(ckpt.get("global_step", 0)) >= max_steps:
+        return True
+    max_epochs = int(trainer_cfg.get("max_epochs") or -1)
+    try:
+        epochs = int(ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError):
+        return False
+    return max_epochs > 0 and epochs >= max_epochs
 
 
 def best_checkpoint(run_dir: Path) -> tuple[Path, float | None]:
@@ -154,6 +202,13 @@ class StudyJob:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         records = {r["name"]: r for r in read_json(self.runs_file)["runs"]} if self.runs_file else {}
         record = records.get(run_dir.name, {"name": run_dir.name})
+        ckpt = cfg.get("ckpt_path")
+        if ckpt and training_complete(ckpt, cfg.trainer):
+            # killed while being scored: nothing left to train (resuming would train 0 steps,
+            # validate nothing and fail on the missing metric), so score its checkpoints
+            log.info("run %s: trained to the end before (%s); scoring its checkpoints", run_dir.name, ckpt)
+            score_run(cfg, run_dir, record)
+            return None
         try:
             value = self.task_function(cfg)
         except SystemExit as err:  # app.main exits on configuration errors: fail this job only

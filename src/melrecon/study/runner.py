@@ -7,7 +7,9 @@
 2. generate the (synthetic) data once, before any job starts (jobs may run in parallel);
 3. plan: a run whose ``study/done.json`` exists with the same overrides is skipped (other
    overrides: an error, the folder belongs to another study config); an unfinished run
-   continues from its ``last.ckpt`` (``resume: last``) or is removed and restarted;
+   (no marker, or one that cannot be read or whose ``scores.csv`` is missing or broken: said
+   in one line) continues from its ``last.ckpt`` (``resume: last``; a run that had finished
+   training is only scored) or is removed and restarted;
 4. launch the remaining runs as one Hydra multirun of ``train.py`` with the run-list sweeper
    (``hydra/sweeper=melrecon_run_list``) and the study's launcher (``basic`` in this process, or
    e.g. ``slurm``); each job trains and scores itself (:mod:`melrecon.study.job`);
@@ -34,7 +36,7 @@ from melrecon.study.config import (
     format_value,
     repo_root, run_settings, run_specs,
 )
-from melrecon.study.files import read_json, write_json, write_text
+from melrecon.study.files import write_json, write_text
 
 log = logging.getLogger("melrecon.study")
 
@@ -54,9 +56,11 @@ def plan_runs(specs: Sequence[RunSpec], runs_dir: Path, resume: str) -> list[Run
     pending = []
     for spec in specs:
         run_dir = runs_dir / spec.name
-        marker = job.study_dir(run_dir) / job.DONE
-        if marker.is_file():
-            made_with = read_json(marker).get("overrides")
+        marker, broken = job.read_done(run_dir)
+        if broken:
+            log.warning("run %s: unfinished (%s); scoring it again", spec.name, broken)
+        if marker is not None:
+            made_with = marker.get("overrides")
             if run_identity(made_with or []) != run_identity(spec.overrides):
                 raise StudyError(f"{run_dir} holds a finished run made with other overrides ({made_with}); "
                                  "delete it or choose another out_dir")

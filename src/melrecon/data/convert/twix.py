@@ -16,6 +16,12 @@ ISMRMRD:
 - phase encoding ``Lin`` and partition ``Par``: line ``l`` goes to ``l + N // 2 - CenterLin``
   (``CenterPar``) on a grid of ``N = sKSpace.lPhaseEncodingLines`` (``lPartitions``), grown if
   the data reach beyond it, so partial Fourier is zero-filled;
+- the centre is then checked against the data: the k-space energy peak must sit at the grid
+  centre (within ``max(1, N // 16)`` lines). When header, MDH centre and data disagree (a clear
+  peak elsewhere), the lines are placed again around the line holding the peak, with a warning
+  naming the file; when the lines do not fit the header around the MDH centre and the data show
+  no clear peak, the file is refused (a wrong centre converts to a wrong image that
+  ``validate`` passes, since the target is consistent with the wrongly placed k-space);
 - averages (``Ave``) and any repeated line are averaged; ``Eco``, ``Rep``, ``Set`` and ``Ida`` ..
   ``Ide`` must be single-valued (otherwise the lowest value is kept, with a warning).
 
@@ -167,23 +173,86 @@ def _keep_single_valued(lines: TwixLines) -> TwixLines:
     return lines.subset(np.flatnonzero(keep))
 
 
-def _grid(index: np.ndarray, center: np.ndarray, header_size: Any, name: str, path: Path) -> tuple[int, np.ndarray]:
-    """Grid size and grid position of each line along one phase-encoding axis.
+def _grid(index: np.ndarray, center: np.ndarray, header_size: Any) -> tuple[int, np.ndarray, bool]:
+    """Grid size, grid position of each line along one phase-encoding axis, and whether the
+    lines fit the header's grid.
 
     Line ``i`` goes to ``index[i] + N // 2 - center[i]``. ``N`` is the header's matrix size;
-    without one, or when the lines do not fit in it (warned), the smallest even grid that holds
-    every line: ``N / 2 >= center - index`` and ``N / 2 > index - center`` for all lines.
+    without one, or when the lines do not fit in it (``False``), the smallest even grid that
+    holds every line: ``N / 2 >= center - index`` and ``N / 2 > index - center`` for all lines.
     """
     need = 2 * int(max((center - index).max(), (index - center).max() + 1, 1))
     size = int(header_size) if header_size else need
     pos = index + size // 2 - center
     if pos.min() < 0 or pos.max() >= size:
-        if header_size:
-            warnings.warn(f"{path}: counter {name}: the lines do not fit the header's {size} positions around "
-                          f"the centre; using {need}", stacklevel=3)
-        size = need
-        pos = index + size // 2 - center
-    return size, pos
+        return need, index + need // 2 - center, not header_size
+    return size, pos, True
+
+
+#: A k-space energy profile has a clear centre when its peak is this many times its median.
+_PEAK_RATIO = 4.0
+
+
+def _centre_tolerance(size: int) -> int:
+    """Lines by which the energy peak may sit off the grid centre (real k-space peaks at DC)."""
+    return max(1, size // 16)
+
+
+@dataclass
+class _Axis:
+    """One phase-encoding axis: counter name, the lines' counter values and MDH centres, the
+    header's matrix size, and the grid (size, positions, whether the lines fit the header)."""
+
+    name: str
+    index: np.ndarray
+    center: np.ndarray
+    header_size: Any
+    size: int = 0
+    pos: np.ndarray | None = None
+    fits_header: bool = True
+
+    def place(self, center: np.ndarray) -> None:
+        self.size, self.pos, self.fits_header = _grid(self.index, center, self.header_size)
+
+
+def _peak(profile: np.ndarray) -> tuple[int, bool]:
+    """Position of the energy peak of ``profile`` and whether it is clear (:data:`_PEAK_RATIO`
+    times the median over the sampled positions)."""
+    sampled = profile[profile > 0]
+    peak = int(np.argmax(profile))
+    clear = sampled.size > 0 and profile[peak] >= _PEAK_RATIO * float(np.median(sampled))
+    return peak, bool(clear)
+
+
+def _recentre(axis: _Axis, profile: np.ndarray, path: Path) -> bool:
+    """Check that the k-space energy peak along ``axis`` sits at its grid centre.
+
+    When the peak is clear and off the centre (header, MDH centre and data disagree), the lines
+    are placed again around the line that holds the peak (the data decide), said in a warning,
+    and True is returned. When header and MDH disagree and the data show no clear peak, the file
+    is refused. Otherwise the placement stands (False); lines that did not fit the header's
+    grid are then said in a warning.
+    """
+    peak, clear = _peak(profile)
+    centre = axis.size // 2
+    off = abs(peak - centre) > _centre_tolerance(axis.size)
+    mdh = int(np.bincount(axis.center - axis.center.min()).argmax() + axis.center.min())  # the usual MDH centre
+    header = f"{int(axis.header_size)} lines" if axis.header_size else "no size"
+    if clear and off:
+        line = int(axis.index[np.flatnonzero(axis.pos == peak)[0]])
+        axis.place(np.full_like(axis.index, line))
+        warnings.warn(f"{path}: counter {axis.name}: header ({header}), MDH centre ({mdh}) and data disagree: the "
+                      f"k-space energy peaks at line {line}; centring on it (the data), on a grid of {axis.size}",
+                      stacklevel=3)
+        return True
+    if not axis.fits_header:
+        if not clear:
+            raise ValueError(f"{path}: field 'mdh.Center{axis.name}': the lines do not fit the header's "
+                             f"{header} around the MDH centre {mdh}, and the data show no clear k-space centre "
+                             "(no energy peak); refusing to guess where the centre is")
+        warnings.warn(f"{path}: counter {axis.name}: the lines do not fit the header's {header} around the "
+                      f"centre; using {axis.size} (the k-space energy peak sits at the centre)", stacklevel=3)
+    return False
 
 
 def _check_sampled(sampled: np.ndarray, path: Path) -> None:
@@ -243,6 +312,39 @@ def _readout(line: np.ndarray, x0: int, nx: int, nx_out: int, image: bool) -> np
     return img if image else fftc_np(img, axes=(1,))
 
 
+def _assemble(lines: TwixLines, axes: list[_Axis], mode: str, nx: int, x0: np.ndarray, nx_out: int,
+              progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Every line placed on the grid: k-space (S, T, C, X, ky, kz) complex64 (averaged over
+    repeats) and the count of lines per position (S, T, 1, 1, ky, kz).
+
+    One accumulator for all modes; the layouts are views of it. Each line's readout is
+    transformed (and its oversampling cropped) before it is placed, so the accumulator never
+    holds the oversampled readout.
+    """
+    cnt = lines.counters
+    y = axes[0].pos
+    ny = axes[0].size
+    z, nz = (axes[1].pos, axes[1].size) if len(axes) > 1 else (np.zeros_like(y), 1)
+    ns, nt, nc = int(cnt["Sli"].max()) + 1, int(cnt["Phs"].max()) + 1, int(lines.channels[0])
+    kspace = np.zeros((ns, nt, nc, nx_out, ny, nz), np.complex64)
+    counts = np.zeros((ns, nt, 1, 1, ny, nz), np.int64)
+    for i in tqdm(range(len(lines.mdbs)), desc=f"read {lines.path.name}", disable=not progress, leave=False):
+        s, t = cnt["Sli"][i], cnt["Phs"][i]
+        kspace[s, t, :, :, y[i], z[i]] += _readout(lines.data(i), int(x0[i]), nx, nx_out, image=mode == "3d")
+        counts[s, t, 0, 0, y[i], z[i]] += 1
+    kspace /= np.maximum(counts, 1)  # the average over Ave (and any repeated line)
+    return kspace, counts
+
+
+def _energy(kspace: np.ndarray) -> np.ndarray:
+    """Energy per (ky, kz) position of the accumulator (S, T, C, X, ky, kz), one coil at a time
+    (a float copy of one coil, not of the whole k-space). (ky, kz) float64."""
+    out = np.zeros(kspace.shape[-2:], np.float64)
+    for c in range(kspace.shape[2]):
+        out += (np.abs(kspace[:, :, c]) ** 2).sum(axis=(0, 1, 2), dtype=np.float64)
+    return out
+
+
 def read_twix(
     path: str | os.PathLike, mode: str = "auto", readout_crop: int | None = None, progress: bool = False,
 ) -> tuple[np.ndarray, str, dict[str, Any]]:
@@ -267,7 +369,6 @@ def read_twix(
     if len(np.unique(lines.channels)) != 1:
         raise ValueError(f"{path}: field 'mdh.UsedChannels': lines have different coil counts "
                          f"{np.unique(lines.channels).tolist()}")
-    nc = int(lines.channels[0])
     n_par, n_phs = len(np.unique(cnt["Par"])), len(np.unique(cnt["Phs"]))
     if mode == "auto":
         if n_par > 1 and n_phs > 1:
@@ -280,11 +381,12 @@ def read_twix(
 
     nx = int(2 * max(lines.center_col.max(), (lines.samples - lines.center_col).max()))
     x0 = nx // 2 - lines.center_col
-    ny, y = _grid(cnt["Lin"], lines.center_lin, _hdr(lines.header, "MeasYaps", "sKSpace", "lPhaseEncodingLines"),
-                  "Lin", path)
-    nz, z = (_grid(cnt["Par"], lines.center_par, _hdr(lines.header, "MeasYaps", "sKSpace", "lPartitions"), "Par", path)
-             if mode == "3d" else (1, np.zeros_like(y)))
-    ns, nt = int(cnt["Sli"].max()) + 1, int(cnt["Phs"].max()) + 1
+    axes = [_Axis("Lin", cnt["Lin"], lines.center_lin, _hdr(lines.header, "MeasYaps", "sKSpace", "lPhaseEncodingLines"))]
+    if mode == "3d":
+        axes.append(_Axis("Par", cnt["Par"], lines.center_par, _hdr(lines.header, "MeasYaps", "sKSpace", "lPartitions")))
+    for axis in axes:
+        axis.place(axis.center)
+    ns = int(cnt["Sli"].max()) + 1
     if mode == "3d" and ns > 1:
         raise ValueError(f"{path}: counter Sli takes {ns} values in a 3D acquisition (multi-slab); not supported")
 
@@ -292,16 +394,21 @@ def read_twix(
     nx_out = int(readout_crop) if readout_crop is not None else int(round(nx / factor))
     if not 1 <= nx_out <= nx:
         raise ValueError(f"{path}: readout size {nx_out} after oversampling removal must be in [1, {nx}]")
-    # one accumulator for all modes: (S, T, C, X, ky, kz); the layouts are views of it below.
-    # Each line's readout is transformed (and its oversampling cropped) before it is placed, so
-    # the accumulator never holds the oversampled readout.
-    kspace = np.zeros((ns, nt, nc, nx_out, ny, nz), np.complex64)
-    counts = np.zeros((ns, nt, 1, 1, ny, nz), np.int64)
-    for i in tqdm(range(len(lines.mdbs)), desc=f"read {path.name}", disable=not progress, leave=False):
-        s, t = cnt["Sli"][i], cnt["Phs"][i]
-        kspace[s, t, :, :, y[i], z[i]] += _readout(lines.data(i), int(x0[i]), nx, nx_out, image=mode == "3d")
-        counts[s, t, 0, 0, y[i], z[i]] += 1
-    kspace /= np.maximum(counts, 1)  # the average over Ave (and any repeated line)
+    kspace, counts = _assemble(lines, axes, mode, nx, x0, nx_out, progress)
+    # the k-space centre: header, MDH and data must agree (a wrong centre converts to a wrong
+    # image that validate passes); where they do not, the energy peak decides, or the file is refused
+    energy = _energy(kspace)
+    moved = [_recentre(axis, energy.sum(axis=1 - k), path) for k, axis in enumerate(axes)]
+    if any(moved):
+        kspace, counts = _assemble(lines, axes, mode, nx, x0, nx_out, progress)
+        energy = _energy(kspace)
+        for k, axis in enumerate(axes):
+            peak, _ = _peak(energy.sum(axis=1 - k))
+            if abs(peak - axis.size // 2) > _centre_tolerance(axis.size):
+                raise ValueError(f"{path}: counter {axis.name}: the k-space peak sits at {peak} of {axis.size}, "
+                                 "not at the grid centre, after centring on the data; refusing the file")
+    ny = axes[0].size
+    nz = axes[1].size if mode == "3d" else 1
     _check_sampled(counts[:, :, 0, 0] > 0, path)
 
     attrs: dict[str, Any] = {"twix_mode": mode}
