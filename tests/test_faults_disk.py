@@ -22,25 +22,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONF, ROOT
-from omegaconf import OmegaConf, open_dict
-
-from melrecon.lit import app
-
-def _one_error_line(err: str, expect: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith("melrecon: error:")]
-    assert len(lines) == 1 and expect in lines[0], err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    return lines[0]
-
-
-def _main_exit(cfg, capsys) -> tuple[int, str]:
-    try:
-        app.main(cfg)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code)
-    return code, capsys.readouterr().err
-
+from helpers import main_exit, one_error_line, train_tiny_run
 
 def _files(folder: Path) -> list[str]:
     """Every file under ``folder`` (hidden temporaries included), relative, sorted."""
@@ -84,23 +66,8 @@ def _fill_disk_on(monkeypatch, suffix: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cine_run(tmp_path_factory, data_dir) -> Path:
-    """A finished one-epoch tiny cine run with its .hydra/config.yaml (what reconstruct reads)."""
-    from hydra import compose, initialize_config_dir
-
-    run_dir = tmp_path_factory.mktemp("disk") / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MELRECON_DATA_DIR", str(data_dir))
-        mp.setenv("WANDB_MODE", "disabled")
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=["debug=tiny", "logger=none"])
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(run_dir)
-        app.run(cfg)
-        with open_dict(cfg):
-            cfg.paths.output_dir = "${hydra:runtime.output_dir}"
-        (run_dir / ".hydra").mkdir()
-        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
-    return run_dir
+    """A finished one-epoch tiny cine run (what reconstruct reads)."""
+    return train_tiny_run(tmp_path_factory.mktemp("disk") / "run", CONF, data_dir, "logger=none")
 
 
 @pytest.fixture
@@ -134,10 +101,10 @@ def test_validation_image_full_disk_is_one_line_and_leaves_no_partial_gif(compos
     line naming the GIF, and images/ holds no truncated GIF (nor a temporary file)."""
     failed = _fill_disk_on(monkeypatch, ".gif")
     cfg = compose_cfg("debug=tiny", "logger=none")  # cine: a PNG strip and a GIF per item
-    code, err = _main_exit(cfg, capsys)
+    code, err = main_exit(cfg, capsys)
     images = Path(cfg.paths.output_dir) / "images"
     assert code == 2 and failed, err[-3000:]
-    _one_error_line(err, f"cannot write {images / re.sub(r'^[.]tmp[0-9]+-', '', failed[0])}: No space left on device")
+    one_error_line(err, f"cannot write {images / re.sub(r'^[.]tmp[0-9]+-', '', failed[0])}: No space left on device")
     assert not [n for n in _files(images) if n.endswith(".gif") or ".tmp" in n], _files(images)
 
 
@@ -155,10 +122,10 @@ def test_checkpoint_full_disk_is_one_line_naming_it(compose_cfg, monkeypatch, ca
 
     cfg = compose_cfg("debug=tiny", "logger=none", "trainer.max_epochs=2")
     monkeypatch.setattr(torch, "save", filling_save)
-    code, err = _main_exit(cfg, capsys)
+    code, err = main_exit(cfg, capsys)
     ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
     assert code == 2
-    line = _one_error_line(err, f"cannot write {ckpt_dir / 'epoch_001.ckpt'}: No space left on device")
+    line = one_error_line(err, f"cannot write {ckpt_dir / 'epoch_001.ckpt'}: No space left on device")
     assert "the checkpoints written before are intact" in line
     monkeypatch.setattr(torch, "save", real_save)
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]

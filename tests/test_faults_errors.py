@@ -12,24 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from melrecon.lit import app
-
-
-def _main_exit(cfg, capsys) -> tuple[int, str]:
-    try:
-        app.main(cfg)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code)
-    return code, capsys.readouterr().err
-
-
-def _one_error_line(err: str, expect: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith("melrecon: error:")]
-    assert len(lines) == 1 and expect in lines[0], err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    return lines[0]
+from helpers import main_exit, one_error_line
 
 
 @pytest.mark.parametrize("overrides", [["trainer.precision=64"], ["trainer.precision=bf16-true", "model.memory=checkpoint"],
@@ -37,10 +20,10 @@ def _one_error_line(err: str, expect: str) -> str:
                                        ["trainer.precision=64-true", "model=rev_cine"]])
 def test_unsupported_precision_is_refused_at_start_up_in_one_line(compose_cfg, capsys, tmp_path, overrides):
     cfg = compose_cfg("debug=tiny", "logger=none", *overrides)
-    code, err = _main_exit(cfg, capsys)
+    code, err = main_exit(cfg, capsys)
     assert code == 2
     raw = overrides[0].split("=", 1)[1]
-    _one_error_line(err, f"trainer.precision={raw} is not supported; supported: 32 (32-true), bf16-mixed, 16-mixed")
+    one_error_line(err, f"trainer.precision={raw} is not supported; supported: 32 (32-true), bf16-mixed, 16-mixed")
     assert not Path(cfg.paths.output_dir, "checkpoints").exists()  # refused before anything ran
 
 
@@ -56,8 +39,8 @@ def test_non_finite_loss_is_the_one_line(compose_cfg, capsys):
     intact last checkpoint, exit 2, no traceback."""
     cfg = compose_cfg("debug=tiny", "logger=none", "module.optimizer.lr=1e12", "trainer.max_epochs=3",
                       "trainer.gradient_clip_val=null")
-    code, err = _main_exit(cfg, capsys)
+    code, err = main_exit(cfg, capsys)
     assert code == 2, err[-3000:]
-    line = _one_error_line(err, "non-finite")
+    line = one_error_line(err, "non-finite")
     assert "training loss nan at global step" in line
     assert "files [" in line and "the last checkpoint is intact" in line

@@ -16,17 +16,10 @@ from pathlib import Path
 
 import pytest
 from conftest import CONF, ROOT, run_train
-from omegaconf import open_dict
+from helpers import one_error_line, train_tiny_run
 
 from melrecon.data.locks import file_lock
 from melrecon.lit import app
-
-
-def _one_error_line(err: str, expect: str, prefix: str = "melrecon: error:") -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith(prefix)]
-    assert len(lines) == 1 and expect in lines[0], err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    return lines[0]
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -38,18 +31,7 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, data_dir) -> Path:
     """A finished one-epoch tiny run with its CSV history (the folder a resume continues)."""
-    from hydra import compose, initialize_config_dir
-
-    run_dir = tmp_path_factory.mktemp("locked") / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MELRECON_DATA_DIR", str(data_dir))
-        mp.setenv("WANDB_MODE", "disabled")
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=["debug=tiny", "logger=csv"])
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(run_dir)
-        app.run(cfg)
-    return run_dir
+    return train_tiny_run(tmp_path_factory.mktemp("locked") / "run", CONF, data_dir, "logger=csv")
 
 
 # ---------------------------------------------------------------------- one writer per run folder
@@ -65,7 +47,7 @@ def test_resume_into_a_run_folder_being_written_is_refused_in_one_line(finished_
             app.main(cfg)
         after = _snapshot(finished_run)
     assert stop.value.code == 2
-    line = _one_error_line(capsys.readouterr().err, f"run folder {finished_run} is being written by process {os.getpid()}")
+    line = one_error_line(capsys.readouterr().err, f"run folder {finished_run} is being written by process {os.getpid()}")
     assert "wait for it to end" in line
     after.pop(app.RUN_LOCK, None)  # the holder's own lock file
     assert after == before
@@ -101,7 +83,7 @@ def test_two_resumes_at_once_then_sigkill_of_the_writer(finished_run, compose_cf
         before = _snapshot(finished_run)
         b = run_train(["debug=tiny", "logger=csv", "trainer.max_epochs=9", f"ckpt_path={ckpt}"], tmp_path, data_dir)
         assert b.returncode == 2
-        _one_error_line(b.stderr, f"run folder {finished_run} is being written by process {a.pid}")
+        one_error_line(b.stderr, f"run folder {finished_run} is being written by process {a.pid}")
         assert _snapshot(finished_run) == before and a.poll() is None  # A and its files untouched
     finally:
         a.send_signal(signal.SIGKILL)
@@ -128,7 +110,7 @@ def test_second_study_into_a_busy_out_dir_is_refused_in_one_line(tmp_path, monke
     with file_lock(out / runner.STUDY_LOCK):
         code = study_main.main(["cine_depth", "preset=tiny", f"out_dir={out}"])
     assert code == 2
-    line = _one_error_line(capsys.readouterr().err, f"out_dir {out} is being written by process {os.getpid()}",
+    line = one_error_line(capsys.readouterr().err, f"out_dir {out} is being written by process {os.getpid()}",
                            prefix="melrecon.study: error:")
     assert "another study" in line
     assert sorted(p.name for p in out.iterdir()) == []
