@@ -7,6 +7,8 @@
 - :func:`grads_of_step`: one training step's gradients (chain input first, then parameters);
 - :func:`rel_error`, :func:`max_rel_error`: relative errors of lists of tensors;
 - :func:`read_csv`, :func:`read_metrics_csv`, :func:`column`: CSV tables and a run's CSV-logger history.
+- :func:`one_error_line`, :func:`main_exit`, :func:`train_tiny_run`: the training application's one-line
+  errors, its exit status, a finished tiny run.
 """
 
 from __future__ import annotations
@@ -116,3 +118,48 @@ def read_metrics_csv(folder: str | Path) -> list[dict[str, str]]:
 def column(rows: list[dict[str, str]], key: str) -> list[float]:
     """The values of ``key`` in the rows that logged it, in order."""
     return [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+
+
+# ---------------------------------------------------------------------- the training application
+def one_error_line(err: str, expect: str, prefix: str = "melrecon: error:") -> str:
+    """The single ``prefix`` line of ``err``, which must contain ``expect``; no traceback."""
+    lines = [ln for ln in err.splitlines() if ln.startswith(prefix)]
+    assert len(lines) == 1 and expect in lines[0], err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def main_exit(cfg, capsys) -> tuple[int, str]:
+    """Run ``melrecon.lit.app.main(cfg)``; return (exit status, stderr)."""
+    from melrecon.lit import app
+
+    try:
+        app.main(cfg)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code)
+    return code, capsys.readouterr().err
+
+
+def train_tiny_run(run_dir: Path, conf_dir: Path, data_dir: Path, *overrides: str) -> Path:
+    """Train a finished one-epoch ``debug=tiny`` run into ``run_dir`` (W&B off) and save its
+    ``.hydra/config.yaml`` as Hydra does (what resume and reconstruct read); returns ``run_dir``."""
+    import pytest
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    from melrecon.lit import app
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MELRECON_DATA_DIR", str(data_dir))
+        mp.setenv("WANDB_MODE", "disabled")
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=["debug=tiny", *overrides])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(run_dir)
+        app.run(cfg)
+        with open_dict(cfg):
+            cfg.paths.output_dir = "${hydra:runtime.output_dir}"
+        (run_dir / ".hydra").mkdir()
+        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    return run_dir

@@ -15,27 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CONF, run_train
-from helpers import read_metrics_csv
+from helpers import main_exit, one_error_line, read_metrics_csv
 from omegaconf import OmegaConf, open_dict
 
 from melrecon.lit import app
-
-
-def _one_error_line(err: str, expect: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith("melrecon: error:")]
-    assert len(lines) == 1 and expect in lines[0], err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    return lines[0]
-
-
-def _main_exit(cfg, capsys) -> tuple[int, str]:
-    """Run app.main(cfg); return (exit status, stderr)."""
-    try:
-        app.main(cfg)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code)
-    return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +89,7 @@ def test_reconstruct_refuses_weights_of_another_model_config(trained, tmp_path, 
     OmegaConf.save(other, tmp_path / "other.yaml")
     src = data_dir / "synthetic_cine" / "val" / "cine_val_0000.h5"
     code = rc.main([str(run_dir), str(src), "--out", str(tmp_path / "out"), "--config", str(tmp_path / "other.yaml")])
-    line = _one_error_line(capsys.readouterr().err, "does not fit the run's model config")
+    line = one_error_line(capsys.readouterr().err, "does not fit the run's model config")
     assert code == 2 and "model.dc.lam_init" in line and "model.num_unrolls" in line
     # --num-unrolls on a shared-weight network is a deliberate change: still allowed
     assert rc.main([str(run_dir), str(src), "--out", str(tmp_path / "deeper"), "--num-unrolls", "3"]) == 0
@@ -123,9 +106,9 @@ def test_resume_with_another_config_is_refused_naming_the_keys(trained, compose_
     run_dir, _ = trained
     cfg = compose_cfg("debug=tiny", "logger=none", "trainer.max_epochs=2",
                       f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", override)
-    code, err = _main_exit(cfg, capsys)
+    code, err = main_exit(cfg, capsys)
     assert code == 2
-    line = _one_error_line(err, "trained with another config")
+    line = one_error_line(err, "trained with another config")
     assert key in line
 
 
@@ -146,9 +129,9 @@ def test_resume_may_switch_memory_mode_and_data_folder(trained, compose_cfg, tmp
     ("+trainer.max_steps=-3", "trainer.max_steps"),
 ])
 def test_negative_epoch_or_step_limits_are_refused(compose_cfg, capsys, override, expect):
-    code, err = _main_exit(compose_cfg("debug=tiny", "logger=none", override), capsys)
+    code, err = main_exit(compose_cfg("debug=tiny", "logger=none", override), capsys)
     assert code == 2
-    _one_error_line(err, expect)
+    one_error_line(err, expect)
 
 
 def test_plain_run_without_validation_warns_and_exits_0(compose_cfg, caplog):
@@ -169,9 +152,9 @@ def test_unreadable_ckpt_path_is_one_line(trained, compose_cfg, capsys, tmp_path
         bad.write_bytes(data[: len(data) // 2])
     else:
         bad.write_bytes(b"")
-    code, err = _main_exit(compose_cfg("debug=tiny", "logger=none", f"ckpt_path={bad}"), capsys)
+    code, err = main_exit(compose_cfg("debug=tiny", "logger=none", f"ckpt_path={bad}"), capsys)
     assert code == 2
-    _one_error_line(err, str(bad))
+    one_error_line(err, str(bad))
 
 
 def test_data_dir_that_is_a_file_is_one_line(compose_cfg, capsys, tmp_path, monkeypatch):
@@ -179,9 +162,9 @@ def test_data_dir_that_is_a_file_is_one_line(compose_cfg, capsys, tmp_path, monk
     f = tmp_path / "datafile"
     f.write_text("x")
     monkeypatch.setenv("MELRECON_DATA_DIR", str(f))
-    code, err = _main_exit(cfg, capsys)
+    code, err = main_exit(cfg, capsys)
     assert code == 2
-    _one_error_line(err, str(f))
+    one_error_line(err, str(f))
 
 
 def test_unwritable_run_folder_is_one_line(tmp_path, data_dir):
@@ -190,7 +173,7 @@ def test_unwritable_run_folder_is_one_line(tmp_path, data_dir):
     res = run_train(["debug=tiny", "logger=none", "train=false", f"paths.log_dir={blocker / 'logs'}"],
                     tmp_path, data_dir, timeout=120)
     assert res.returncode != 0
-    _one_error_line(res.stderr, str(blocker))
+    one_error_line(res.stderr, str(blocker))
 
 
 # ---------------------------------------------------------------------- 6. checkpoints on a full disk

@@ -21,6 +21,10 @@ drawn square (voxel aspect ratios are not applied).
 :func:`comparison_strip` draws zero-filled / reconstruction / target / error panels with their
 PSNR as an RGB uint8 array (H, W, 3) for PNG files, TensorBoard and W&B; a stack of them per
 cine frame makes a labelled GIF (:func:`write_gif`).
+
+Every file is written to a temporary name in its folder and renamed when complete
+(:func:`melrecon.atomic.atomic_path`): a failed write (a full disk) leaves no partial file and
+raises :class:`melrecon.atomic.WriteError` naming the output file.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from melrecon.atomic import all_or_none, atomic_path
 
 KINDS = ("volume3d", "cine")
 _MIN_PANEL_PX = 128  # small images are magnified (integer factor) so that titles fit above them
@@ -120,7 +126,8 @@ def write_nifti(
     img.header["descrip"] = desc[:80].encode()  # the NIfTI-1 field holds 80 bytes
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, str(path))
+    with atomic_path(path) as tmp:  # the temporary name ends in .nii.gz: nibabel compresses it
+        nib.save(img, str(tmp))
     return path
 
 
@@ -274,7 +281,8 @@ def save_png(path: str | os.PathLike, rgb: np.ndarray, description: str | None =
     if description is not None:
         info = PngInfo()
         info.add_itxt(PNG_DESCRIPTION_KEY, description)  # iTXt: UTF-8 (file names may not be Latin-1)
-    Image.fromarray(rgb).save(path, pnginfo=info)
+    with atomic_path(path) as tmp:
+        Image.fromarray(rgb).save(tmp, format="PNG", pnginfo=info)
     return path
 
 
@@ -304,7 +312,9 @@ def write_gif(path: str | os.PathLike, frames: np.ndarray, fps: float = 10.0, vm
     imgs = [Image.fromarray(f) for f in u8]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=int(round(1000 / fps)), loop=0)
+    with atomic_path(path) as tmp:
+        imgs[0].save(tmp, format="GIF", save_all=True, append_images=imgs[1:], duration=int(round(1000 / fps)),
+                     loop=0)
     return path
 
 
@@ -333,21 +343,24 @@ def write_previews(out_dir: str | os.PathLike, stem: str, image: np.ndarray, kin
     # (X, T): time runs left to right, each frame repeated so that the panel is about square
     xt = np.repeat(series[:, :, ny // 2].T, max(1, round(series.shape[1] / t)), axis=1)
     profile = labelled_panels([xt], [f"x-t profile, Y = {ny // 2}\n(time ->)"], vmax)
-    return [save_png(out / f"{stem}_frames.png", frames), save_png(out / f"{stem}_xt.png", profile),
-            write_gif(out / f"{stem}.gif", series[:, ::step, ::step], fps=fps, vmax=vmax, scale=scale)]
+    with all_or_none() as written:  # the previews of one image are kept all or none
+        written.append(save_png(out / f"{stem}_frames.png", frames))
+        written.append(save_png(out / f"{stem}_xt.png", profile))
+        written.append(write_gif(out / f"{stem}.gif", series[:, ::step, ::step], fps=fps, vmax=vmax, scale=scale))
+    return written
 
 
 def export_image(out_dir: str | os.PathLike, stem: str, image: np.ndarray, kind: str,
                  formats: Sequence[str] = ("nifti", "png"), voxel_size_mm: Sequence[float] | None = None,
                  fps: float = 10.0) -> list[Path]:
     """Write one image in the requested formats (``nifti``: ``<stem>.nii.gz``; ``png``: the
-    previews of :func:`write_previews`); returns the paths written."""
+    previews of :func:`write_previews`); returns the paths written (all of them, or on failure none)."""
     unknown = sorted(set(formats) - {"nifti", "png"})
     if unknown:
         raise ValueError(f"unknown export format(s) {unknown}; choose from nifti, png")
-    paths: list[Path] = []
-    if "nifti" in formats:
-        paths.append(write_nifti(Path(out_dir) / f"{stem}.nii.gz", image, kind, voxel_size_mm))
-    if "png" in formats:
-        paths += write_previews(out_dir, stem, image, kind, fps)
+    with all_or_none() as paths:  # a failure removes the formats already written
+        if "nifti" in formats:
+            paths.append(write_nifti(Path(out_dir) / f"{stem}.nii.gz", image, kind, voxel_size_mm))
+        if "png" in formats:
+            paths += write_previews(out_dir, stem, image, kind, fps)
     return paths

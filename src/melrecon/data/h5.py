@@ -22,15 +22,15 @@ file and the field.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+
+from melrecon.atomic import atomic_path  # also imported from here by the data tools
 
 LAYOUT_VERSION = 1
 KINDS = ("volume3d", "cine")
@@ -124,20 +124,6 @@ def _chunks(axes: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
     if axes == "slice,coil,time,x,y":
         return (1,) + tuple(shape[1:])
     return None
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary name beside ``path``; on success it replaces ``path`` in one step,
-    on any error it is removed, so a reader never sees a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_scan(

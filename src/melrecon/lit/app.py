@@ -4,11 +4,14 @@
 (``cfg.model``), the LightningModule (``cfg.module``, given ``net=``), callbacks, loggers and
 the Trainer; fits, then optionally validates/tests; returns the metrics. ``main(cfg)`` wraps it
 for the command line: it returns the optimised metric for sweepers, always closes the W&B run
-(also on error and between multirun jobs), and turns configuration mistakes into one line.
+(also on error and between multirun jobs), and turns configuration mistakes, failed writes (a
+full disk) and a diverged step into one line. One process writes a run folder at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import math
 import os
@@ -21,11 +24,15 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from melrecon.atomic import WriteError
+from melrecon.data.locks import LockBusy, file_lock, holder
 from melrecon.lit.console import stdout_is_terminal
+from melrecon.lit.module import check_precision_name
 from melrecon.lit.runinfo import check_same_run, checkpoint_run_dir, config_record, read_checkpoint, unique_dir
 from melrecon.lit.wandb_history import rebuild_on_resume
 
 log = logging.getLogger("melrecon")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 def _mkdir(path: str) -> str:
@@ -170,6 +177,34 @@ def resume_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:
     return ckpt
 
 
+RUN_LOCK = ".melrecon-run.lock"
+"""Lock file in a run folder, held by the one process writing it (:func:`lock_run_folder`)."""
+
+
+def _rank() -> int:
+    """This process's global rank under DDP (0 without it)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def lock_run_folder(folder: Path, held: contextlib.ExitStack) -> None:
+    """Make this process the one writer of run folder ``folder`` until ``held`` closes.
+
+    Two processes writing one run folder (two resumes of one checkpoint) would each log the
+    same steps into its history, write ``-v1`` checkpoints and move the other's live W&B folder
+    aside; the second is refused in one line instead, before it writes anything. The lock is an
+    OS lock (:func:`melrecon.data.locks.file_lock`): a killed process (``kill -9``) holds it no
+    more. DDP ranks other than 0 write through rank 0 and take no lock.
+    """
+    if _rank() != 0:
+        return
+    lock = folder / RUN_LOCK
+    try:
+        held.enter_context(file_lock(lock, blocking=False))
+    except LockBusy:
+        raise UserError(f"run folder {folder} is being written by {holder(lock)} (another training or resume "
+                        "of this run); one process writes a run folder at a time: wait for it to end") from None
+
+
 def finish_wandb() -> None:
     """Close the active W&B run, if any (later multirun jobs would otherwise reuse it)."""
     if "wandb" in sys.modules:
@@ -179,17 +214,29 @@ def finish_wandb() -> None:
             wandb.finish()
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Train (and optionally validate/test) as configured; return the final metrics as floats."""
+def run(cfg: DictConfig, held: contextlib.ExitStack | None = None) -> dict[str, float]:
+    """Train (and optionally validate/test) as configured; return the final metrics as floats.
+
+    The run folder is locked (:func:`lock_run_folder`) until ``held`` closes (main: after W&B has
+    finished), or until this call returns when ``held`` is None.
+    """
+    if held is None:
+        with contextlib.ExitStack() as own:
+            return run(cfg, own)
     if cfg.get("seed") is not None:
         pl.seed_everything(int(cfg.seed), workers=True)
     ckpt_path = cfg.get("ckpt_path")
     check_limits(cfg.trainer)
+    check_precision_name(cfg.trainer.get("precision"))
     check_data_folder(cfg)
     ckpt = resume_checkpoint(cfg)
-    if ckpt is not None:
+    run_dir = checkpoint_run_dir(ckpt_path) if ckpt is not None else None
+    if run_dir is not None:
+        lock_run_folder(run_dir, held)  # before this invocation writes anything into it
         continue_run_folder(cfg, ckpt_path)
     check_run_folder(cfg)
+    if run_dir is None:
+        lock_run_folder(Path(cfg.paths.output_dir), held)
 
     log.info("data: %s", cfg.data._target_)
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -259,7 +306,13 @@ def user_error_message(exc: BaseException) -> str | None:
     while e is not None and e not in chain:
         chain.append(e)
         e = e.__cause__ or (e.__context__ if isinstance(e, InstantiationException) else None)
+    # a failed output write (names the file) or a diverged step (names step and files) says it all
+    told = next((e for e in chain if isinstance(e, (WriteError, FloatingPointError))), None)
+    if told is not None:
+        return " ".join(str(told).split())
     root = chain[-1]
+    if isinstance(root, OSError) and root.errno in DISK_FULL:  # a write outside melrecon's own files
+        return f"{root.strerror}" + (f": {root.filename}" if root.filename else "")
     user_types = (UserError, ValueError, FileNotFoundError, NotADirectoryError, OmegaConfBaseException,
                   HydraException)
     if not isinstance(root, user_types) and not (isinstance(exc, InstantiationException)
@@ -291,26 +344,27 @@ def sweeper_needs_metric() -> bool:
 
 def main(cfg: DictConfig) -> float | None:
     """Command-line entry (called by train.py's @hydra.main)."""
-    try:
-        metrics = run(cfg)
-        name = cfg.get("optimized_metric")
-        if name and name not in metrics and not sweeper_needs_metric():
-            # e.g. max_epochs=0 or max_steps ending before the first validation: the run is fine
-            log.warning("optimized_metric '%s' was not logged (no validation ran); only a sweep needs it", name)
-            return None
-        return metric_value(metrics, name)
-    except Exception as exc:  # noqa: BLE001 - filtered right below
-        msg = user_error_message(exc)
-        if msg is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"melrecon: error: {msg}", file=sys.stderr)
-        print("(set HYDRA_FULL_ERROR=1 for the full traceback)", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        finish_wandb()
+    with contextlib.ExitStack() as held:  # the run folder's lock, released after W&B has finished
+        try:
+            metrics = run(cfg, held)
+            name = cfg.get("optimized_metric")
+            if name and name not in metrics and not sweeper_needs_metric():
+                # e.g. max_epochs=0 or max_steps ending before the first validation: the run is fine
+                log.warning("optimized_metric '%s' was not logged (no validation ran); only a sweep needs it", name)
+                return None
+            return metric_value(metrics, name)
+        except Exception as exc:  # noqa: BLE001 - filtered right below
+            msg = user_error_message(exc)
+            if msg is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"melrecon: error: {msg}", file=sys.stderr)
+            print("(set HYDRA_FULL_ERROR=1 for the full traceback)", file=sys.stderr)
+            sys.exit(2)
+        finally:
+            finish_wandb()
 
 
 __all__ = ["run", "main", "metric_value", "UserError", "instantiate_callbacks", "instantiate_loggers",
            "finish_wandb", "user_error_message", "check_limits", "check_data_folder", "check_run_folder",
-           "resume_checkpoint", "continue_run_folder",
+           "resume_checkpoint", "continue_run_folder", "lock_run_folder", "RUN_LOCK",
            "sweeper_needs_metric"]

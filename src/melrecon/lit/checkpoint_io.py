@@ -6,7 +6,8 @@ place; across file systems that move is a copy, so a full disk leaves a truncate
 under its final name (and ``ModelCheckpoint`` later deletes the previous, valid one).
 :class:`AtomicCheckpointIO` writes into a temporary file in the destination folder, flushes
 and fsyncs it, then ``os.replace``-s it over the final name (atomic on POSIX within one file
-system) and fsyncs the folder. A failed write removes the temporary file and re-raises; the
+system) and fsyncs the folder. A failed write removes the temporary file and raises
+:class:`melrecon.atomic.WriteError` naming the checkpoint (one line from ``train.py``); the
 previous files are untouched. It is the Trainer's plugin in ``conf/trainer/default.yaml``.
 """
 
@@ -19,6 +20,8 @@ from typing import Any
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from melrecon.atomic import write_error
 
 
 def _umask() -> int:
@@ -64,11 +67,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, dest)
-        except BaseException:
+        except BaseException as err:
             try:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
+            if isinstance(err, OSError):  # a full disk: one line naming the checkpoint
+                failed = write_error(dest, err)
+                failed.strerror = f"{failed.strerror}; the checkpoints written before are intact"
+                raise failed from err
             raise
         _fsync_dir(dest.parent)
         return None

@@ -256,13 +256,34 @@ class ReconModule(pl.LightningModule):
             self.ssim_best.update(torch.tensor(best, device=self.ssim_best.max_value.device))
 
 
+SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+"""``trainer.precision`` values melrecon runs: float32 (complex64 images), or float32 weights with
+the CNNs under autocast. The "true" precisions (``64``, ``bf16-true``, ``16-true``) cast the
+weights only: the k-space, maps and images stay complex64 and the first layer fails on the mix."""
+_PRECISION_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed", "half": "16-true",
+                      "double": "64-true", "float": "32-true"}
+
+
+def check_precision_name(precision: Any) -> str:
+    """The Lightning name of ``trainer.precision`` (``32`` -> ``32-true``, ``bf16`` -> ``bf16-mixed``);
+    ValueError naming the supported ones for any other (:data:`SUPPORTED_PRECISIONS`)."""
+    raw = "32" if precision is None else str(precision)
+    name = _PRECISION_ALIASES.get(raw, raw)
+    if name not in SUPPORTED_PRECISIONS:
+        raise ValueError(f"trainer.precision={raw} is not supported; supported: 32 (32-true), bf16-mixed, 16-mixed "
+                         "(the networks compute on complex64 images; a 'true' 64/16-bit precision would cast "
+                         "the weights only)")
+    return name
+
+
 def check_precision(net: nn.Module, precision: str) -> None:
-    """Refuse what does not work: ``memory=mel`` of a network whose inverse is iterative
-    (``exact_inverse`` False: MoDL) with 16-bit precision (``bf16-mixed``, ``16-mixed``,
-    ``bf16-true``, ...). Its fixed-point inverse stalls above the float32 tolerance on bfloat16
+    """Refuse what does not work: a precision outside :data:`SUPPORTED_PRECISIONS`, and
+    ``memory=mel`` of a network whose inverse is iterative (``exact_inverse`` False: MoDL) with
+    16-bit autocast (``bf16-mixed``, ``16-mixed``). Its fixed-point inverse stalls above the float32 tolerance on bfloat16
     CNN outputs (about 6e-5 relative), so every MEL step would recompute the chain by a forward
     pass: checkpoint memory at more than checkpoint cost, with a warning per step.
     """
+    precision = check_precision_name(precision)
     if "16" not in precision or getattr(net, "memory", None) != "mel" or getattr(net, "exact_inverse", True):
         return
     raise ValueError(

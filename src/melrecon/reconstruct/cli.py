@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from melrecon.atomic import all_or_none
 from melrecon.data.h5 import LayoutError, validate_file
 from melrecon.data.locks import LockBusy, file_lock
 from melrecon.data.validate import collect
@@ -226,9 +227,10 @@ def _reconstruct_file(path: Path, out_path: Path, net: nn.Module, dm: Any, devic
         attrs["tile"] = ", ".join(sorted({str(m.tile) for m in net.modules() if isinstance(m, ConvStack)}))
     at_trained = _trained_depth_metrics(trained, path, dm, device, batch_size, result)
     attrs.update({f"{k}_trained_depth": v for k, v in at_trained.items()})
-    if "h5" in formats:
-        write_result(out_path, result, attrs)
-    _export(out_path.parent, out_path.stem, result, info.kind, formats, path)
+    with all_or_none() as written:  # a scan that FAILED leaves none of its outputs (nor a metrics.csv row)
+        if "h5" in formats:
+            written.append(write_result(out_path, result, attrs))
+        _export(out_path.parent, out_path.stem, result, info.kind, formats, path, written)
     return info.kind, result, at_trained
 
 
@@ -258,21 +260,23 @@ def _claim_out(out_dir: Path, ckpt_sha: str, depth: int | None, overwrite: bool)
     print(f"removed {len(others)} result(s) {why} from {out_dir} (--overwrite)")
 
 
-def _export(out_dir: Path, stem: str, result: ScanResult, kind: str, formats: tuple[str, ...], path: Path) -> None:
+def _export(out_dir: Path, stem: str, result: ScanResult, kind: str, formats: tuple[str, ...], path: Path,
+            written: list[Path]) -> None:
     """NIfTI / PNG outputs of one result (:mod:`melrecon.export`), with a labelled
-    zero-filled / reconstruction / target / error strip of the centre plane when there is a target."""
+    zero-filled / reconstruction / target / error strip of the centre plane when there is a target;
+    each file, once complete, is appended to ``written``."""
     from melrecon.export import comparison_strip, export_image, save_png, voxel_size_of
 
     wanted = [f for f in formats if f in ("nifti", "png")]
     if not wanted:
         return
-    export_image(out_dir, stem, result.reconstruction, kind, wanted, voxel_size_of(path))
+    written += export_image(out_dir, stem, result.reconstruction, kind, wanted, voxel_size_of(path))
     if "png" in wanted and result.has_target:
         def centre(a: Any) -> Any:  # volume3d: the (Y, Z) plane at the centre readout; cine: frame 0 of the centre slice
             return a[a.shape[0] // 2] if kind == "volume3d" else (a if a.ndim == 3 else a[a.shape[0] // 2])[0]
         strip = comparison_strip(centre(result.zero_filled), centre(result.reconstruction), centre(result.target),
                                  data_range=result.data_range)
-        save_png(out_dir / f"{stem}_comparison.png", strip)
+        written.append(save_png(out_dir / f"{stem}_comparison.png", strip))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,8 +378,8 @@ def _run(files: list[Path], out_dir: Path, net: nn.Module, trained: nn.Module | 
     if everything:
         try:
             write_csv(csv_path, everything)
-        except OSError as err:
-            print(f"melrecon: error: cannot write {csv_path}: {' '.join(str(err).split())}", file=sys.stderr)
+        except OSError as err:  # a WriteError, naming the file
+            print(f"melrecon: error: {' '.join(str(err).split())}", file=sys.stderr)
             return 2
     if rows:
         print_table(rows)

@@ -20,7 +20,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from melrecon.data.h5 import atomic_path
+from melrecon.atomic import atomic_path, check_free_space
 from melrecon.reconstruct.stitch import METRIC_KEYS, ScanResult
 
 CSV_COLUMNS = ("file", "output", "kind", "acceleration", "mask", "num_unrolls", *METRIC_KEYS)
@@ -72,15 +72,26 @@ def csv_row(path: Path, attrs: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_result(path: str | os.PathLike, result: ScanResult, attrs: dict[str, Any]) -> Path:
-    """Write one result atomically: a hidden temporary file in the same folder, then
-    ``os.replace``; on any error the temporary file is removed and nothing is left."""
+    """Write one result file whole or not at all.
+
+    The HDF5 file is built in memory and its size checked against the free space of the folder
+    (:func:`melrecon.atomic.check_free_space`) before anything is written: HDF5 writing into a
+    full disk fails with errors and then crashes the process at exit (segmentation fault). The
+    bytes then go to a hidden temporary file renamed over ``path`` (:func:`melrecon.atomic.atomic_path`).
+    Raises :class:`melrecon.atomic.WriteError` naming ``path``; nothing is left on failure.
+    """
     path = Path(path)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
         f.create_dataset("reconstruction", data=result.reconstruction.astype(np.complex64))
         f.create_dataset("zero_filled", data=result.zero_filled.astype(np.complex64))
         f.create_dataset("mask", data=result.mask.astype(np.float32))
         for key, value in {**attrs, **result.metrics}.items():
             f.attrs[key] = value
+    data = buf.getbuffer()
+    check_free_space(path, data.nbytes)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
     return path
 
 

@@ -16,20 +16,23 @@
 5. baselines (:mod:`melrecon.study.baseline_runs`), each resumable the same way;
 6. the report (:mod:`melrecon.study.report`): ``results.csv``, ``summary.md``, plots, W&B table.
 
+One study writes ``out_dir`` at a time (:func:`lock_study_folder`; a second one is refused).
 Folder ``out_dir``: ``study.yaml`` (the composed study), ``runs/<name>/`` (Hydra job folders),
 ``baselines/<name>/``, ``results.csv``, ``summary.md``, ``*.png``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
+from melrecon.data.locks import LockBusy, file_lock, holder
 from melrecon.study import job
 from melrecon.study.config import (
     RunSpec, StudyError, check_same_budget, compose_study, compose_train, count_parameters, format_overrides,
@@ -39,6 +42,8 @@ from melrecon.study.config import (
 from melrecon.study.files import write_json, write_text
 
 log = logging.getLogger("melrecon.study")
+STUDY_LOCK = ".melrecon-study.lock"
+"""Lock file in a study's ``out_dir``, held by the one study writing it (:func:`lock_study_folder`)."""
 
 
 def run_identity(overrides: Sequence[str]) -> list[str]:
@@ -111,6 +116,28 @@ def run_study(name: str, overrides: Sequence[str] = (), extra: Sequence[str] = (
     cfg = compose_study(name, overrides)
     out_dir = Path(cfg.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    with lock_study_folder(out_dir):
+        return _run_locked(cfg, out_dir, command, extra)
+
+
+@contextlib.contextmanager
+def lock_study_folder(out_dir: Path) -> Iterator[None]:
+    """One study writes ``out_dir`` at a time: a second is refused at once (StudyError, one line)
+    before it writes anything. Waiting instead would keep it silent for the whole of the first
+    study, then rerun its plan; refusing says so while the user is there. The lock is an OS lock
+    (:func:`melrecon.data.locks.file_lock`), released when the study ends, however it ends."""
+    lock = out_dir / STUDY_LOCK
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(file_lock(lock, blocking=False))
+        except LockBusy:
+            raise StudyError(f"out_dir {out_dir} is being written by {holder(lock)} (another study); one study "
+                             "writes a folder at a time: wait for it to end, or choose another out_dir") from None
+        yield
+
+
+def _run_locked(cfg: DictConfig, out_dir: Path, command: str, extra: Sequence[str]) -> Path:
+    """The study in its locked folder (see :func:`run_study`)."""
     write_text(out_dir / "study.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     log.info("study %s (preset %s) in %s", cfg.name, cfg.preset.name, out_dir)
     if cfg.kind == "memory":
@@ -150,6 +177,6 @@ def prepare_data(train_cfg: DictConfig) -> None:
     dm.prepare_data()
 
 
-__all__ = ["run_study", "plan_runs", "launch", "split_extra", "prepare_data"]
+__all__ = ["run_study", "lock_study_folder", "STUDY_LOCK", "plan_runs", "launch", "split_extra", "prepare_data"]
 
 
