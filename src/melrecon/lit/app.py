@@ -22,8 +22,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from melrecon.lit.console import stdout_is_terminal
+from melrecon.lit.plan_check import PlanCheck
 from melrecon.lit.runinfo import check_same_run, checkpoint_run_dir, config_record, read_checkpoint, unique_dir
 from melrecon.lit.wandb_history import rebuild_on_resume
+from melrecon.plan.config import resolve_auto
 
 log = logging.getLogger("melrecon")
 
@@ -54,6 +56,10 @@ def _unique_dir(path: str) -> str:
 if not OmegaConf.has_resolver("unique_dir"):
     # cached: Hydra resolves hydra.run.dir several times and copies the cache to sweep jobs
     OmegaConf.register_new_resolver("unique_dir", _unique_dir, use_cache=True)
+
+
+#: trainer settings of model.memory=auto (melrecon.plan), not Trainer arguments
+PLAN_KEYS = ("memory_budget_gb", "plan_calibrate")
 
 
 class UserError(Exception):
@@ -193,11 +199,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     log.info("data: %s", cfg.data._target_)
     datamodule = hydra.utils.instantiate(cfg.data)
+    plan = resolve_auto(cfg, datamodule)  # model.memory=auto: the plan's settings go into cfg.model
     log.info("model: %s", cfg.model._target_)
     net = hydra.utils.instantiate(cfg.model)
     module = hydra.utils.instantiate(cfg.module, net=net)
     module.run_record = config_record(cfg)  # stored in every checkpoint
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    if plan is not None:
+        callbacks.append(PlanCheck(plan))
     loggers = instantiate_loggers(cfg.get("logger"), (ckpt or {}).get("melrecon", {}).get("wandb_id"),
                                   None if ckpt is None else int(ckpt.get("global_step", 0)))
     trainer_kwargs: dict[str, Any] = {}
@@ -206,8 +215,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
         # (ConsoleSummary, every callbacks.console.every_n_steps steps)
         trainer_kwargs["enable_progress_bar"] = False
         log.info("stdout is not a terminal: progress bar off, progress as periodic log lines")
+    with open_dict(cfg):  # not Trainer arguments: out for the instantiation, back for the record
+        plan_settings = {k: cfg.trainer.pop(k) for k in PLAN_KEYS if k in cfg.trainer}
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                                   **trainer_kwargs)
+    with open_dict(cfg):
+        cfg.trainer.update(plan_settings)
 
     if loggers:
         resolved = OmegaConf.to_container(cfg, resolve=True)
