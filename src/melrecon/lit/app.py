@@ -66,6 +66,17 @@ class UserError(Exception):
     """A configuration or input mistake, reported as one line without a traceback."""
 
 
+def instantiate_trainer(trainer_cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
+    """``cfg.trainer`` as a Trainer, without the :data:`PLAN_KEYS` (taken out for the call only)."""
+    with open_dict(trainer_cfg):
+        plan_settings = {k: trainer_cfg.pop(k) for k in PLAN_KEYS if k in trainer_cfg}
+    try:
+        return hydra.utils.instantiate(trainer_cfg, **kwargs)
+    finally:
+        with open_dict(trainer_cfg):
+            trainer_cfg.update(plan_settings)
+
+
 def instantiate_callbacks(cfg: DictConfig | None) -> list[pl.Callback]:
     """Instantiate every entry of ``cfg.callbacks`` that has a ``_target_`` (null entries skipped)."""
     out: list[pl.Callback] = []
@@ -215,12 +226,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         # (ConsoleSummary, every callbacks.console.every_n_steps steps)
         trainer_kwargs["enable_progress_bar"] = False
         log.info("stdout is not a terminal: progress bar off, progress as periodic log lines")
-    with open_dict(cfg):  # not Trainer arguments: out for the instantiation, back for the record
-        plan_settings = {k: cfg.trainer.pop(k) for k in PLAN_KEYS if k in cfg.trainer}
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                                  **trainer_kwargs)
-    with open_dict(cfg):
-        cfg.trainer.update(plan_settings)
+    trainer = instantiate_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False, **trainer_kwargs)
 
     if loggers:
         resolved = OmegaConf.to_container(cfg, resolve=True)
