@@ -18,7 +18,7 @@ CONF = Path(__file__).resolve().parents[3] / "conf"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="melrecon plan", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m melrecon.plan", description=__doc__.split("\n\n")[0],
                                  epilog="example: melrecon plan --shape 320 256 32 --coils 8 +experiment=knee3d_rev_slab "
                                         "trainer.memory_budget_gb=24")
     ap.add_argument("overrides", nargs="*", help="train.py overrides")
