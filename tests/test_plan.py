@@ -91,3 +91,21 @@ def test_memory_auto_trains_end_to_end(tmp_path, data_dir):
     res = run_train(["debug=tiny", "logger=none", "model.memory=auto", "trainer.memory_budget_gb=0.000001"],
                     tmp_path / "refused", data_dir)
     assert res.returncode != 0 and "no plan fits" in res.stderr + res.stdout
+
+
+def test_resume_accepts_the_settings_auto_chose():
+    """A checkpoint records the plan's concrete memory, anchors, tile and dc_chunk; resuming with
+    model.memory=auto (tile and dc_chunk null in the config) is the same run; a width change is not."""
+    from omegaconf import OmegaConf
+
+    from melrecon.lit.runinfo import config_record, run_differences
+
+    now = OmegaConf.create({"model": {"memory": "auto", "dc_chunk": None, "num_unrolls": 2,
+                                      "regularizer": {"width": 4, "tile": None}, "step_net": {"tile": None}}})
+    record = config_record(now)
+    record["model"].update(memory="mel", anchor_every=2, dc_chunk=4)
+    record["model"]["regularizer"]["tile"] = [4, 8, 8]
+    record["model"]["step_net"]["tile"] = [4, 8, 8]
+    assert run_differences(record, now, ("model",)) == []
+    record["model"]["regularizer"]["width"] = 8
+    assert run_differences(record, now, ("model",)) == ["model.regularizer.width: 8 -> 4"]

@@ -369,6 +369,12 @@ def predict_peak(
     )
 
 
+def halve_longest(tile: Sequence[int]) -> tuple[int, ...]:
+    """The tile with its longest axis halved, rounding up (the first longest axis on ties)."""
+    axis = max(range(len(tile)), key=lambda a: tile[a])
+    return tuple(-(-int(t) // 2) if a == axis else int(t) for a, t in enumerate(tile))
+
+
 def choose_tile(budget_bytes: float, volume: Sequence[int], **kwargs) -> tuple[tuple[int, ...] | None, PeakPrediction]:
     """The first tile, halving (rounding up) the tile's longest axis from the whole volume,
     whose predicted ``peak_bytes`` is within ``budget_bytes``: ``(None, prediction)`` when the
@@ -378,10 +384,9 @@ def choose_tile(budget_bytes: float, volume: Sequence[int], **kwargs) -> tuple[t
     tile = tuple(int(s) for s in volume)
     pred = predict_peak(volume, tile=None, **kwargs)
     while pred.peak_bytes > budget_bytes:
-        axis = max(range(len(tile)), key=lambda a: tile[a])
-        if tile[axis] == 1:
+        if max(tile) == 1:
             break
-        tile = tuple(-(-t // 2) if a == axis else t for a, t in enumerate(tile))
+        tile = halve_longest(tile)
         nxt = predict_peak(volume, tile=tile, **kwargs)
         if nxt.peak_bytes >= pred.peak_bytes and nxt.peak_bytes > budget_bytes:
             pred = nxt
@@ -420,8 +425,7 @@ def main(argv: Sequence[str] | None = None) -> tuple[tuple[int, ...] | None, Pea
         for mode in MODES:
             pred = predict_peak(args.volume, memory=mode, tile=tile, **kw)
             print(f"  {mode:10} tile {str(tile):18} {pred.summary()}")
-        axis = max(range(len(tile)), key=lambda a: tile[a])
-        tile = tuple(-(-t // 2) if a == axis else t for a, t in enumerate(tile))
+        tile = halve_longest(tile)
     chosen, pred = choose_tile(args.budget_gb * 1e9, args.volume, memory=args.memory, **kw)
     print(f"memory={args.memory}, budget {args.budget_gb:g} GB: tile {chosen}: {pred.summary()}")
     for ph in pred.phases:

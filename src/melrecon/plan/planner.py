@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from melrecon.models.memory_model import PeakPrediction, predict_peak
+from melrecon.models.memory_model import PeakPrediction, halve_longest, predict_peak
 from melrecon.plan import time_model
 from melrecon.plan.time_model import TimeCosts
 
@@ -124,10 +124,9 @@ def halved_tiles(volume: Sequence[int], levels: int = 4) -> list[tuple[int, ...]
     """Tiles halving (rounding up) the longest axis of the volume, ``levels`` times."""
     tile, out = tuple(volume), []
     for _ in range(levels):
-        axis = max(range(len(tile)), key=lambda a: tile[a])
-        if tile[axis] <= 1:
+        if max(tile) <= 1:
             break
-        tile = tuple(-(-t // 2) if a == axis else t for a, t in enumerate(tile))
+        tile = halve_longest(tile)
         out.append(tile)
     return out
 
