@@ -85,8 +85,14 @@ def test_memory_auto_trains_end_to_end(tmp_path, data_dir):
                     tmp_path, data_dir)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "<- chosen" in res.stdout
-    metrics = next((tmp_path / "logs").rglob("metrics.csv")).read_text()
-    assert "plan/predicted_peak_gib" in metrics
+    metrics_csv = next((tmp_path / "logs").rglob("metrics.csv"))
+    assert "plan/predicted_peak_gib" in metrics_csv.read_text()
+    # the run's .hydra/config.yaml says memory=auto; reconstruct builds the network the plan chose
+    from melrecon.reconstruct.cli import main as reconstruct_main
+
+    run_dir = next(p.parent.parent for p in (tmp_path / "logs").rglob("last.ckpt"))
+    scan = next((data_dir / "synthetic_cine" / "val").glob("*.h5"))
+    assert reconstruct_main([str(run_dir), str(scan), "--out", str(tmp_path / "recon")]) == 0
     (tmp_path / "refused").mkdir()
     res = run_train(["debug=tiny", "logger=none", "model.memory=auto", "trainer.memory_budget_gb=0.000001"],
                     tmp_path / "refused", data_dir)
