@@ -115,3 +115,19 @@ def test_resume_accepts_the_settings_auto_chose():
     assert run_differences(record, now, ("model",)) == []
     record["model"]["regularizer"]["width"] = 8
     assert run_differences(record, now, ("model",)) == ["model.regularizer.width: 8 -> 4"]
+
+
+def test_time_calibration_from_a_config(compose_cfg):
+    """trainer.plan_calibrate=true: the two unit costs are measured on this machine (positive,
+    marked calibrated in the table); the relative times stay >= 1 with the fastest at 1."""
+    from melrecon.plan.config import spec_from_config, table_for
+
+    cfg = compose_cfg("debug=tiny", "model.memory=auto", "trainer.plan_calibrate=true", "trainer.memory_budget_gb=1")
+    spec = spec_from_config(cfg, (4, 16, 16), 2)
+    assert (spec.family, spec.volume, spec.coils, spec.width) == ("modl", (4, 16, 16), 2, 4)
+    table = table_for(cfg, (4, 16, 16), 2)
+    assert table.costs.calibrated and table.costs.cnn > 0 and table.costs.dc > 0
+    assert "calibrated on this machine" in table.format()
+    assert min(r.relative_time for r in table.rows) == 1.0 and table.chosen is not None
+    with pytest.raises(ValueError, match="trainer.memory_budget_gb"):
+        table_for(compose_cfg("debug=tiny", "trainer.memory_budget_gb=-1"), (4, 16, 16), 2)
