@@ -177,26 +177,28 @@ def chain_phases(u: UnrollTerms, n: int, memory: str, anchor_every: int | None, 
     out.append(Phase("forward end (anchors, loss)", stored + loss, 0))
     out.append(Phase("forward: unroll without graph", stored, u.nograd_ws))
 
-    def vjp(where: str, extra: int) -> None:
+    def vjp(where: str, extra: int, grad_held: bool) -> None:
+        # the incoming gradient: held for the probe in a MEL segment, workspace elsewhere
         for name, held, ws in u.vjp:
-            out.append(Phase(f"backward{where}: {name}", stored + extra + held + u.shared_saved, ws))
+            out.append(Phase(f"backward{where}: {name}", stored + extra + held + u.shared_saved,
+                             ws + (0 if grad_held else s)))
 
     bounds = positions + [n]
     for i in range(len(positions)):
         length = bounds[i + 1] - bounds[i]
         if memory == "checkpoint" or (length == 1 and i < len(positions) - 1):
-            vjp(" (one-unroll segment)", 0)
+            vjp(" (one-unroll segment)", 0, False)
             continue
         # MEL segment: intermediate layers hold the gradient and the recomputed input
         if length > 1:
-            vjp(" (MEL, by inversion)", s if u.fused else 2 * s)
+            vjp(" (MEL, by inversion)", s if u.fused else 2 * s, True)
             out.append(Phase("backward: inversion", stored + 2 * s, u.nograd_ws))
-        vjp(" (MEL, at the anchor)", s)
+        vjp(" (MEL, at the anchor)", s, True)
         out.append(Phase("backward: drift check", stored + 3 * s, 0))
         if fallback:
             sub = max(1, math.ceil(math.sqrt(length)))
             subs = len(range(0, length, sub)) - 1
-            vjp(" (fallback recompute)", (subs + min(sub, length) - 1) * s)
+            vjp(" (fallback recompute)", (subs + min(sub, length) - 1) * s, False)
     return out
 
 
