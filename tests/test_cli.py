@@ -43,6 +43,7 @@ def test_overview_lists_every_subcommand_with_an_example(capsys):
     ("validate", None),
     ("synthetic", "(default: small)"),
     ("study", None),
+    ("plan", None),
 ])
 def test_subcommand_help_shows_defaults_and_example(capsys, name, default):
     assert cli.main([name, "--help"]) == 0

@@ -5,6 +5,7 @@ from pathlib import Path
 import hydra
 import pytest
 import yaml
+from melrecon.lit.app import instantiate_trainer
 from conftest import CONF, ROOT
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -98,7 +99,7 @@ def test_debug_options_compose_and_instantiate(compose_cfg, name):
     module = hydra.utils.instantiate(cfg.module, net=net)
     assert module.net is net
     hydra.utils.instantiate(cfg.data)
-    hydra.utils.instantiate(cfg.trainer, logger=False)
+    instantiate_trainer(cfg.trainer, logger=False)
     if name in ("smoke", "tiny"):
         assert cfg.data.synthetic.preset == "tiny" and cfg.trainer.max_epochs == 1
     if name == "tiny":  # smoke's data and trainer, cpu's depth, 2 unrolls of width 4

@@ -23,8 +23,9 @@ sys.path.insert(0, str(KIT))
 
 import bench  # noqa: E402
 import depcheck  # noqa: E402
+import plan_step  # noqa: E402
 import train_runs  # noqa: E402
-from profiles import BENCH, BF16_EXPERIMENTS  # noqa: E402
+from profiles import BENCH, BF16_EXPERIMENTS, PLAN  # noqa: E402
 from helpers import read_csv  # noqa: E402
 
 from melrecon.bench import FAMILIES, build_network, grad_rel_err  # noqa: E402
@@ -45,8 +46,8 @@ def test_run_sh_cpu_tiny_writes_csv_log_and_table(tmp_path):
         by_step.setdefault(r["step"], []).append(r)
 
     kit = {r["case"]: r["status"] for r in by_step["kit"]}
-    assert list(kit) == ["env", "tests", "bench", "train", "bf16"], kit
-    assert all(kit[s] == "ok" for s in ("env", "tests", "bench", "train")), (kit, log[-3000:])
+    assert list(kit) == ["env", "tests", "bench", "train", "bf16", "plan"], kit
+    assert all(kit[s] == "ok" for s in ("env", "tests", "bench", "train", "plan")), (kit, log[-3000:])
 
     tests = by_step["tests"]
     assert any("test_cuda.py::" in t["case"] for t in tests) and any("test_sense_on_cuda" in t["case"] for t in tests)
@@ -75,7 +76,12 @@ def test_run_sh_cpu_tiny_writes_csv_log_and_table(tmp_path):
     assert all(r["mem_check"] == "pass" and r["status"] in ("ok", "check failed") for r in bf16), bf16
 
     md = (out / "summary.md").read_text()
-    for heading in ("## Steps", "## CUDA tests", "## Memory benchmark", "## Training runs"):
+    plan = by_step["plan"]
+    assert len(plan) == len(PLAN["tiny"]) and all(r["status"] == "ok" for r in plan)
+    # the probe figures of the plan step agree with the model within 10% (CPU: no allocator figure)
+    assert all(abs(float(r["model_probe_MiB"]) / float(r["probe_MiB"]) - 1) <= 0.10 for r in plan)
+    assert all(r["cuda_max_alloc_MiB"] == "" and r["peak_ratio"] == "" for r in plan)
+    for heading in ("## Steps", "## CUDA tests", "## Memory benchmark", "## Training runs", "## Memory plan"):
         assert heading in md
     assert "| rev | slab | 3 |" in md and "| knee3d_slab | 32 | ok |" in md
     assert (out / "env.json").is_file() and "=== bench: ok" in log
@@ -87,7 +93,7 @@ def test_a_step_past_its_limit_is_cut_and_the_rest_still_run(tmp_path):
     train, bf16 and summary still run; the training budgets are too short to start a run."""
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path), KIT_T_BENCH="2",
-               KIT_T_TRAIN="20", KIT_T_BF16="20")
+               KIT_T_TRAIN="20", KIT_T_BF16="20", KIT_T_PLAN="25")
     proc = subprocess.run(["bash", str(KIT / "run.sh"), str(out), "--device", "cpu", "--tiny", "--wheels", "none"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
@@ -240,3 +246,16 @@ def test_grad_rel_err_is_the_worst_tensor_and_absolute_against_zero():
     assert grad_rel_err([torch.tensor([3.0, 4.0]), torch.tensor([0.0, 0.25])], ref) == pytest.approx(0.25)
     with pytest.raises(ValueError):  # a missing gradient is an error, not a shorter comparison
         grad_rel_err(ref[:1], ref)
+
+
+# ------------------------------------------------------------------------------ plan step
+def test_plan_step_compares_model_and_probe_on_cpu(tmp_path, monkeypatch):
+    """plan_step.py's own networks and steps (no fakes), two of its tiny cases: the model's probe
+    figure within 10% of the measured one, no allocator figure on CPU, a failing case recorded."""
+    monkeypatch.setitem(plan_step.PLAN, "tiny", [PLAN["tiny"][1], PLAN["tiny"][-1], ("modl", "slab", 2, "bogus", None, None)])
+    rows = plan_step.run(plan_step.parse_args(["--device", "cpu", "--profile", "tiny", "--csv", str(tmp_path / "p.csv")]))
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 2 and rows[-1]["status"] == "error" and "bogus" in rows[-1]["note"]
+    assert all(abs(r["model_probe_MiB"] / r["probe_MiB"] - 1) <= 0.10 and "peak_ratio" not in r for r in ok)
+    assert all(r["model_rel_time"] > 1 for r in ok)  # mel and tiled mel: slower than standard
+    assert len(read_csv(tmp_path / "p.csv")) == 3

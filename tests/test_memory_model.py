@@ -92,7 +92,7 @@ def test_dc_chunk_shrinks_only_the_dc_workspace():
     whole = predict_peak((320, 256, 320), **kw)
     chunked = predict_peak((320, 256, 320), dc_chunk=32, **kw)
     dc = {p.name: p.workspace for p in whole.phases}, {p.name: p.workspace for p in chunked.phases}
-    name = "backward: DC solve of one unroll"
+    name = "backward (MEL, by inversion): DC solve of one unroll"
     assert dc[1][name] < dc[0][name] / 2 and chunked.probe_bytes == whole.probe_bytes
     with pytest.raises(ValueError, match="dc_chunk"):
         predict_peak((8, 8, 8), dc_chunk=0, **kw)

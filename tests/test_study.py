@@ -290,4 +290,7 @@ def test_memory_modes_tiny_shows_flat_reversible_mel_and_linear_standard(study_e
     assert "rev cine mel:" in text and "flat within 5%" in text and "NOT flat" not in text
     assert "rev cine standard:" in text and "(linear in N)" in text and "NOT linear" not in text
     assert "modl cine mel:" in text and "anchors stored at N = 100" in text
+    # the planner's predictions beside the measurements: the memory model within 10% of the probe
+    assert "rev cine: memory model vs probe" in text and "modl cine: memory model vs probe" in text
+    assert "NOT within 10%" not in text and "model MiB" in text
     assert (out / "memory_modes.png").stat().st_size > 1000

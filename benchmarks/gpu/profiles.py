@@ -47,3 +47,17 @@ BF16_EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "paper": ("cine_unroll5", "cine_rev_unroll50"),
     "tiny": ("cine_unroll5", "cine_rev_unroll50"),
 }
+
+#: The plan step (plan_step.py): the memory model's prediction against the measured peak.
+#: Cases (family, kind, N, mode, anchor_every, tile); sizes from BENCH. Paper: the knee slab and
+#: cine at the MEL paper's CNN, MoDL at N = 5 and reversible at N = 20, untiled and tiled.
+PLAN: dict[str, list[tuple[str, str, int, str, int | None, tuple[int, ...] | None]]] = {
+    "paper": [("modl", "slab", 5, "standard", None, None), ("modl", "slab", 5, "mel", None, None),
+              ("modl", "cine", 5, "checkpoint", None, None), ("modl", "slab", 5, "mel", None, (11, 128, 160)),
+              ("rev", "slab", 20, "checkpoint", None, None), ("rev", "cine", 20, "mel", None, None),
+              ("rev", "slab", 20, "mel", 5, (11, 128, 160))],
+    "tiny": [("modl", "slab", 3, "standard", None, None), ("modl", "slab", 3, "mel", None, None),
+             ("modl", "cine", 3, "checkpoint", None, None), ("modl", "slab", 3, "mel", None, (2, 8, 8)),
+             ("rev", "slab", 3, "checkpoint", None, None), ("rev", "cine", 3, "mel", None, None),
+             ("rev", "slab", 3, "mel", 2, (2, 8, 8))],
+}

@@ -10,6 +10,7 @@
 #   bench     one training step per family/kind/N/mode: CUDA peak, step time, gradient errors
 #   train     a short train.py run of every experiment; train/peak_mem_gib must be the CUDA figure
 #   bf16      the same with trainer.precision=bf16-mixed, one MoDL and one reversible experiment
+#   plan      the memory model (model.memory=auto) against max_memory_allocated, paper-size cases
 #   summary   results.csv and summary.md from the above
 # Everything printed also goes to OUT_DIR/run.log. Exit status 0 when every step succeeded.
 #
@@ -17,7 +18,7 @@
 #   --tiny    tiny sizes (benchmarks/gpu/profiles.py), for the CPU test: about 2 minutes on 2 cores
 #   --wheels  the wheel folder (default benchmarks/gpu/wheels if it holds wheels); none: use the
 #             interpreter's own packages (PYTHON, default python3)
-# Step limits (seconds) can be changed with KIT_T_TESTS, KIT_T_BENCH, KIT_T_TRAIN, KIT_T_BF16.
+# Step limits (seconds) can be changed with KIT_T_TESTS, KIT_T_BENCH, KIT_T_TRAIN, KIT_T_BF16, KIT_T_PLAN.
 set -uo pipefail
 
 KIT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -47,9 +48,11 @@ done
 PY="${PYTHON:-python3}"
 if [[ $TINY == 1 ]]; then
     PROFILE=tiny   T_TESTS=${KIT_T_TESTS:-90}  T_BENCH=${KIT_T_BENCH:-90}  T_TRAIN=${KIT_T_TRAIN:-150} T_BF16=${KIT_T_BF16:-90}
+    T_PLAN=${KIT_T_PLAN:-90}
     PER_RUN=60 BENCH_STEPS=2
 else  # the GPU budget: about 7.5 minutes in all, install and summary included
     PROFILE=paper  T_TESTS=${KIT_T_TESTS:-60}  T_BENCH=${KIT_T_BENCH:-210} T_TRAIN=${KIT_T_TRAIN:-110} T_BF16=${KIT_T_BF16:-50}
+    T_PLAN=${KIT_T_PLAN:-45}
     PER_RUN=45 BENCH_STEPS=5
 fi
 COMMAND="benchmarks/gpu/run.sh OUT_DIR --device $DEVICE$([[ $TINY == 1 ]] && echo ' --tiny')"
@@ -111,6 +114,9 @@ kit() {
     step bf16 "$T_BF16" "$PY" "$KIT/train_runs.py" --device "$DEVICE" --profile "$PROFILE" --csv "$OUT/train.csv" \
         --append --precision bf16-mixed --experiments bf16 --work "$WORK" --per-run-s "$PER_RUN" \
         --budget-s $((T_BF16 - 15))
+
+    step plan "$T_PLAN" "$PY" "$KIT/plan_step.py" --device "$DEVICE" --profile "$PROFILE" --csv "$OUT/plan.csv" \
+        --budget-s $((T_PLAN - 20))
 
     step summary 60 "$PY" "$KIT/summary.py" "$OUT" --steps "$STEPS"
     cat "$OUT/summary.md" 2>/dev/null

@@ -3,11 +3,11 @@
     python benchmarks/gpu/summary.py OUT_DIR [--steps STEPS.csv]
 
 Reads ``OUT_DIR/env.json`` (env_info.py), ``tests.xml`` (pytest's JUnit XML), ``bench.csv``
-(bench.py), ``train.csv`` (train_runs.py) and the step table run.sh keeps (``--steps``); a
+(bench.py), ``train.csv`` (train_runs.py), ``plan.csv`` (plan_step.py) and the step table run.sh keeps (``--steps``); a
 missing input (a step that failed or was cut) is reported in the summary, never an error.
 
 ``results.csv``: one row per step, test, benchmark case and training run; columns ``step``
-(kit | tests | bench | train), ``case``, ``status``, then every other field of those rows.
+(kit | tests | bench | train | plan), ``case``, ``status``, then every other field of those rows.
 ``summary.md``: the environment, then one table per step, with the benchmark also pivoted to
 peak memory / step time per (family, kind, N) and mode, the table to record in RESULTS.md.
 """
@@ -61,6 +61,8 @@ def merged_rows(out: Path, steps: Path | None) -> list[dict[str, Any]]:
         rows.append({"step": "bench", "case": f"{r['family']}/{r['kind']}/N={r['N']}/{r['mode']}", **r})
     for r in read_rows(out / "train.csv"):
         rows.append({"step": "train", "case": f"{r['experiment']}/{r['precision']}", **r})
+    for r in read_rows(out / "plan.csv"):
+        rows.append({"step": "plan", "case": f"{r['family']}/{r['kind']}/N={r['N']}/{r['mode']}/tile={r['tile']}", **r})
     return rows
 
 
@@ -167,10 +169,25 @@ def train_section(out: Path) -> list[str]:
     return [title, "", *table(header, body), ""]
 
 
+def plan_section(out: Path) -> list[str]:
+    rows = read_rows(out / "plan.csv")
+    title = "## Memory plan (the model of model.memory=auto against the measured step)"
+    if not rows:
+        return [title, "", "(no plan.csv)", ""]
+    header = ("family", "kind", "N", "mode", "anchors", "tile", "status", "probe MiB", "model probe MiB", "exact",
+              "max alloc MiB", "model peak MiB", "model / measured", "step ms", "model rel. time", "note")
+    body = [(r["family"], r["kind"], r["N"], r["mode"], r["anchor_every"], r["tile"], r["status"],
+             _num(r["probe_MiB"], ".1f"), _num(r["model_probe_MiB"], ".1f"), r["probe_exact"],
+             _num(r["cuda_max_alloc_MiB"], ".0f"), _num(r["model_peak_MiB"], ".0f"), _num(r["peak_ratio"], ".3f"),
+             _num(r["step_ms"], ".1f"), _num(r["model_rel_time"], ".2f"), r["note"]) for r in rows]
+    return [title, "", *table(header, body), ""]
+
+
 def summary_md(out: Path, steps: Path | None) -> str:
     env = json.loads((out / "env.json").read_text()) if (out / "env.json").is_file() else {}
     lines = [f"# melrecon GPU kit: {env.get('card', 'unknown device')}", "", *env_lines(env), "",
-             *steps_section(steps), *tests_section(out), *bench_section(out), *train_section(out)]
+             *steps_section(steps), *tests_section(out), *bench_section(out), *train_section(out),
+             *plan_section(out)]
     return "\n".join(lines)
 
 

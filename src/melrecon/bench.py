@@ -48,39 +48,51 @@ def build_network(
     gamma_decay: float = 1.0,
     state_precision: str = "fixed",
     physics: str = "proximal",
+    tile: Sequence[int | None] | None = None,
+    dc_chunk: int | None = None,
+    latent_channels: int = 2,
 ) -> nn.Module:
     """A network with ``forward(x0, kspace, maps, mask)`` for (family, layout, N, memory mode).
 
     Both families convolve in 3D: over (X, Y, Z) for slabs, (T, X, Y) for cine. ``width`` and
     ``depth`` are the CNN's hidden channels and convolutions; ``lam`` the DC's initial weight;
-    ``lipschitz`` and ``anderson`` apply to MoDL's residual CNN (its fixed-point inverse), and
-    ``anchor_every`` to MoDL only (reversible unrolls need no anchors). The global RNG is seeded
+    ``lipschitz`` and ``anderson`` apply to MoDL's residual CNN (its fixed-point inverse);
+    ``anchor_every`` to both, except that ``"auto"`` means none for the reversible family (its
+    unrolls need no anchors). The global RNG is seeded
     with ``seed`` first, so every memory mode starts from the same weights. ``gamma_init``,
     ``gamma_decay``, ``state_precision`` and ``physics`` (``"proximal"``: CG direction,
-    ``"gradient"``: ``A^H b - A^H A x``) apply to the reversible family.
+    ``"gradient"``: ``A^H b - A^H A x``) apply to the reversible family, and ``latent_channels``
+    (K, the latent stream's channels). ``tile`` (the CNNs' tile, as ``model.regularizer.tile``)
+    and ``dc_chunk`` (``model.dc_chunk``) apply to both.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     torch.manual_seed(seed)
     if family == "modl":
-        reg = ResidualCNN(conv_dim=3, width=width, depth=depth, lipschitz=lipschitz, anderson=anderson)
-        return UnrolledNet(reg, ProximalDC(lam_init=lam), num_unrolls, share_weights, memory, anchor_every, drift_tol)
+        reg = ResidualCNN(conv_dim=3, width=width, depth=depth, lipschitz=lipschitz, anderson=anderson, tile=tile)
+        return UnrolledNet(reg, ProximalDC(lam_init=lam), num_unrolls, share_weights, memory, anchor_every, drift_tol,
+                           dc_chunk=dc_chunk)
     if family == "rev":
-        r = ConvStack(4, 2, width, depth, conv_dim=3, out_scale=0.1)
-        q = ConvStack(2, 2, width, depth, conv_dim=3, out_scale=0.1)
+        k = latent_channels
+        r = ConvStack(4, k, width, depth, conv_dim=3, out_scale=0.1, tile=tile)
+        q = ConvStack(k, 2, width, depth, conv_dim=3, out_scale=0.1, tile=tile)
         dc = ProximalDC(lam_init=lam) if physics == "proximal" else None
-        return ReversibleUnrolledNet(r, q, dc, num_unrolls, share_weights, memory, None, drift_tol, gamma_init=gamma_init,
-                                     gamma_decay=gamma_decay, state_precision=state_precision)
+        anchors = None if anchor_every == "auto" else anchor_every  # none needed: closed-form inverse
+        return ReversibleUnrolledNet(r, q, dc, num_unrolls, share_weights, memory, anchors, drift_tol, gamma_init=gamma_init,
+                                     gamma_decay=gamma_decay, state_precision=state_precision, dc_chunk=dc_chunk)
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
 
 
-def training_step(net: nn.Module, problem: SenseProblem) -> Tensor:
+def training_step(net: nn.Module, problem: SenseProblem, autocast: torch.dtype | None = None) -> Tensor:
     """Forward, mean-squared loss against the target, backward; returns the detached loss.
 
-    Gradients accumulate into ``.grad``: zero them first for a step of its own.
+    ``autocast``: run forward and loss under ``torch.autocast`` of this dtype (as Lightning's
+    ``bf16-mixed`` does); None: full precision. Gradients accumulate into ``.grad``: zero them
+    first for a step of its own.
     """
-    out = net(problem.x0, problem.kspace, problem.maps, problem.mask)
-    loss = (out - problem.target).abs().pow(2).mean()
+    with torch.autocast(problem.x0.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        out = net(problem.x0, problem.kspace, problem.maps, problem.mask)
+        loss = (out - problem.target).abs().pow(2).mean()
     loss.backward()
     return loss.detach()
 
@@ -115,20 +127,22 @@ class StepMeasure:
     stats: dict[str, float]
 
 
-def measure_step(net: nn.Module, problem: SenseProblem, warmup: int = 1) -> StepMeasure:
+def measure_step(net: nn.Module, problem: SenseProblem, warmup: int = 1,
+                 autocast: torch.dtype | None = None) -> StepMeasure:
     """``warmup`` training steps (spectral-norm estimates and the ``auto`` anchor controller reach
-    their steady state), then one measured step; gradients are zeroed before each step."""
+    their steady state), then one measured step; gradients are zeroed before each step.
+    ``autocast``: as :func:`training_step`."""
     device = problem.x0.device
     net.train()
     for _ in range(warmup):
         net.zero_grad(set_to_none=True)
-        training_step(net, problem)
+        training_step(net, problem, autocast)
     net.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     with MemoryProbe(cuda=device.type == "cuda") as probe:  # resets the CUDA peak statistics on entry
-        loss = training_step(net, problem)
+        loss = training_step(net, problem, autocast)
     max_alloc = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)

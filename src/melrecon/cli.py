@@ -52,6 +52,9 @@ TOOLS: dict[str, Tool] = {
     "synthetic": Tool(
         "melrecon.data.synthetic", "build_parser", "generate a synthetic dataset (knee3d or cine)",
         "melrecon synthetic cine data/synthetic_cine --preset small"),
+    "plan": Tool(
+        "melrecon.plan.__main__", "build_parser", "the memory plan model.memory=auto would choose (no training)",
+        "melrecon plan --shape 320 256 32 --coils 8 +experiment=knee3d_rev_slab trainer.memory_budget_gb=24"),
     "study": Tool(
         "melrecon.study.__main__", "build_parser", "run a study: the paper's comparisons (conf/study/)",
         "melrecon study knee3d_vs_2d preset=cpu"),

@@ -28,8 +28,10 @@ from melrecon.atomic import WriteError
 from melrecon.data.locks import LockBusy, file_lock, holder
 from melrecon.lit.console import stdout_is_terminal
 from melrecon.lit.module import check_precision_name
+from melrecon.lit.plan_check import PlanCheck
 from melrecon.lit.runinfo import check_same_run, checkpoint_run_dir, config_record, read_checkpoint, unique_dir
 from melrecon.lit.wandb_history import rebuild_on_resume
+from melrecon.plan.config import resolve_auto
 
 log = logging.getLogger("melrecon")
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
@@ -63,8 +65,23 @@ if not OmegaConf.has_resolver("unique_dir"):
     OmegaConf.register_new_resolver("unique_dir", _unique_dir, use_cache=True)
 
 
+#: trainer settings of model.memory=auto (melrecon.plan), not Trainer arguments
+PLAN_KEYS = ("memory_budget_gb", "plan_calibrate")
+
+
 class UserError(Exception):
     """A configuration or input mistake, reported as one line without a traceback."""
+
+
+def instantiate_trainer(trainer_cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
+    """``cfg.trainer`` as a Trainer, without the :data:`PLAN_KEYS` (taken out for the call only)."""
+    with open_dict(trainer_cfg):
+        plan_settings = {k: trainer_cfg.pop(k) for k in PLAN_KEYS if k in trainer_cfg}
+    try:
+        return hydra.utils.instantiate(trainer_cfg, **kwargs)
+    finally:
+        with open_dict(trainer_cfg):
+            trainer_cfg.update(plan_settings)
 
 
 def instantiate_callbacks(cfg: DictConfig | None) -> list[pl.Callback]:
@@ -240,11 +257,14 @@ def run(cfg: DictConfig, held: contextlib.ExitStack | None = None) -> dict[str, 
 
     log.info("data: %s", cfg.data._target_)
     datamodule = hydra.utils.instantiate(cfg.data)
+    plan = resolve_auto(cfg, datamodule)  # model.memory=auto: the plan's settings go into cfg.model
     log.info("model: %s", cfg.model._target_)
     net = hydra.utils.instantiate(cfg.model)
     module = hydra.utils.instantiate(cfg.module, net=net)
     module.run_record = config_record(cfg)  # stored in every checkpoint
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    if plan is not None:
+        callbacks.append(PlanCheck(plan))
     loggers = instantiate_loggers(cfg.get("logger"), (ckpt or {}).get("melrecon", {}).get("wandb_id"),
                                   None if ckpt is None else int(ckpt.get("global_step", 0)))
     trainer_kwargs: dict[str, Any] = {}
@@ -253,8 +273,7 @@ def run(cfg: DictConfig, held: contextlib.ExitStack | None = None) -> dict[str, 
         # (ConsoleSummary, every callbacks.console.every_n_steps steps)
         trainer_kwargs["enable_progress_bar"] = False
         log.info("stdout is not a terminal: progress bar off, progress as periodic log lines")
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                                  **trainer_kwargs)
+    trainer = instantiate_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False, **trainer_kwargs)
 
     if loggers:
         resolved = OmegaConf.to_container(cfg, resolve=True)

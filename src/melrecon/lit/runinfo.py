@@ -24,7 +24,10 @@ import torch
 
 # Model keys that choose how gradients are computed, not what the network computes: the
 # memory modes give identical results (tests/test_mel_engine.py), so a run may switch them.
-EXECUTION_KEYS = frozenset({"memory", "anchor_every", "drift_tol", "auto_start"})
+EXECUTION_KEYS = frozenset({"memory", "anchor_every", "drift_tol", "auto_start", "dc_chunk"})
+# Nested model keys of the same kind (the CNNs' tile: same output, a setting, not state);
+# model.memory=auto chooses them with the memory mode.
+EXECUTION_LEAVES = frozenset({"tile"})
 # Data keys that say where files are and how they are loaded, not which items a run sees.
 DATA_LOCATION_KEYS = frozenset({"root", "num_workers", "pin_memory", "persistent_workers", "val_batch_size"})
 MAX_TRIES = 1000
@@ -101,8 +104,8 @@ def config_differences(old: Any, new: Any, prefix: str, ignore: frozenset[str] =
 def run_differences(record: Mapping[str, Any], cfg: Any, sections: tuple[str, ...]) -> list[str]:
     """The keys of ``sections`` whose values differ between a checkpoint's ``record`` and ``cfg``.
 
-    Model execution keys (:data:`EXECUTION_KEYS`) and data location keys
-    (:data:`DATA_LOCATION_KEYS`) may differ and are not compared.
+    Model execution keys (:data:`EXECUTION_KEYS`, nested :data:`EXECUTION_LEAVES`) and data
+    location keys (:data:`DATA_LOCATION_KEYS`) may differ and are not compared.
     """
     new = config_record(cfg)
     diffs: list[str] = []
@@ -110,7 +113,10 @@ def run_differences(record: Mapping[str, Any], cfg: Any, sections: tuple[str, ..
         ignore = {"model": EXECUTION_KEYS, "data": DATA_LOCATION_KEYS}.get(section, frozenset())
         old, now = record.get(section), new[section]
         if isinstance(old, Mapping) or isinstance(now, Mapping):
-            diffs += config_differences(old, now, section, ignore)
+            found = config_differences(old, now, section, ignore)
+            if section == "model":
+                found = [d for d in found if d.split(":")[0].rsplit(".", 1)[-1] not in EXECUTION_LEAVES]
+            diffs += found
         elif old != now:
             diffs.append(f"{section}: {old!r} -> {now!r}")
     return diffs

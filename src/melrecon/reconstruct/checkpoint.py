@@ -52,6 +52,23 @@ def find_run(run_or_ckpt: str | os.PathLike, ckpt: str | None = None,
     return ckpt_path, cfg_path
 
 
+def settle_auto_memory(cfg: Any, recorded_model: Any) -> None:
+    """``model.memory=auto`` in a run's config: the memory mode, anchors, ``dc_chunk`` and CNN
+    tiles the planner chose at the start of training (the checkpoint's record of the model), or
+    ``standard`` untiled for a checkpoint without a record (same weights, same output)."""
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.model.memory = recorded_model.get("memory", "standard")
+        for key in ("anchor_every", "dc_chunk"):
+            if key in recorded_model:
+                cfg.model[key] = recorded_model[key]
+        for part in ("regularizer", "step_net"):
+            tile = (recorded_model.get(part) or {}).get("tile")
+            if part in cfg.model and cfg.model[part] is not None and "tile" in cfg.model[part]:
+                cfg.model[part].tile = tile
+
+
 def load_network(cfg: Any, ckpt_path: str | os.PathLike, num_unrolls: int | None = None) -> nn.Module:
     """Build the network of ``cfg.model`` and load its weights from a Lightning checkpoint.
 
@@ -80,6 +97,8 @@ def load_network(cfg: Any, ckpt_path: str | os.PathLike, num_unrolls: int | None
     if diffs:
         raise ReconstructError(f"checkpoint {ckpt_path} does not fit the run's model config (checkpoint -> "
                                f"config): {format_differences(diffs)}")
+    if str(cfg.model.get("memory")) == "auto":  # trained with model.memory=auto: the plan it chose
+        settle_auto_memory(cfg, (record or {}).get("model") or {})
     if num_unrolls is not None:
         set_num_unrolls(cfg, num_unrolls)
     try:

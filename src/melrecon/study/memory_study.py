@@ -30,15 +30,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from melrecon.bench import grad_rel_err, run_case
+from melrecon.models.memory_model import predict_peak
 from melrecon.physics.problems import SenseProblem, random_sense_problem
+from melrecon.plan.planner import NetworkSpec, Plan, score
 from melrecon.study import plots
 from melrecon.study.files import read_json, write_csv, write_json, write_text
 from melrecon.study.report import machine_text
 
 log = logging.getLogger("melrecon.study")
 
-COLUMNS = ("family", "kind", "N", "mode", "status", "probe_peak_MB", "cuda_peak_MB", "time_s", "grad_rel_err",
-           "drift", "anchors", "anchor_every", "fallbacks", "loss")
+COLUMNS = ("family", "kind", "N", "mode", "status", "probe_peak_MB", "model_peak_MB", "model_err", "cuda_peak_MB",
+           "model_device_MB", "time_s", "model_rel_time", "grad_rel_err", "drift", "anchors", "anchor_every",
+           "fallbacks", "loss")
 MODES = ("standard", "checkpoint", "mel")
 
 
@@ -62,6 +65,30 @@ def measure_group(family: str, kind: str, n: int, m: DictConfig, problem: SenseP
                                else grad_rel_err(grads, ref) if grads is not None and ref is not None else math.nan)
         rows.append({k: row.get(k, math.nan) for k in COLUMNS})
     return rows
+
+
+def add_predictions(rows: list[dict[str, Any]], m: DictConfig) -> None:
+    """The planner's predictions beside each measured row (:func:`melrecon.plan.planner.score`):
+    ``model_peak_MB`` (autograd-held, to compare with ``probe_peak_MB``; ``model_err`` their relative
+    difference), ``model_device_MB`` (the device estimate, to compare with ``cuda_peak_MB`` on a GPU),
+    ``model_rel_time`` (step time relative to ``standard`` at the same N, to compare with ``time_s``).
+    MoDL ``mel`` is predicted with the anchor spacing and fallbacks the measured step used."""
+    real_bytes = 8 if str(m.dtype) == "complex128" else 4
+    for r in rows:
+        if r.get("status", "ok") != "ok":
+            continue
+        volume = tuple(int(v) for v in (m.slab if r["kind"] == "slab" else m.cine))
+        spec = NetworkSpec(r["family"], volume, int(m.coils), int(m.width), int(m.depth), int(r["N"]),
+                           precision="64" if real_bytes == 8 else "32")
+        k = r.get("anchor_every", math.nan)
+        anchor = int(k) if r["mode"] == "mel" and isinstance(k, (int, float)) and math.isfinite(k) else None
+        fell_back = bool(r.get("fallbacks", 0) or 0) if math.isfinite(r.get("fallbacks", math.nan)) else False
+        pred = predict_peak(volume, spec.coils, spec.width, spec.depth, spec.num_unrolls, r["mode"],
+                            real_bytes=real_bytes, family=spec.family, anchor_every=anchor, fallback=fell_back)
+        r["model_peak_MB"] = pred.probe_bytes / 2**20
+        r["model_err"] = r["model_peak_MB"] / r["probe_peak_MB"] - 1
+        r["model_device_MB"] = pred.peak_bytes / 2**20
+        r["model_rel_time"] = score(spec, Plan(r["mode"], anchor)).relative_time / score(spec, Plan("standard")).relative_time
 
 
 def linear_fit(n: list[float], y: list[float]) -> tuple[float, float, float]:
@@ -102,6 +129,10 @@ def checks(rows: list[dict[str, Any]], flat_tol: float) -> list[str]:
                            f"(spacing {mel[-1]['anchor_every']:.0f}); peak {peaks[0]:.3f} MiB at N = {n0}, "
                            f"{peaks[-1]:.3f} MiB at N = {n1} (max/min {ratio:.2f}): the drift controller keeps "
                            "an anchor every few unrolls, so MoDL mel memory grows with N/spacing, not flat")
+        model = [abs(r["model_err"]) for mode in MODES for r in sel[mode] if math.isfinite(r.get("model_err", math.nan))]
+        if model:
+            out.append(f"{family} {kind}: memory model vs probe, largest relative difference {max(model):.1%} "
+                       f"over {len(model)} steps ({'within' if max(model) <= 0.10 else 'NOT within'} 10%)")
         errs = [r["grad_rel_err"] for mode in ("checkpoint", "mel") for r in sel[mode] if math.isfinite(r["grad_rel_err"])]
         if errs:
             out.append(f"{family} {kind}: largest gradient error of checkpoint/mel vs standard {max(errs):.1e}")
@@ -119,11 +150,16 @@ def markdown(cfg: DictConfig, rows: list[dict[str, Any]], lines: list[str], comm
     table = ["", "## Table", "", "peak MiB: bytes autograd held for backward (MemoryProbe); CUDA MiB: allocator peak "
              "(GPU only); time: one training step (forward, loss, backward); grad err: largest relative gradient "
              "error against `standard` at the same N; anchors: images MEL stored.", "",
-             "| family | kind | N | mode | peak MiB | CUDA MiB | time s | grad err | anchors |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "model: the planner's prediction beside each measurement (memory model: autograd-held and device "
+             "estimate; time model: step time relative to `standard` at the same N).", "",
+             "| family | kind | N | mode | peak MiB | model MiB | CUDA MiB | model device MiB | time s | model rel. time "
+             "| grad err | anchors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        g = lambda key: r.get(key, math.nan)  # noqa: E731 - rows read back from older groups lack the model
         table.append(f"| {r['family']} | {r['kind']} | {r['N']} | {r['mode']} | {r['probe_peak_MB']:.3f} | "
-                     f"{r['cuda_peak_MB']:.1f} | {r['time_s']:.3f} | {r['grad_rel_err']:.1e} | "
+                     f"{g('model_peak_MB'):.3f} | {r['cuda_peak_MB']:.1f} | {g('model_device_MB'):.1f} | "
+                     f"{r['time_s']:.3f} | {g('model_rel_time'):.2f} | {r['grad_rel_err']:.1e} | "
                      f"{r['anchors']:.0f} |".replace("nan", "n/a"))
     return "\n".join(head + table + ["", "![memory_modes](memory_modes.png)", ""])
 
@@ -152,6 +188,7 @@ def run(cfg: DictConfig, out_dir: Path, command: str = "") -> list[dict[str, Any
                              r["mode"], r["probe_peak_MB"], r["time_s"], r["grad_rel_err"], r["anchors"])
                 write_json(path, {"setup": setup, "rows": group})
                 rows += group
+    add_predictions(rows, m)
     write_csv(out_dir / "memory_modes.csv", rows, COLUMNS)
     plots.memory_modes([r for r in rows if r.get("status", "ok") == "ok"], out_dir / "memory_modes.png")
     lines = checks(rows, float(cfg.get("flat_tol", 0.05)))
