@@ -55,11 +55,16 @@ import numpy as np
 from melrecon.data.npfft import fftc_np, ifftc_np
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-#: Outer-band / mid-band spectral power below which a volume counts as band-limited (zero-padded
-#: in k-space or interpolated). Measured: the MNI152 template (an average of 152 brains, among the
-#: smoothest real volumes) 0.09-0.15 at 1-3 mm; the same zero-padded 2x in k-space 0.011, by 1.33x
-#: 0.024; linearly upsampled 2x 0.012-0.016; cubic 1e-4.
-BAND_LIMIT_THRESHOLD = 0.03
+#: A volume counts as band-limited (zero-padded in k-space or interpolated from coarser voxels)
+#: along an axis when the outer quarter of its band holds under BAND_RATIO_MIN of the mid band's
+#: mean power, or when its spectrum drops by a step: some edge e where the power just outside
+#: (a band of 8 % of Nyquist) is under STEP_RATIO_MIN of that just inside. Measured (outer/mid,
+#: step): the MNI152 template (an average of 152 brains, among the smoothest real volumes)
+#: 0.09-0.15, 0.57-0.61 at 1-2 mm; the tests' textured ellipsoid 0.38-0.58, 0.35-0.80; the
+#: template decimated 2x then zero-padded 2x in k-space (as magnitude) 0.011, 0.14-0.17, linearly
+#: upsampled 2x 0.012-0.016, 0.15-0.16; the ellipsoid zero-padded 2x 0.05, 0.10-0.12.
+BAND_RATIO_MIN = 0.03
+STEP_RATIO_MIN = 0.25
 READOUTS = ("R", "A", "S")
 _OPPOSITE = {"R": "L", "A": "P", "S": "I"}
 
@@ -124,12 +129,15 @@ def read_magnitude(path: str | os.PathLike) -> Magnitude:
     return Magnitude(data, zooms, tuple(nib.aff2axcodes(img.affine)), str(dtype))
 
 
-def band_limit_ratios(volume: np.ndarray, voxel_mm: Sequence[float], target_mm: Sequence[float]) -> list[float]:
-    """Per axis: mean spectral power in the outer quarter of the band kept at ``target_mm``
-    ((0.75, 1] x its Nyquist) over that in (0.25, 0.5] x its Nyquist.
+def band_limit_ratios(volume: np.ndarray, voxel_mm: Sequence[float], target_mm: Sequence[float]) -> list[tuple[float, float]]:
+    """Per axis ``(outer/mid, step)`` within the band kept at ``target_mm`` (see BAND_RATIO_MIN).
 
-    A volume resolved at ``target_mm`` gives about 0.1 or more (edges and noise reach the band
-    edge); one zero-padded in k-space or interpolated from coarser voxels gives near 0.
+    outer/mid: mean spectral power in (0.75, 1] x the target's Nyquist over that in (0.25, 0.5].
+    step: the smallest ratio of the mean power just outside an edge e to that just inside, over
+    e in [0.4, 1) x Nyquist (bands of 8 % of Nyquist, at least 2 bins). A measured image's
+    spectrum decays smoothly to the band edge (edges and noise); magnitude images that were
+    zero-padded in k-space or interpolated fall off a cliff at their true resolution, then keep
+    only the floor that taking the magnitude spreads there.
     """
     ratios = []
     for axis, (n, dx, v) in enumerate(zip(volume.shape, voxel_mm, target_mm)):
@@ -137,25 +145,34 @@ def band_limit_ratios(volume: np.ndarray, voxel_mm: Sequence[float], target_mm: 
         profile = spec.mean(axis=tuple(a for a in range(volume.ndim) if a != axis))
         k = np.abs(np.arange(n) - n // 2)
         half = min(n, n * dx / v) / 2  # bins up to the target's Nyquist
-        outer = profile[(k > 0.75 * half) & (k <= half)]
-        mid = profile[(k > 0.25 * half) & (k <= 0.5 * half)]
-        ratios.append(float(outer.mean() / mid.mean()) if outer.size and mid.size and mid.mean() > 0 else float("nan"))
+
+        def band(lo: float, hi: float) -> float:
+            sel = profile[(k > lo) & (k <= hi)]
+            return float(sel.mean()) if sel.size else float("nan")
+
+        mid = band(0.25 * half, 0.5 * half)
+        outer_mid = band(0.75 * half, half) / mid if mid > 0 else float("nan")
+        width = max(2.0, 0.08 * half)
+        steps = [band(e, e + width) / band(e - width, e) for e in np.arange(0.4 * half, half - width + 1e-9, 0.5)
+                 if band(e - width, e) > 0]
+        ratios.append((outer_mid, float(np.nanmin(steps)) if steps else float("nan")))
     return ratios
 
 
 def check_resolution(mag: Magnitude, target_mm: Sequence[float], path: str | os.PathLike,
-                     allow: bool = False) -> list[float]:
+                     allow: bool = False) -> list[tuple[float, float]]:
     """Refuse (or with ``allow`` warn about) upsampling and band-limited volumes; the ratios."""
     for axis, (dx, v) in enumerate(zip(mag.voxel_mm, target_mm)):
         if v < dx * (1 - 1e-6):
             raise ValueError(f"{path}: --voxel-mm {v:g} along axis {axis} is finer than the file's {dx:g} mm: "
                              "upsampling invents no detail (a data crime); use >= the file's voxel size")
     ratios = band_limit_ratios(mag.volume, mag.voxel_mm, target_mm)
-    low = [a for a, r in enumerate(ratios) if r < BAND_LIMIT_THRESHOLD]
+    low = [a for a, (band, step) in enumerate(ratios) if band < BAND_RATIO_MIN or step < STEP_RATIO_MIN]
     if low:
-        message = (f"{path}: axes {low} have almost no spectral energy near the stated resolution "
-                   f"(outer/mid band power {[round(ratios[a], 4) for a in low]} < {BAND_LIMIT_THRESHOLD}): the volume "
-                   "looks zero-padded in k-space or upsampled, and k-space simulated from it would be a data crime")
+        message = (f"{path}: axes {low} lose their spectral energy before the stated resolution's edge "
+                   f"((outer/mid band, step) power ratios {[tuple(round(r, 3) for r in ratios[a]) for a in low]}, "
+                   f"limits {BAND_RATIO_MIN}, {STEP_RATIO_MIN}): the volume looks zero-padded in k-space or "
+                   "upsampled, and k-space simulated from it would be a data crime")
         if not allow:
             raise ValueError(message + "; give a coarser --voxel-mm or --allow-band-limited")
         warnings.warn(message, stacklevel=2)
@@ -244,6 +261,7 @@ def convert_volume(path: Path, file_index: int, dest: Path, opts: NiftiOptions, 
                    progress: bool = False) -> dict:
     """Convert one NIfTI file into ``dest`` (blocks, splits); its manifest entry."""
     from melrecon.data.convert.common import finish_volume
+    from melrecon.data.h5 import LayoutError, validate_file
     from melrecon.data.simulate import add_complex_noise, coil_maps, noise_std, smooth_phase
 
     mag = read_magnitude(path)
@@ -280,9 +298,14 @@ def convert_volume(path: Path, file_index: int, dest: Path, opts: NiftiOptions, 
         attrs = {"voxel_size_mm": np.array([voxel[a] for a in order]), "readout": opts.readout,
                  "file_axes": np.array(order), "block_origin": np.array(origin), "noise_std": sigma,
                  "simulated": "magnitude image with simulated phase, coil maps and noise (melrecon.data.simulate)"}
-        finish_volume(kspace, dest / split / name,
-                      f"melrecon convert nifti {path.name} block={b} seed={opts.seed} (simulated k-space)",
-                      maps=s if opts.maps == "true" else None, calib=opts.calib, progress=progress, extra_attrs=attrs)
+        written = finish_volume(kspace, dest / split / name,
+                                f"melrecon convert nifti {path.name} block={b} seed={opts.seed} (simulated k-space)",
+                                maps=s if opts.maps == "true" else None, calib=opts.calib, progress=progress,
+                                extra_attrs=attrs)
+        try:  # e.g. ESPIRiT maps that are zero everywhere: refuse the conversion, write nothing
+            validate_file(written, check_values=True)
+        except LayoutError as err:
+            raise ValueError(f"{path}: block {b} ({opts.maps} maps) does not make a valid file: {err}") from None
         outputs.append({"file": str(Path(split) / name), "split": split or None, "block": b, "cell": list(cell),
                         "origin_voxel": origin, "shape_xyz": list(x.shape),
                         "noise_seed": [opts.seed, file_index, 1 + b]})
