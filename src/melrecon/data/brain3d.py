@@ -3,7 +3,7 @@
 Usage::
 
     pip install nilearn            # or: pip install melrecon[brain]
-    melrecon brain3d [OUT]         # OUT default data/brain3d; under a minute, deterministic
+    melrecon brain3d [OUT]         # OUT default data/brain3d; about 15 s of CPU, deterministic
 
 Source: ``nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz``, the
 skull-stripped ICBM 2009a nonlinear symmetric T1 template (Fonov et al., NeuroImage 2011;
