@@ -177,3 +177,21 @@ def test_study_runs_on_the_brain_dataset_with_data_brain3d(monkeypatch) -> None:
         assert run.data.root.endswith("/brain3d") and run.data.slab_size is None and run.data.synthetic is None
         assert run.data.calib == 10
     check_same_budget(runs)
+
+
+def test_two_inputs_with_one_name_are_refused_not_overwritten(tmp_path: Path) -> None:
+    for sub in ("a", "b"):
+        (tmp_path / "in" / sub).mkdir(parents=True)
+        _write_nifti(tmp_path / "in" / sub / "t1.nii", _volume((24, 22, 20), seed=len(sub)))
+    assert nifti_main([str(tmp_path / "in"), str(tmp_path / "out"), "--coils", "2", "--voxel-mm", "2"]) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_melrecon_convert_nifti_help_shows_its_own_options(capsys) -> None:
+    from melrecon.cli import main as melrecon
+
+    assert melrecon(["convert", "nifti", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: melrecon convert nifti") and "--voxel-mm" in out and "(default: 30.0)" in out
+    assert melrecon(["convert", "--help"]) == 0
+    assert "nifti" in capsys.readouterr().out

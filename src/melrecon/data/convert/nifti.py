@@ -195,8 +195,8 @@ def resample(volume: np.ndarray, voxel_mm: Sequence[float], target_mm: Sequence[
     return np.abs(out), tuple(float(a) for a in actual)
 
 
-def grow_box(lo: int, hi: int, size: int, multiple: int) -> tuple[int, int]:
-    """Extend [lo, hi) about its centre to a multiple of ``multiple``; may leave [0, size)."""
+def grow_box(lo: int, hi: int, multiple: int) -> tuple[int, int]:
+    """Extend [lo, hi) about its centre to a multiple of ``multiple`` (may leave the volume)."""
     extent = hi - lo
     want = -(-extent // multiple) * multiple
     lo -= (want - extent) // 2
@@ -212,7 +212,7 @@ def crop_box(volume: np.ndarray, threshold: float, margin: Sequence[int], grid: 
     for axis, n in enumerate(volume.shape):
         lo = max(0, int(idx[:, axis].min()) - margin[axis])
         hi = min(n, int(idx[:, axis].max()) + 1 + margin[axis])
-        box.append(grow_box(lo, hi, n, grid[axis]))
+        box.append(grow_box(lo, hi, grid[axis]))
     out = np.zeros([hi - lo for lo, hi in box])
     src = tuple(slice(max(lo, 0), min(hi, n)) for (lo, hi), n in zip(box, volume.shape))
     dst = tuple(slice(max(lo, 0) - lo, min(hi, n) - lo) for (lo, hi), n in zip(box, volume.shape))
@@ -293,7 +293,9 @@ def convert_volume(path: Path, file_index: int, dest: Path, opts: NiftiOptions, 
             kspace = add_complex_noise(kspace, sigma, np.random.default_rng(np.random.SeedSequence([opts.seed, file_index, 1 + b])))
         n = first_output + b
         split = opts.split_pattern[n % len(opts.split_pattern)] if opts.split_pattern else ""
-        name = f"{_stem(path)}_b{b:02d}.h5" if len(sizes) and np.prod(grid) > 1 else f"{_stem(path)}.h5"
+        name = f"{_stem(path)}_b{b:02d}.h5" if np.prod(grid) > 1 else f"{_stem(path)}.h5"
+        if (dest / split / name).exists():
+            raise ValueError(f"{path}: output {Path(split) / name} would overwrite another input's (same file name)")
         origin = [box[a][0] + c * sz for a, (c, sz) in enumerate(zip(cell, sizes))]
         attrs = {"voxel_size_mm": np.array([voxel[a] for a in order]), "readout": opts.readout,
                  "file_axes": np.array(order), "block_origin": np.array(origin), "noise_std": sigma,
