@@ -195,3 +195,35 @@ def test_melrecon_convert_nifti_help_shows_its_own_options(capsys) -> None:
     assert out.startswith("usage: melrecon convert nifti") and "--voxel-mm" in out and "(default: 30.0)" in out
     assert melrecon(["convert", "--help"]) == 0
     assert "nifti" in capsys.readouterr().out
+
+
+BUILDS: list[Path] = []
+
+
+def build_tiny(root: Path) -> None:
+    """A `data.build` function for the test below: three blocks along the readout, one per split."""
+    BUILDS.append(Path(root))
+    src = _write_nifti(Path(f"{root}.nii"), _volume((24, 30, 20)), voxel=(1.0, 1.0, 1.0))
+    convert_nifti([src], root, NiftiOptions(blocks=3, readout="A", coils=2, split_pattern=("train", "val", "test")),
+                  progress=False)
+
+
+def test_datamodule_builds_a_missing_root_once_with_data_build(tmp_path: Path) -> None:
+    from melrecon.data.datamodule import KspaceDataModule
+
+    def module(**kw):
+        return KspaceDataModule(kind="volume3d", root=tmp_path / "ds", slab_size=None, accelerations=[2], calib=4, **kw)
+
+    with pytest.raises(ValueError, match="missing or holds no .h5 files"):
+        module().prepare_data()
+    with pytest.raises(ValueError, match="no such function"):
+        module(build="melrecon.data.nothing.build").prepare_data()
+    BUILDS.clear()
+    dm = module(build=f"{__name__}.build_tiny")
+    dm.prepare_data()
+    dm.prepare_data()  # built: not again
+    assert BUILDS == [tmp_path / "ds"]
+    dm.setup("fit")
+    item = dm.datasets["train"][0]
+    whole = validate_file(dm.split_files("train")[0]).shape[1:]
+    assert tuple(item.target.shape) == whole and len(dm.datasets["val"]) == 1  # one item: the whole volume
