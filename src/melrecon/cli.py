@@ -130,8 +130,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
         print(f"{PROG}: error: unknown subcommand {name!r}; choose from {', '.join(TOOLS)}", file=sys.stderr)
         return 2
     if _wants_help(rest) and (name, rest[0]) in SUBTOOLS:  # e.g. convert nifti: options of its own
-        sub = SUBTOOLS[(name, rest[0])]
-        print(tool_help(name, Tool(sub.module, sub.parser, sub.summary, sub.example), f"{name} {rest[0]}"), end="")
+        print(tool_help(name, SUBTOOLS[(name, rest[0])], f"{name} {rest[0]}"), end="")
         return 0
     if _wants_help(rest):
         try:

@@ -7,8 +7,9 @@ split files listing paths) and serves batches of type :class:`melrecon.data.batc
 ``prepare_data()`` generates the synthetic dataset (``synthetic`` section) when ``root`` is
 missing or has no ``.h5`` file, so a new user's first run needs no download; with
 ``synthetic=None`` it runs the config's ``build`` function if it names one (a dataset that a
-command rebuilds, e.g. the brain study dataset), else raises one error naming the folder. Generation is locked (a second process
-waits and reuses the set); a generated folder that lost files is refused, not used partially.
+command rebuilds, e.g. the brain study dataset), else raises one error naming the folder.
+Generation is locked (a second process waits and reuses the set); a generated folder that lost
+files is refused, not used partially.
 
 ``setup()`` checks every file of the splits it builds once (:mod:`melrecon.data.check`:
 readable HDF5, layout, finite values, target = S^H F^H k, unit maps, ``max``; cached by path,

@@ -60,9 +60,10 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: mean power, or when its spectrum drops by a step: some edge e where the power just outside
 #: (a band of 8 % of Nyquist) is under STEP_RATIO_MIN of that just inside. Measured (outer/mid,
 #: step): the MNI152 template (an average of 152 brains, among the smoothest real volumes)
-#: 0.09-0.15, 0.57-0.61 at 1-2 mm; the tests' textured ellipsoid 0.38-0.58, 0.35-0.80; the
-#: template decimated 2x then zero-padded 2x in k-space (as magnitude) 0.011, 0.14-0.17, linearly
-#: upsampled 2x 0.012-0.016, 0.15-0.16; the ellipsoid zero-padded 2x 0.05, 0.10-0.12.
+#: 0.09-0.15, 0.57-0.61 at 1-2 mm; the tests' textured ellipsoid 0.38-0.58, 0.35-0.80. The
+#: template with its spectrum cut to half and zero-padded back (as magnitude): outer/mid 0.011;
+#: decimated 2x then zero-padded 2x in k-space: step 0.14-0.17; decimated then linearly
+#: upsampled 2x: 0.012-0.016, 0.15-0.16; the ellipsoid zero-padded 2x: 0.05, 0.10-0.12.
 BAND_RATIO_MIN = 0.03
 STEP_RATIO_MIN = 0.25
 READOUTS = ("R", "A", "S")
