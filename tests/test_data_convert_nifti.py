@@ -177,6 +177,11 @@ def test_study_runs_on_the_brain_dataset_with_data_brain3d(monkeypatch) -> None:
         assert run.data.root.endswith("/brain3d") and run.data.slab_size is None and run.data.synthetic is None
         assert run.data.calib == 10
     check_same_budget(runs)
+    # the tiny preset's debug=smoke sets data.synthetic: it must not turn data/brain3d into tiny knees
+    tiny = compose_study("knee3d_vs_2d", ["preset=tiny", "data=brain3d"])
+    for spec in run_specs(tiny):
+        run = compose_train(spec.overrides)
+        assert run.data.synthetic is None and run.data.build == "melrecon.data.brain3d.build"
 
 
 def test_two_inputs_with_one_name_are_refused_not_overwritten(tmp_path: Path) -> None:
@@ -216,6 +221,8 @@ def test_datamodule_builds_a_missing_root_once_with_data_build(tmp_path: Path) -
 
     with pytest.raises(ValueError, match="missing or holds no .h5 files"):
         module().prepare_data()
+    with pytest.raises(ValueError, match="data.synthetic and data.build are both set"):
+        module(build=f"{__name__}.build_tiny", synthetic={"preset": "tiny"})
     with pytest.raises(ValueError, match="no such function"):
         module(build="melrecon.data.nothing.build").prepare_data()
     BUILDS.clear()

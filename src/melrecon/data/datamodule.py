@@ -141,6 +141,9 @@ class KspaceDataModule(pl.LightningDataModule):
         if isinstance(synthetic, DictConfig):  # from Hydra: plain types (lists) for JSON and h5 attrs
             synthetic = OmegaConf.to_container(synthetic, resolve=True)
         self.synthetic = None if synthetic is None else dict(synthetic)
+        if self.synthetic is not None and build:  # e.g. debug=smoke on a built dataset's config
+            raise ValueError(f"data.synthetic and data.build are both set for {self.root}: one folder cannot hold "
+                             "a synthetic dataset and a built one; set data.synthetic=null (or data.build=null)")
         self.seed = int(seed)
         self.build = build
         self.datasets: dict[str, Dataset] = {}
