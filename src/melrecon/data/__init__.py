@@ -4,7 +4,8 @@ Submodules: :mod:`~melrecon.data.h5` (layout writer/reader), :mod:`~melrecon.dat
 (CLI), :mod:`~melrecon.data.synthetic` (CLI + presets), :mod:`~melrecon.data.phantoms`,
 :mod:`~melrecon.data.convert` (CLI, one module per format), :mod:`~melrecon.data.datasets`,
 :mod:`~melrecon.data.samplers`, :mod:`~melrecon.data.subsample`, :mod:`~melrecon.data.datamodule`,
-:mod:`~melrecon.data.batch` (the item/batch type).
+:mod:`~melrecon.data.batch` (the item/batch type), :mod:`~melrecon.data.simulate` (image -> simulated
+multi-coil k-space), :mod:`~melrecon.data.brain3d` (the brain study dataset).
 
 Names are imported lazily so that the CLIs do not pay for importing Lightning.
 """

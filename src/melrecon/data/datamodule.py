@@ -6,8 +6,10 @@ split files listing paths) and serves batches of type :class:`melrecon.data.batc
 
 ``prepare_data()`` generates the synthetic dataset (``synthetic`` section) when ``root`` is
 missing or has no ``.h5`` file, so a new user's first run needs no download; with
-``synthetic=None`` it raises one error naming the folder. Generation is locked (a second process
-waits and reuses the set); a generated folder that lost files is refused, not used partially.
+``synthetic=None`` it runs the config's ``build`` function if it names one (a dataset that a
+command rebuilds, e.g. the brain study dataset), else raises one error naming the folder.
+Generation is locked (a second process waits and reuses the set); a generated folder that lost
+files is refused, not used partially.
 
 ``setup()`` checks every file of the splits it builds once (:mod:`melrecon.data.check`:
 readable HDF5, layout, finite values, target = S^H F^H k, unit maps, ``max``; cached by path,
@@ -28,7 +30,9 @@ for per-volume metrics.
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -43,9 +47,12 @@ from torch.utils.data import DataLoader, Dataset
 from melrecon.data.check import check_files, file_hashes
 from melrecon.data.datasets import CineDataset, SlabDataset
 from melrecon.data.h5 import LayoutError, ScanInfo, find_files
+from melrecon.data.locks import file_lock
 from melrecon.data.samplers import KeyedSampler, VolumeSampler
-from melrecon.data.synthetic import MARKER, describe, ensure_dataset, expected_files, resolve_preset
+from melrecon.data.synthetic import MARKER, describe, ensure_dataset, expected_files, lock_path, resolve_preset
 from melrecon.metrics import SSIM_WIN
+
+log = logging.getLogger("melrecon")
 
 _SYNTHETIC_KIND = {"volume3d": "knee3d", "cine": "cine"}
 _DEFAULT_MASK = {"volume3d": "poisson", "cine": "vd_kt"}
@@ -79,6 +86,9 @@ class KspaceDataModule(pl.LightningDataModule):
         normalize: divide each item by its file's ``max`` attribute.
         synthetic: ``None`` (no generation) or a mapping with ``preset`` (tiny/small/medium),
             ``seed`` and optional preset overrides (``num_train``, ``shape``, ``coils``, ...).
+        build: for a dataset that a command rebuilds (not synthetic): the dotted name of a
+            function ``build(root)`` that writes it into a missing or empty ``root``, run by
+            ``prepare_data`` under the generation lock (``melrecon.data.brain3d.build``).
         seed: data seed: training order, slab starts, accelerations and masks are functions of
             (seed, epoch, index) (data/base.yaml sets it to the run's ``seed``).
     """
@@ -105,6 +115,7 @@ class KspaceDataModule(pl.LightningDataModule):
         normalize: bool = True,
         synthetic: Mapping[str, Any] | None = None,
         seed: int = 0,
+        build: str | None = None,
     ) -> None:
         super().__init__()
         if kind not in _SYNTHETIC_KIND:
@@ -132,7 +143,11 @@ class KspaceDataModule(pl.LightningDataModule):
         if isinstance(synthetic, DictConfig):  # from Hydra: plain types (lists) for JSON and h5 attrs
             synthetic = OmegaConf.to_container(synthetic, resolve=True)
         self.synthetic = None if synthetic is None else dict(synthetic)
+        if self.synthetic is not None and build:  # e.g. debug=smoke on a built dataset's config
+            raise ValueError(f"data.synthetic and data.build are both set for {self.root}: one folder cannot hold "
+                             "a synthetic dataset and a built one; set data.synthetic=null (or data.build=null)")
         self.seed = int(seed)
+        self.build = build
         self.datasets: dict[str, Dataset] = {}
         self._splits_checked = False
 
@@ -163,6 +178,8 @@ class KspaceDataModule(pl.LightningDataModule):
         """Generate the synthetic dataset if ``root`` has no ``.h5`` file (rank 0 only), under a
         lock; check that a generated folder is the one configured and complete."""
         if self.synthetic is None:
+            if self.build and not (self.root.is_dir() and find_files(self.root)):
+                self._build()
             if not (self.root.is_dir() and find_files(self.root)):
                 raise ValueError(
                     f"data folder {self.root} is missing or holds no .h5 files, and synthetic generation is "
@@ -177,6 +194,19 @@ class KspaceDataModule(pl.LightningDataModule):
         options.setdefault("progress", sys.stderr.isatty())
         ensure_dataset(self.root, _SYNTHETIC_KIND[self.kind], preset=preset, seed=seed, **options)
         self._check_synthetic_marker()
+
+    def _build(self) -> None:
+        """Run ``build(root)`` under the generation lock, unless another process built it meanwhile."""
+        module, _, name = str(self.build).rpartition(".")
+        try:
+            build = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            raise ValueError(f"data.build={self.build!r}: no such function (module.function)") from None
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(lock_path(self.root)):
+            if not (self.root.is_dir() and find_files(self.root)):
+                log.info("building %s with %s", self.root, self.build)
+                build(self.root)
 
     def _requested_synthetic(self) -> dict[str, Any]:
         options = {k: v for k, v in dict(self.synthetic or {}).items() if k != "progress"}

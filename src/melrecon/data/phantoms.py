@@ -29,11 +29,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-
-def _grid(shape: tuple[int, ...]) -> list[np.ndarray]:
-    """Normalised coordinates in [-1, 1) along each axis (pixel centres), as an open mesh."""
-    axes = [(np.arange(n) - n / 2 + 0.5) / (n / 2) for n in shape]
-    return np.meshgrid(*axes, indexing="ij", sparse=True)
+from melrecon.data.simulate import normalized_grid, polynomial_phase, smooth_field
 
 
 def _soft_ellipsoid(
@@ -56,22 +52,6 @@ def _soft_ellipsoid(
     rho = np.sqrt(rho2)
     sd = (1.0 - rho) * float(np.min(semi))
     return np.clip(0.5 + sd / pixel, 0.0, 1.0)
-
-
-def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
-    """Zero-mean, unit-std Gaussian random field with correlation length ``sigma`` pixels."""
-    f = gaussian_filter(rng.standard_normal(shape), sigma=sigma, mode="wrap")
-    return (f - f.mean()) / (f.std() + 1e-12)
-
-
-def _smooth_phase(rng: np.random.Generator, grid: list[np.ndarray], amplitude: float) -> np.ndarray:
-    """Random low-order polynomial phase (degree <= 2), peak about ``amplitude`` radians."""
-    phase = rng.uniform(-np.pi, np.pi) * np.ones(())
-    for i, g in enumerate(grid):
-        phase = phase + rng.normal(0, amplitude / 2) * g
-        for h in grid[i:]:
-            phase = phase + rng.normal(0, amplitude / 4) * g * h
-    return phase
 
 
 def _soft_tube_plane(yy: np.ndarray, zz: np.ndarray, yc: float, zc: float, radius: float) -> np.ndarray:
@@ -119,7 +99,7 @@ def knee_volume(shape: tuple[int, int, int], rng: np.random.Generator, version: 
     if len(shape) != 3 or min(shape) < 4:
         raise ValueError(f"knee volume shape must be 3 sizes >= 4, got {shape}")
     _check_version(version)
-    g = _grid(shape)
+    g = normalized_grid(shape)
     px = 2.0 / min(shape)
     u = lambda lo, hi, n=None: rng.uniform(lo, hi, n)  # noqa: E731
     img = np.zeros(shape)
@@ -127,10 +107,10 @@ def knee_volume(shape: tuple[int, int, int], rng: np.random.Generator, version: 
     # skin + subcutaneous fat, then muscle inside
     outer = _soft_ellipsoid(g, np.array([u(-0.05, 0.05), 0.0, u(-0.05, 0.05)]), np.array([u(0.78, 0.9), 1.3, u(0.75, 0.9)]), tilt, px)
     inner = _soft_ellipsoid(g, np.array([0.0, 0.0, 0.0]), np.array([0.68, 1.3, 0.66]) * u(0.92, 1.0), tilt, px)
-    img += 0.85 * outer * (1 - inner) + 0.35 * inner * (1 + 0.12 * _smooth_field(rng, shape, 2.0))
+    img += 0.85 * outer * (1 - inner) + 0.35 * inner * (1 + 0.12 * smooth_field(rng, shape, 2.0))
     # femur (Y < 0) and tibia (Y > 0): cortical shell (dark), textured marrow (bright fat)
     gap = u(0.05, 0.1)
-    marrow_tex = 1 + 0.2 * _smooth_field(rng, shape, 1.2)
+    marrow_tex = 1 + 0.2 * smooth_field(rng, shape, 1.2)
     for sign, length in ((-1, u(0.7, 0.9)), (1, u(0.6, 0.8))):
         c = np.array([u(-0.08, 0.08), sign * (gap + length), u(-0.08, 0.08)])
         semi = np.array([u(0.3, 0.42), length, u(0.3, 0.42)])
@@ -146,7 +126,7 @@ def knee_volume(shape: tuple[int, int, int], rng: np.random.Generator, version: 
     img = np.clip(img, 0, None)
     if version == 2:
         img = _knee_fine_structures(img, rng)
-    return img * np.exp(1j * _smooth_phase(rng, g, u(0.5, 1.5)))
+    return img * np.exp(1j * polynomial_phase(rng, g, u(0.5, 1.5)))
 
 
 def _check_version(version: int) -> int:
@@ -185,7 +165,7 @@ def cine_series(
     if frames < 1 or len(shape) != 2 or min(shape) < 8:
         raise ValueError(f"cine phantom needs frames >= 1 and (X, Y) >= 8, got {frames}, {shape}")
     _check_version(version)
-    g = _grid(tuple(shape))
+    g = normalized_grid(tuple(shape))
     px = 2.0 / min(shape)
     u = lambda lo, hi, n=None: rng.uniform(lo, hi, n)  # noqa: E731
     t = (np.arange(frames) / frames + u(0, 1)) % 1.0
@@ -194,7 +174,7 @@ def cine_series(
     body_semi = np.array([u(0.7, 0.85), u(0.8, 0.95)])
     body = _soft_ellipsoid(g, np.zeros(2), body_semi, 0.0, px)
     body_in = _soft_ellipsoid(g, np.zeros(2), body_semi - u(0.06, 0.1), 0.0, px)
-    static = 0.9 * (body - body_in) + 0.3 * body_in * (1 + 0.1 * _smooth_field(rng, tuple(shape), 2.0))
+    static = 0.9 * (body - body_in) + 0.3 * body_in * (1 + 0.1 * smooth_field(rng, tuple(shape), 2.0))
     heart_c = np.array([u(-0.15, 0.05), u(-0.15, 0.15)])
     r_ed = u(0.16, 0.22)  # end-diastolic LV radius
     wall = u(0.05, 0.08)
@@ -203,9 +183,9 @@ def cine_series(
     rv_dir = u(0.6, 1.2) * rng.choice([-1, 1])
     lung_sep = u(0.35, 0.5)
     liver_c = np.array([u(0.35, 0.5), u(-0.3, 0.0)])
-    phase = _smooth_phase(rng, g, u(0.5, 1.5))
+    phase = polynomial_phase(rng, g, u(0.5, 1.5))
     if version == 2:  # drawn after every version-1 parameter: version 1 stays as it was
-        static = static * (1 + 0.3 * body_in * np.tanh(1.5 * _smooth_field(rng, tuple(shape), 0.7)))
+        static = static * (1 + 0.3 * body_in * np.tanh(1.5 * smooth_field(rng, tuple(shape), 0.7)))
         for _ in range(int(rng.integers(5, 11))):  # small static vessels in the chest wall / back
             ang, rad = u(0, 2 * np.pi), u(0.55, 0.9)
             vc = np.array([np.cos(ang) * rad * body_semi[0], np.sin(ang) * rad * body_semi[1]])

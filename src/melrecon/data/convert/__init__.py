@@ -1,6 +1,8 @@
 """Converters from real raw-data formats to the melrecon layout (one module per format).
 
-CLI: ``python -m melrecon.data.convert {mridata,fastmri,ocmr,cmrxrecon,twix} IN OUT``.
+CLI: ``python -m melrecon.data.convert {mridata,fastmri,ocmr,cmrxrecon,twix} IN OUT``; magnitude
+NIfTI volumes to simulated k-space: ``python -m melrecon.data.convert nifti IN OUT``
+(:mod:`melrecon.data.convert.nifti`, its own options).
 """
 
 from melrecon.data.convert.cmrxrecon import convert_cmrxrecon, read_cmrxrecon
