@@ -21,18 +21,20 @@ Folder ``out_dir``: ``study.yaml`` (the composed study), ``runs/<name>/`` (Hydra
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from melrecon.study import job
 from melrecon.study.config import (
     RunSpec, StudyError, check_same_budget, compose_study, compose_train, count_parameters, format_overrides,
-    format_value,
-    repo_root, run_settings, run_specs,
+    format_value, repo_root, run_label, run_settings, run_specs,
 )
 from melrecon.study.files import read_json, write_json, write_text
 
@@ -75,23 +77,51 @@ def plan_runs(specs: Sequence[RunSpec], runs_dir: Path, resume: str) -> list[Run
     return pending
 
 
-def launch(pending: Sequence[RunSpec], out_dir: Path, cfg: DictConfig, hydra_args: Sequence[str]) -> None:
-    """One ``train.py`` multirun over ``pending`` through the run-list sweeper and the study's launcher."""
+def multirun_command(pending: Sequence[RunSpec], launch_file: Path, out_dir: Path, cfg: DictConfig,
+                     hydra_args: Sequence[str]) -> list[str]:
+    """The ``train.py`` multirun over ``pending`` through the run-list sweeper and the study's
+    launcher; writes ``launch_file`` (read by the sweeper and by each job, :class:`job.StudyJob`)."""
     score = OmegaConf.to_container(cfg.get("score") or {}, resolve=True)
-    launch_file = out_dir / "launch.json"  # read by the sweeper and by each job (StudyJob)
-    write_json(launch_file, {"runs": [{"name": s.name, "overrides": s.overrides, "score": score} for s in pending]})
+    modes = list(cfg.get("memory_modes") or [])
+    write_json(launch_file, {"runs": [{"name": s.name, "overrides": s.overrides, "score": score, "memory_modes": modes}
+                                      for s in pending]})
     launcher = cfg.get("launcher") or {}
     cmd = [sys.executable, str(repo_root() / "train.py"), "-m", "hydra/sweeper=melrecon_run_list",
            f"hydra.sweeper.runs_file={launch_file}", f"hydra.sweep.dir={out_dir / 'runs'}"]
     if launcher.get("name") and launcher.name != "basic":
         cmd.append(f"hydra/launcher={launcher.name}")
-    cmd += format_overrides(launcher.get("overrides"))
-    cmd += list(hydra_args)
-    log.info("launching %d run(s): %s", len(pending), " ".join(cmd))
-    res = subprocess.run(cmd, cwd=repo_root())
+    return cmd + format_overrides(launcher.get("overrides")) + list(hydra_args)
+
+
+def launch(pending: Sequence[RunSpec], out_dir: Path, cfg: DictConfig, hydra_args: Sequence[str]) -> None:
+    """Train ``pending``: one multirun through the study's launcher, or, with the basic launcher
+    and ``launcher.parallel: K > 1``, K multiruns at a time over a queue of single runs (in
+    config order), each with one thread (``OMP_NUM_THREADS=1``) unless the caller set
+    ``OMP_NUM_THREADS``: K processes on K cores, none waiting for another's threads."""
+    launcher = cfg.get("launcher") or {}
+    parallel = int(launcher.get("parallel", 1))
+    if parallel <= 1 or (launcher.get("name") or "basic") != "basic":
+        cmd = multirun_command(pending, out_dir / "launch.json", out_dir, cfg, hydra_args)
+        log.info("launching %d run(s): %s", len(pending), " ".join(cmd))
+        codes = [subprocess.run(cmd, cwd=repo_root()).returncode]
+    else:
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        queue = list(pending)
+        running: list[subprocess.Popen] = []
+        codes = []
+        while queue or running:
+            while queue and len(running) < parallel:
+                spec = queue.pop(0)
+                cmd = multirun_command([spec], out_dir / f"launch-{spec.name}.json", out_dir, cfg, hydra_args)
+                log.info("launching run %s (%d at a time): %s", spec.name, parallel, " ".join(cmd))
+                running.append(subprocess.Popen(cmd, cwd=repo_root(), env=env))
+            time.sleep(1.0)
+            for proc in [p for p in running if p.poll() is not None]:
+                codes.append(proc.returncode)
+                running.remove(proc)
     failed = [s.name for s in pending if not job.is_done(out_dir / "runs" / s.name)]
-    if res.returncode != 0 or failed:
-        raise StudyError(f"training runs failed: {failed or 'see above'} (train.py exit status {res.returncode}); "
+    if any(codes) or failed:
+        raise StudyError(f"training runs failed: {failed or 'see above'} (train.py exit status {max(codes)}); "
                          f"logs in {out_dir / 'runs'}/<run>/; run the study again to continue")
 
 
@@ -121,6 +151,12 @@ def run_study(name: str, overrides: Sequence[str] = (), extra: Sequence[str] = (
     check_same_budget(train_cfgs)
     for s in specs:
         s.settings = {**run_settings(train_cfgs[s.name]), "n_params": count_parameters(train_cfgs[s.name])}
+        s.label = run_label(s.label, s.settings, s.name)
+    labels = [s.label for s in specs]
+    for s in specs:  # two runs that ran the same settings under one label: tell them apart
+        if labels.count(s.label) > 1:
+            s.label = f"{s.label} ({s.name})"
+    for s in specs:
         log.info("run %-12s %-24s %8d parameters  %s", s.name, s.label, s.settings["n_params"],
                  ", ".join(f"{k}={v}" for k, v in s.settings.items() if k != "n_params"))
     write_json(out_dir / "plan.json", {s.name: {"label": s.label, "overrides": s.overrides, **s.settings} for s in specs})
@@ -130,6 +166,11 @@ def run_study(name: str, overrides: Sequence[str] = (), extra: Sequence[str] = (
     pending = plan_runs(specs, out_dir / "runs", str(cfg.get("resume", "last")))
     if pending:
         launch(pending, out_dir, cfg, hydra_args)
+
+    modes = list(cfg.get("memory_modes") or [])
+    for s in specs:  # runs finished before the study measured these modes: measured now, not retrained
+        device = (cfg.get("score") or {}).get("device")
+        job.memory_of_modes(train_cfgs[s.name], out_dir / "runs" / s.name, modes, device and torch.device(device))
 
     from melrecon.study import baseline_runs, report
 
