@@ -3,7 +3,7 @@
 
 Usage::
 
-    melrecon {reconstruct,evaluate,convert,validate,synthetic,study} [ARGS ...]
+    melrecon {reconstruct,evaluate,convert,validate,synthetic,brain3d,study} [ARGS ...]
     melrecon SUBCOMMAND --help
 
 Each subcommand hands its arguments unchanged to the ``main(argv)`` of the tool's module, so
@@ -44,7 +44,7 @@ TOOLS: dict[str, Tool] = {
         "melrecon.evaluate", "build_parser", "score reconstructions against targets, compare methods",
         "melrecon evaluate --target data/knee3d/test --predictions recon/modl recon/cs --zero-filled"),
     "convert": Tool(
-        "melrecon.data.convert.__main__", "build_parser", "convert raw data (mridata, fastMRI, OCMR, CMRxRecon, twix)",
+        "melrecon.data.convert.__main__", "build_parser", "convert raw data (mridata, fastMRI, OCMR, CMRxRecon, twix) or NIfTI magnitude volumes",
         "melrecon convert twix raw/meas_MID00042_gre3d.dat data/knee3d/all/gre3d.h5"),
     "validate": Tool(
         "melrecon.data.validate", "build_parser", "check files against the melrecon HDF5 layout",
@@ -52,9 +52,20 @@ TOOLS: dict[str, Tool] = {
     "synthetic": Tool(
         "melrecon.data.synthetic", "build_parser", "generate a synthetic dataset (knee3d or cine)",
         "melrecon synthetic cine data/synthetic_cine --preset small"),
+    "brain3d": Tool(
+        "melrecon.data.brain3d", "build_parser", "build the brain study dataset from nilearn's MNI152 template",
+        "melrecon brain3d data/brain3d"),
     "study": Tool(
         "melrecon.study.__main__", "build_parser", "run a study: the paper's comparisons (conf/study/)",
         "melrecon study knee3d_vs_2d preset=cpu"),
+}
+
+#: Subcommands whose first argument selects a tool with options of its own (for --help).
+SUBTOOLS: dict[tuple[str, str], Tool] = {
+    ("convert", "nifti"): Tool(
+        "melrecon.data.convert.nifti", "build_parser", "magnitude volumes to simulated multi-coil k-space",
+        "melrecon convert nifti T1.nii.gz data/brain --voxel-mm 2 --coils 8 --snr 30 --blocks 4 "
+        "--split-pattern train,train,val,test"),
 }
 
 
@@ -83,16 +94,16 @@ def _overview() -> str:
     return "\n".join(lines) + "\n"
 
 
-def tool_help(name: str) -> str:
+def tool_help(name: str, tool: Tool | None = None, prog: str | None = None) -> str:
     """The help of one subcommand: its module's parser, as ``melrecon NAME``, with defaults and
-    the example."""
-    tool = TOOLS[name]
+    the example (``tool``, ``prog``: a sub-tool's, see :data:`SUBTOOLS`)."""
+    tool = tool or TOOLS[name]
     module = importlib.import_module(tool.module)
     build: Callable[[], argparse.ArgumentParser] | None = getattr(module, tool.parser, None)
     if build is None:  # the module no longer offers its parser: fall back to its own --help text
         raise LookupError(f"{tool.module}.{tool.parser} not found")
     parser = build()
-    parser.prog = f"{PROG} {name}"
+    parser.prog = f"{PROG} {prog or name}"
     parser.formatter_class = _DefaultsFormatter
     parser.epilog = f"example:\n  {tool.example}"
     return parser.format_help()
@@ -118,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> Any:
     if name not in TOOLS:
         print(f"{PROG}: error: unknown subcommand {name!r}; choose from {', '.join(TOOLS)}", file=sys.stderr)
         return 2
+    if _wants_help(rest) and (name, rest[0]) in SUBTOOLS:  # e.g. convert nifti: options of its own
+        sub = SUBTOOLS[(name, rest[0])]
+        print(tool_help(name, Tool(sub.module, sub.parser, sub.summary, sub.example), f"{name} {rest[0]}"), end="")
+        return 0
     if _wants_help(rest):
         try:
             print(tool_help(name), end="")

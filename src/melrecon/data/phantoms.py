@@ -29,11 +29,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-
-def _grid(shape: tuple[int, ...]) -> list[np.ndarray]:
-    """Normalised coordinates in [-1, 1) along each axis (pixel centres), as an open mesh."""
-    axes = [(np.arange(n) - n / 2 + 0.5) / (n / 2) for n in shape]
-    return np.meshgrid(*axes, indexing="ij", sparse=True)
+from melrecon.data.simulate import normalized_grid as _grid
+from melrecon.data.simulate import polynomial_phase as _smooth_phase
+from melrecon.data.simulate import smooth_field as _smooth_field
 
 
 def _soft_ellipsoid(
@@ -56,22 +54,6 @@ def _soft_ellipsoid(
     rho = np.sqrt(rho2)
     sd = (1.0 - rho) * float(np.min(semi))
     return np.clip(0.5 + sd / pixel, 0.0, 1.0)
-
-
-def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
-    """Zero-mean, unit-std Gaussian random field with correlation length ``sigma`` pixels."""
-    f = gaussian_filter(rng.standard_normal(shape), sigma=sigma, mode="wrap")
-    return (f - f.mean()) / (f.std() + 1e-12)
-
-
-def _smooth_phase(rng: np.random.Generator, grid: list[np.ndarray], amplitude: float) -> np.ndarray:
-    """Random low-order polynomial phase (degree <= 2), peak about ``amplitude`` radians."""
-    phase = rng.uniform(-np.pi, np.pi) * np.ones(())
-    for i, g in enumerate(grid):
-        phase = phase + rng.normal(0, amplitude / 2) * g
-        for h in grid[i:]:
-            phase = phase + rng.normal(0, amplitude / 4) * g * h
-    return phase
 
 
 def _soft_tube_plane(yy: np.ndarray, zz: np.ndarray, yc: float, zc: float, radius: float) -> np.ndarray:

@@ -37,7 +37,7 @@ from melrecon.data.h5 import find_files, write_scan
 from melrecon.data.locks import file_lock
 from melrecon.data.npfft import fftc_np, ifftc_np, sense_combine_np
 from melrecon.data.phantoms import cine_series, knee_volume
-from melrecon.physics.coils import birdcage_maps
+from melrecon.data.simulate import add_noise, coil_maps, simulate_kspace
 
 log = logging.getLogger("melrecon")
 
@@ -64,27 +64,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def _add_noise(kspace: np.ndarray, image: np.ndarray, snr: float, rng: np.random.Generator) -> np.ndarray:
-    """Add complex Gaussian noise of std ``mean(|image| on the object) / snr`` (orthonormal FFT:
-    the same std in the coil images and in the target)."""
-    if snr is None or snr <= 0 or not np.isfinite(snr):
-        return kspace
-    mag = np.abs(image)
-    sigma = mag[mag > 0.1 * mag.max()].mean() / snr
-    noise = rng.standard_normal(kspace.shape) + 1j * rng.standard_normal(kspace.shape)
-    return kspace + noise * (sigma / np.sqrt(2))
-
-
 def make_knee_case(shape: tuple[int, int, int], coils: int, snr: float, seed: int | np.random.SeedSequence,
                    phantom_version: int = 1) -> dict[str, np.ndarray]:
     """One knee3d scan: ``kspace``/``maps`` (C, X, Y, Z) hybrid x-ky-kz, ``target`` (X, Y, Z)."""
     rng = np.random.default_rng(seed)
     image = knee_volume(tuple(shape), rng, version=phantom_version)
-    maps = birdcage_maps((coils, *shape), r=rng.uniform(1.2, 1.8)).numpy().astype(np.complex128)
-    kspace = fftc_np(maps * image[None], axes=(-2, -1))  # X stays in image space (hybrid)
-    kspace = _add_noise(kspace, image, snr, rng)
-    target = sense_combine_np(ifftc_np(kspace, axes=(-2, -1)), maps)
-    return {"kspace": kspace, "maps": maps, "target": target}
+    maps = coil_maps(shape, coils, rng)
+    return simulate_kspace(image, maps, snr, rng, fft_axes=(-2, -1))  # X stays in image space (hybrid)
 
 
 def make_cine_case(
@@ -95,11 +81,9 @@ def make_cine_case(
     rng = np.random.default_rng(seed)
     images = np.stack([cine_series(frames, tuple(shape), rng, respiration, version=phantom_version)
                        for _ in range(slices)])
-    maps = np.stack(
-        [birdcage_maps((coils, *shape), r=rng.uniform(1.2, 1.8)).numpy() for _ in range(slices)]
-    ).astype(np.complex128)
+    maps = np.stack([coil_maps(shape, coils, rng) for _ in range(slices)])
     kspace = fftc_np(maps[:, :, None] * images[:, None], axes=(-2, -1))
-    kspace = _add_noise(kspace, images, snr, rng)
+    kspace = add_noise(kspace, images, snr, rng)
     target = sense_combine_np(ifftc_np(kspace, axes=(-2, -1)), maps[:, :, None], coil_axis=1)
     return {"kspace": kspace, "maps": maps, "target": target}
 

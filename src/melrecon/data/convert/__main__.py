@@ -5,6 +5,8 @@ Usage::
     python -m melrecon.data.convert {mridata,fastmri,ocmr,cmrxrecon,twix} IN OUT
         [--calib 24] [--maps MAPS.npy] [--readout-crop N] [--key NAME] [--twix-mode auto]
         [--overwrite]
+    python -m melrecon.data.convert nifti IN OUT [options]   (magnitude volumes -> simulated
+        k-space; its own options: ``melrecon convert nifti --help``, melrecon.data.convert.nifti)
 
 IN is a file or a folder (every ``*.h5`` / ``*.mat`` below it is converted; ``*.dat`` for twix). OUT is the output
 ``.h5`` file for a single input, otherwise a folder (``<stem>.h5`` per input; for CMRxRecon the
@@ -35,7 +37,9 @@ def _inputs(path: Path, fmt: str) -> list[Path]:
 
 def build_parser(prog: str = "python -m melrecon.data.convert") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    parser.add_argument("format", choices=tuple(CONVERTERS))
+    parser.add_argument("format", choices=(*CONVERTERS, "nifti"),
+                        help="raw-data format; nifti: magnitude volumes to simulated k-space (own options: "
+                             "melrecon convert nifti --help)")
     parser.add_argument("input", type=Path)
     parser.add_argument("output", type=Path)
     parser.add_argument("--calib", type=int, default=24, help="ESPIRiT calibration width")
@@ -52,6 +56,11 @@ def build_parser(prog: str = "python -m melrecon.data.convert") -> argparse.Argu
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["nifti"]:  # simulated k-space from images: a different set of options
+        from melrecon.data.convert.nifti import main as nifti_main
+
+        return nifti_main(argv[1:])
     args = build_parser().parse_args(argv)
     inputs = _inputs(args.input, args.format)
     if not inputs or not inputs[0].exists():
