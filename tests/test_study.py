@@ -92,12 +92,41 @@ def test_runs_must_share_data_and_budget():
     good = {s.name: compose_train(s.overrides) for s in specs}
     check_same_budget(good)
     bad = dict(good)
-    bad["slice2d"] = compose_train([*specs[1].overrides, "data.calib=3"])
+    bad["net2d_width"] = compose_train([*specs[1].overrides, "data.calib=3"])
     with pytest.raises(StudyError, match="differ in data"):
         check_same_budget(bad)
-    bad["slice2d"] = compose_train([*specs[1].overrides, "module.optimizer.lr=0.5"])
+    bad["net2d_width"] = compose_train([*specs[1].overrides, "module.optimizer.lr=0.5"])
     with pytest.raises(StudyError, match="module.optimizer"):
         check_same_budget(bad)
+
+
+def test_labels_name_what_ran_at_every_preset():
+    """The tiny preset runs cine_depth's "modl20" with 5 unrolls: its label says N=5, not N=20."""
+    from melrecon.study.runner import describe_runs
+
+    cfg = compose_study("cine_depth", ["preset=tiny"])
+    specs = run_specs(cfg)
+    describe_runs(specs, {s.name: compose_train(s.overrides) for s in specs})
+    labels = {s.name: s.label for s in specs}
+    assert labels["modl20"] == "MoDL N=5" and labels["modl5"] == "MoDL N=3" and labels["rev50"] == "reversible N=10"
+    assert len(set(labels.values())) == len(labels)
+    knee = compose_study("knee3d_vs_2d", ["preset=tiny"])
+    specs = run_specs(knee)
+    describe_runs(specs, {s.name: compose_train(s.overrides) for s in specs})
+    assert [s.label for s in specs] == ["3D MoDL 4x3 N=2", "2D MoDL 4x3 N=2", "2D MoDL 7x3 N=2"]
+    assert all(s.settings["slab_size"] is None for s in specs)  # whole volumes
+
+
+def test_one_selection_metric_picks_checkpoints_and_lams():
+    for study in ("knee3d_vs_2d", "cine_depth"):
+        cfg = compose_study(study, ["preset=tiny"])
+        assert cfg.select_on == "psnr"
+        for s in run_specs(cfg):
+            model_checkpoint = compose_train(s.overrides).callbacks.model_checkpoint
+            assert (model_checkpoint.monitor, model_checkpoint.mode) == ("val/psnr", "max")
+    cfg = compose_study("knee3d_vs_2d", ["preset=tiny", "select_on=nmse"])
+    ckpt = compose_train(run_specs(cfg)[0].overrides).callbacks.model_checkpoint
+    assert (ckpt.monitor, ckpt.mode) == ("val/nmse", "min")
 
 
 def test_study_config_errors_name_the_field():
@@ -107,6 +136,14 @@ def test_study_config_errors_name_the_field():
         compose_study("knee3d_vs_2d", ["preset=tiny", "budget.max_steps=5", "budget.val_every=2"])
     with pytest.raises(StudyError, match="reference"):
         compose_study("knee3d_vs_2d", ["preset=tiny", "reference=nothing"])
+    with pytest.raises(StudyError, match="arms.equal_width"):
+        compose_study("knee3d_vs_2d", ["preset=tiny", "arms.equal_width=[net3d,tv]"])
+    with pytest.raises(StudyError, match="select_on"):
+        compose_study("knee3d_vs_2d", ["preset=tiny", "select_on=loss"])
+    with pytest.raises(StudyError, match="memory_modes"):
+        compose_study("knee3d_vs_2d", ["preset=tiny", "memory_modes=[standard,fast]"])
+    with pytest.raises(StudyError, match="has no preset 'long'"):
+        compose_study("cine_depth", ["preset=long"])
     from melrecon.study.__main__ import main
 
     assert main(["nope"]) == 2
@@ -259,26 +296,40 @@ def _check_training_outputs(out: Path, methods: set[str]) -> None:
 def test_knee3d_vs_2d_tiny_end_to_end_and_rerun_skips(study_env, tmp_path, caplog, monkeypatch):
     from melrecon.study.runner import run_study
 
-    out = run_study("knee3d_vs_2d", ["preset=tiny", f"out_dir={tmp_path / 'knee'}"])
-    _check_training_outputs(out, {"slab3d", "slice2d", "zero_filled", "cg_sense", "l1_wavelet", "tv"})
+    out = run_study("knee3d_vs_2d", ["preset=tiny", f"out_dir={tmp_path / 'knee'}", "launcher.parallel=2"])
+    _check_training_outputs(out, {"net3d", "net2d_width", "net2d_params", "zero_filled", "cg_sense", "l1_wavelet", "tv"})
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["slab3d"]["n_params"] > 0 and plan["slice2d"]["n_params"] > 0
-    assert "| 3D slab MoDL | MoDL, N=2, 3D CNN 4x3" in (out / "summary.md").read_text()
+    assert plan["net3d"]["n_params"] > plan["net2d_width"]["n_params"] > 0  # equal width: 3D holds ~3x the weights
+    text = (out / "summary.md").read_text()
+    assert "| 3D MoDL 4x3 N=2 | MoDL, N=2, 3D CNN 4x3, mel, whole volumes" in text
+    # both arms, 3D - 2D
+    assert "| equal_width | 3D MoDL 4x3 N=2 | 2D MoDL 4x3 N=2 |" in text
+    assert "| equal_params | 3D MoDL 4x3 N=2 | 2D MoDL 7x3 N=2 |" in text
+    # quality at equal memory: every network in every mode, the sentence, the plot
+    for label in ("3D MoDL 4x3 N=2", "2D MoDL 4x3 N=2", "2D MoDL 7x3 N=2"):
+        for mode in ("standard", "checkpoint", "mel"):
+            assert f"| {label} | {mode} |" in text, (label, mode)
+    assert "## Quality at equal memory" in text and ("MEL trains" in text or "MEL buys no quality" in text)
+    assert "## Convergence" in text and "checkpoint chosen on `val/psnr`" in text
+    for png in ("psnr_vs_memory.png", "validation_curves.png"):
+        assert (out / png).stat().st_size > 1000, png
+    memory = json.loads((out / "runs" / "net3d" / "study" / "memory.json").read_text())["modes"]
+    assert set(memory) == {"standard", "checkpoint", "mel"} and all(m["probe_step_mib"] > 0 for m in memory.values())
     markers = {p: p.stat().st_mtime_ns for p in out.rglob("done.json")}
-    assert len(markers) == 6
+    assert len(markers) == 7
     results = (out / "results.csv").read_text()
     # rerun with W&B on (offline): nothing is retrained (the logger is not part of a run's
     # identity), the report is rebuilt and its tables go to W&B
     monkeypatch.setenv("WANDB_MODE", "offline")
     with caplog.at_level("INFO", logger="melrecon.study"):
         run_study("knee3d_vs_2d", ["preset=tiny", f"out_dir={tmp_path / 'knee'}", "wandb.enabled=true"])
-    assert "launching" not in caplog.text and caplog.text.count("finished, skipped") == 6
+    assert "launching" not in caplog.text and caplog.text.count("finished, skipped") == 7
     assert {p: p.stat().st_mtime_ns for p in out.rglob("done.json")} == markers
     assert (out / "results.csv").read_text() == results
     tables = sorted(out.glob("wandb/offline-run-*/files/media/table/study/summary_*.table.json"))
     assert len(tables) == 1
     table = json.loads(tables[0].read_text())
-    assert table["columns"][:2] == ["method", "label"] and len(table["data"]) == 6
+    assert table["columns"][:2] == ["method", "label"] and len(table["data"]) == 7
 
 
 @pytest.mark.slow
@@ -288,8 +339,12 @@ def test_cine_depth_tiny_end_to_end(study_env, tmp_path):
     out = run_study("cine_depth", ["preset=tiny", f"out_dir={tmp_path / 'cine'}"])
     _check_training_outputs(out, {"modl2", "modl5", "modl10", "modl20", "rev10", "rev20", "rev50",
                                   "zero_filled", "cg_sense", "tv"})
-    for png in ("psnr_vs_unrolls.png", "cost_vs_unrolls.png"):
+    for png in ("psnr_vs_unrolls.png", "cost_vs_unrolls.png", "psnr_vs_memory.png"):
         assert (out / png).stat().st_size > 1000, png
+    text = (out / "summary.md").read_text()
+    # labels say what ran: the tiny preset runs "modl20" with 5 unrolls, "rev50" with 10
+    assert "| MoDL N=5 | MoDL, N=5," in text and "N=20" not in text and "N=50" not in text
+    assert "## Quality at equal memory" in text and "| reversible N=10 | mel |" in text
 
 
 @pytest.mark.slow

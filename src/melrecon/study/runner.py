@@ -11,7 +11,9 @@
 4. launch the remaining runs as one Hydra multirun of ``train.py`` with the run-list sweeper
    (``hydra/sweeper=melrecon_run_list``) and the study's launcher (``basic`` in this process, or
    e.g. ``slurm``); each job trains and scores itself (:mod:`melrecon.study.job`);
-5. baselines (:mod:`melrecon.study.baseline_runs`), each resumable the same way;
+5. baselines (:mod:`melrecon.study.baseline_runs`), each resumable the same way, scored in this
+   process while the training runs (subprocesses) train; then each finished run's memory per
+   mode (``<run>/study/memory.json``, measured here if the job did not);
 6. the report (:mod:`melrecon.study.report`): ``results.csv``, ``summary.md``, plots, W&B table.
 
 Folder ``out_dir``: ``study.yaml`` (the composed study), ``runs/<name>/`` (Hydra job folders),
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -149,13 +152,7 @@ def run_study(name: str, overrides: Sequence[str] = (), extra: Sequence[str] = (
     specs = run_specs(cfg, train_extra)
     train_cfgs = {s.name: compose_train(s.overrides) for s in specs}
     check_same_budget(train_cfgs)
-    for s in specs:
-        s.settings = {**run_settings(train_cfgs[s.name]), "n_params": count_parameters(train_cfgs[s.name])}
-        s.label = run_label(s.label, s.settings, s.name)
-    labels = [s.label for s in specs]
-    for s in specs:  # two runs that ran the same settings under one label: tell them apart
-        if labels.count(s.label) > 1:
-            s.label = f"{s.label} ({s.name})"
+    describe_runs(specs, train_cfgs)
     for s in specs:
         log.info("run %-12s %-24s %8d parameters  %s", s.name, s.label, s.settings["n_params"],
                  ", ".join(f"{k}={v}" for k, v in s.settings.items() if k != "n_params"))
@@ -164,19 +161,37 @@ def run_study(name: str, overrides: Sequence[str] = (), extra: Sequence[str] = (
     ref_cfg = train_cfgs[specs[0].name]
     prepare_data(ref_cfg)
     pending = plan_runs(specs, out_dir / "runs", str(cfg.get("resume", "last")))
-    if pending:
-        launch(pending, out_dir, cfg, hydra_args)
+    from melrecon.study import baseline_runs, report
+
+    # the training runs are subprocesses: this process scores the baselines meanwhile (with
+    # launcher.parallel > 1 the baselines fill the cores the runs leave idle near the end)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        training = pool.submit(launch, pending, out_dir, cfg, hydra_args) if pending else None
+        try:
+            baselines = baseline_runs.run_all(cfg, ref_cfg, out_dir)
+        finally:
+            if training is not None:
+                training.result()  # waits for the runs; re-raises their failure
 
     modes = list(cfg.get("memory_modes") or [])
     for s in specs:  # runs finished before the study measured these modes: measured now, not retrained
         device = (cfg.get("score") or {}).get("device")
         job.memory_of_modes(train_cfgs[s.name], out_dir / "runs" / s.name, modes, device and torch.device(device))
-
-    from melrecon.study import baseline_runs, report
-
-    baselines = baseline_runs.run_all(cfg, ref_cfg, out_dir)
     report.write_report(cfg, out_dir, specs, baselines, command)
     return out_dir
+
+
+def describe_runs(specs: Sequence[RunSpec], train_cfgs: dict[str, DictConfig]) -> None:
+    """Fill each run's settings (from its composed config) and its label (the config's label
+    template filled from those settings, so it names what runs; runs left with one label get
+    their names added)."""
+    for s in specs:
+        s.settings = {**run_settings(train_cfgs[s.name]), "n_params": count_parameters(train_cfgs[s.name])}
+        s.label = run_label(s.label, s.settings, s.name)
+    labels = [s.label for s in specs]
+    for s in specs:
+        if labels.count(s.label) > 1:
+            s.label = f"{s.label} ({s.name})"
 
 
 def prepare_data(train_cfg: DictConfig) -> None:
@@ -187,6 +202,6 @@ def prepare_data(train_cfg: DictConfig) -> None:
     dm.prepare_data()
 
 
-__all__ = ["run_study", "plan_runs", "launch", "split_extra", "prepare_data"]
+__all__ = ["run_study", "plan_runs", "launch", "split_extra", "prepare_data", "describe_runs"]
 
 
