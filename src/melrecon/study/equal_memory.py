@@ -108,8 +108,8 @@ def claim(found: Sequence[Budget], select_on: str = "psnr") -> str:
         return "No network has both a standard and a MEL memory measurement: no equal-memory statement."
     for b in found:
         if b.mel is not b.standard:
-            return (f"Within the memory of standard backprop at {b.at.label} ({b.mib:.1f} MiB per training step), "
-                    f"MEL trains {b.mel.label} ({step_mib(b.mel, 'mel')[0]:.1f} MiB): {_interval(b.diff)} test PSNR "
+            return (f"Within the memory of standard backprop at {b.at.label} ({b.mib:.3g} MiB per training step), "
+                    f"MEL trains {b.mel.label} ({step_mib(b.mel, 'mel')[0]:.3g} MiB): {_interval(b.diff)} test PSNR "
                     f"over {b.standard.label}, the best network standard backprop fits in that memory "
                     f"(both chosen on validation {select_on.upper()}).")
     return ("At every measured budget (the standard-backprop memory of each trained network) the best network MEL "
@@ -123,11 +123,11 @@ def table(points: Sequence[MemoryPoint], found: Sequence[Budget], volumes: Seque
              "|---|---|---|---|---|"]
     for p in points:
         s = summarize([p.method.scores[v]["psnr"] for v in volumes])
-        lines.append(f"| {p.method.label} | {p.mode} | {p.mib:.1f} | {p.basis} | {s.fmt(2)} |")
+        lines.append(f"| {p.method.label} | {p.mode} | {p.mib:.3g} | {p.basis} | {s.fmt(2)} |")
     if found:
         lines += ["", "| budget: standard backprop at | MiB | best standard-trained in budget | best MEL-trained in "
                   "budget | Δ test PSNR (MEL - standard) dB [95% CI] |", "|---|---|---|---|---|"]
         for b in found:
             d = b.diff.fmt(2) if b.mel is not b.standard else "same network"
-            lines.append(f"| {b.at.label} | {b.mib:.1f} | {b.standard.label} | {b.mel.label} | {d} |")
+            lines.append(f"| {b.at.label} | {b.mib:.3g} | {b.standard.label} | {b.mel.label} | {d} |")
     return lines
