@@ -8,7 +8,7 @@ Image arrays are in the layout's axis order (complex or magnitude):
 NIfTI (:func:`write_nifti`, nibabel) stores the magnitude as float32 (or the complex image as
 complex64): volume3d as (X, Y, Z), cine as (X, Y, S, T). The voxel size comes from the
 ``voxel_size_mm`` attribute of the source file when it has one (:func:`voxel_size_of`; data
-README), 1 mm otherwise. Orientation is not known to melrecon, so the q-form and s-form codes
+docs/real-data.md), 1 mm otherwise. Orientation is not known to melrecon, so the q-form and s-form codes
 are 0 ("unknown": array axes, no patient orientation) and the affine only scales by the voxel
 size; the header's description field states both facts.
 

@@ -2,6 +2,6 @@
 
 A study (``conf/study/NAME.yaml``) is a list of training runs plus classical baselines, trained
 with one budget and scored per volume on a test split that no run saw; or, for
-``memory_modes``, a sweep of memory and time measurements. See ``README.md``, "Reproducing the
+``memory_modes``, a sweep of memory and time measurements. See ``docs/studies.md``, "Reproducing the
 paper", and the module docs of :mod:`melrecon.study.runner`.
 """
