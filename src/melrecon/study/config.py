@@ -16,7 +16,7 @@ A study config (Hydra, its own tree ``conf/study/``) has::
     baselines: {name: {method, lam: [grid], ...solver options}}     (null drops a baseline)
     launcher: {name: basic | slurm | ..., parallel: K, overrides: {hydra.launcher.key: value}}
               (``parallel``: with the basic launcher, K training runs at a time, one thread each)
-    memory_modes: [standard, checkpoint, mel]   the modes whose training-step memory is measured
+    probe_modes: [standard, checkpoint, mel]    the modes whose training-step memory is measured
                                                 at every trained network's size (equal-memory table)
     score: {device, batch_size, panel_index}, resume: last | restart, wandb: {enabled, project}
 
@@ -122,9 +122,9 @@ def check_study(cfg: DictConfig) -> None:
     for arm, pair in (cfg.get("arms") or {}).items():
         if pair is not None and (len(pair) != 2 or any(m not in runs for m in pair)):
             raise StudyError(f"study {cfg.name}: arms.{arm} = {list(pair)} must name two training runs of {sorted(runs)}")
-    modes = list(cfg.get("memory_modes") or [])
+    modes = list(cfg.get("probe_modes") or [])
     if any(m not in MEMORY_MODES for m in modes):
-        raise StudyError(f"study {cfg.name}: memory_modes {modes} must be a subset of {MEMORY_MODES}")
+        raise StudyError(f"study {cfg.name}: probe_modes {modes} must be a subset of {MEMORY_MODES}")
     parallel = (cfg.get("launcher") or {}).get("parallel", 1)
     if not isinstance(parallel, int) or parallel < 1:
         raise StudyError(f"study {cfg.name}: launcher.parallel must be an integer >= 1, got {parallel!r}")

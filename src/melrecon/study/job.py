@@ -171,7 +171,7 @@ def score_run(cfg: Any, run_dir: Path, record: dict[str, Any]) -> dict[str, Any]
             "test_files": [Path(p).name for p in test_files]}
     write_csv(out / "scores.csv", rows, SCORE_COLUMNS)
     write_json(out / "info.json", info)
-    memory_of_modes(cfg, run_dir, record.get("memory_modes") or (), device)
+    memory_of_modes(cfg, run_dir, record.get("probe_modes") or (), device)
     # the study's overrides, without the ckpt_path= of a resumed run (the marker identifies the run)
     overrides = [o for o in record.get("overrides", []) if not o.startswith("ckpt_path=")]
     write_json(out / DONE, {"name": run_dir.name, "overrides": overrides,

@@ -249,7 +249,7 @@ def write_report(cfg: DictConfig, out_dir: Path, specs: Sequence[RunSpec], basel
     rows = summary_rows(methods, str(cfg.reference), volumes)
     write_csv(out_dir / "summary.csv", rows, SUMMARY_COLUMNS)
     kind = str(next(iter(s.settings.get("kind") for s in specs)))
-    points = equal_memory.memory_points(methods, list(cfg.get("memory_modes") or []))
+    points = equal_memory.memory_points(methods, list(cfg.get("probe_modes") or []))
     figures = [p for p in (plots.psnr_vs_memory(points, [m for m in methods if m.group == "baseline"],
                                                 out_dir / "psnr_vs_memory.png"),
                            plots.validation_curves(methods, out_dir / "validation_curves.png"),

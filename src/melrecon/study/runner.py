@@ -22,9 +22,11 @@ Folder ``out_dir``: ``study.yaml`` (the composed study), ``runs/<name>/`` (Hydra
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -85,8 +87,8 @@ def multirun_command(pending: Sequence[RunSpec], launch_file: Path, out_dir: Pat
     """The ``train.py`` multirun over ``pending`` through the run-list sweeper and the study's
     launcher; writes ``launch_file`` (read by the sweeper and by each job, :class:`job.StudyJob`)."""
     score = OmegaConf.to_container(cfg.get("score") or {}, resolve=True)
-    modes = list(cfg.get("memory_modes") or [])
-    write_json(launch_file, {"runs": [{"name": s.name, "overrides": s.overrides, "score": score, "memory_modes": modes}
+    modes = list(cfg.get("probe_modes") or [])
+    write_json(launch_file, {"runs": [{"name": s.name, "overrides": s.overrides, "score": score, "probe_modes": modes}
                                       for s in pending]})
     launcher = cfg.get("launcher") or {}
     cmd = [sys.executable, str(repo_root() / "train.py"), "-m", "hydra/sweeper=melrecon_run_list",
@@ -112,16 +114,23 @@ def launch(pending: Sequence[RunSpec], out_dir: Path, cfg: DictConfig, hydra_arg
         queue = list(pending)
         running: list[subprocess.Popen] = []
         codes = []
-        while queue or running:
-            while queue and len(running) < parallel:
-                spec = queue.pop(0)
-                cmd = multirun_command([spec], out_dir / f"launch-{spec.name}.json", out_dir, cfg, hydra_args)
-                log.info("launching run %s (%d at a time): %s", spec.name, parallel, " ".join(cmd))
-                running.append(subprocess.Popen(cmd, cwd=repo_root(), env=env))
-            time.sleep(1.0)
-            for proc in [p for p in running if p.poll() is not None]:
-                codes.append(proc.returncode)
-                running.remove(proc)
+        try:
+            while queue or running:
+                while queue and len(running) < parallel:
+                    spec = queue.pop(0)
+                    cmd = multirun_command([spec], out_dir / f"launch-{spec.name}.json", out_dir, cfg, hydra_args)
+                    log.info("launching run %s (%d at a time): %s", spec.name, parallel, " ".join(cmd))
+                    # a session of its own: Linux's autogroup scheduler shares the CPUs between
+                    # sessions, so K runs in the study's session would get one session's share
+                    running.append(subprocess.Popen(cmd, cwd=repo_root(), env=env, start_new_session=True))
+                time.sleep(1.0)
+                for proc in [p for p in running if p.poll() is not None]:
+                    codes.append(proc.returncode)
+                    running.remove(proc)
+        finally:  # interrupted (Ctrl-C reaches only this session): stop the runs; they resume from last.ckpt
+            for proc in running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
     failed = [s.name for s in pending if not job.is_done(out_dir / "runs" / s.name)]
     if any(codes) or failed:
         raise StudyError(f"training runs failed: {failed or 'see above'} (train.py exit status {max(codes)}); "
@@ -173,7 +182,7 @@ def run_study(name: str, overrides: Sequence[str] = (), extra: Sequence[str] = (
             if training is not None:
                 training.result()  # waits for the runs; re-raises their failure
 
-    modes = list(cfg.get("memory_modes") or [])
+    modes = list(cfg.get("probe_modes") or [])
     for s in specs:  # runs finished before the study measured these modes: measured now, not retrained
         device = (cfg.get("score") or {}).get("device")
         job.memory_of_modes(train_cfgs[s.name], out_dir / "runs" / s.name, modes, device and torch.device(device))
