@@ -108,6 +108,10 @@ def psnr_vs_memory(points: Sequence[Any], baselines: Sequence[MethodResult], pat
         ax.annotate(m.label, (0.01, summarize(_values(m, "psnr")).mean), xycoords=("axes fraction", "data"),
                     fontsize=6, color="0.4", va="bottom")
     ax.set_xscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=6)
     basis = sorted({p.basis for p in points})
     ax.set_xlabel(f"memory of one training step (MiB, {' / '.join(basis)})")
     ax.set_ylabel("test PSNR (dB)")
