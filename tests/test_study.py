@@ -356,3 +356,75 @@ def test_memory_modes_tiny_shows_flat_reversible_mel_and_linear_standard(study_e
     assert "rev cine standard:" in text and "(linear in N)" in text and "NOT linear" not in text
     assert "modl cine mel:" in text and "anchors stored at N = 100" in text
     assert (out / "memory_modes.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------- equal memory, convergence
+def _net(name, psnrs, val, std_mib, mel_mib):
+    from melrecon.study.results import MethodResult
+
+    scores = {f"v{i}": {"psnr": p, "ssim": 0.9, "nmse": 0.01} for i, p in enumerate(psnrs)}
+    modes = {"standard": {"probe_step_mib": std_mib, "cuda_step_mib": math.nan},
+             "mel": {"probe_step_mib": mel_mib, "cuda_step_mib": math.nan}}
+    return MethodResult(name, name.upper(), "network", {}, {"val_monitor": val, "memory_modes": modes}, scores)
+
+
+def test_equal_memory_sentence_comes_from_the_data_and_selects_on_validation():
+    from melrecon.study import equal_memory
+
+    small = _net("small", [30.0, 31.0, 32.0, 31.5], val=30.0, std_mib=100.0, mel_mib=40.0)
+    big = _net("big", [31.0, 31.8, 33.1, 32.2], val=31.0, std_mib=300.0, mel_mib=90.0)
+    # "lucky" is best on test but worst on validation: never chosen
+    lucky = _net("lucky", [40.0, 40.0, 40.0, 40.0], val=10.0, std_mib=50.0, mel_mib=20.0)
+    volumes = ["v0", "v1", "v2", "v3"]
+    found = equal_memory.budgets([small, big, lucky], volumes)
+    assert [b.at.name for b in found] == ["lucky", "small", "big"]
+    at_small = found[1]
+    assert at_small.standard.name == "small" and at_small.mel.name == "big"  # big's MEL step (90) fits in 100
+    d = np.array([31.0, 31.8, 33.1, 32.2]) - np.array([30.0, 31.0, 32.0, 31.5])
+    lo, hi = scipy.stats.t.interval(0.95, 3, loc=d.mean(), scale=scipy.stats.sem(d))
+    assert at_small.diff.mean == pytest.approx(d.mean()) and (at_small.diff.t_low, at_small.diff.t_high) == pytest.approx((lo, hi))
+    # the sentence: the smallest budget at which MEL fits another network; chosen on validation,
+    # so at LUCKY's budget MEL picks SMALL although LUCKY scores higher on test: a negative result
+    text = equal_memory.claim(found)
+    assert text.startswith("Within the memory of standard backprop at LUCKY (50 MiB per training step), MEL trains SMALL (40 MiB)")
+    assert "-8.88 dB [" in text and "over LUCKY" in text
+    text = equal_memory.claim(found[1:])
+    assert text.startswith("Within the memory of standard backprop at SMALL (100 MiB per training step), MEL trains BIG (90 MiB)")
+    assert f"{d.mean():+.2f} dB [{lo:+.2f}, {hi:+.2f}]" in text and "over SMALL" in text
+    # MEL's steps no smaller than standard's: no network gains, and the sentence says so
+    flat = [_net("a", [30.0] * 4, 30.0, 100.0, 100.0), _net("b", [31.0] * 4, 31.0, 300.0, 300.0)]
+    assert "MEL buys no quality" in equal_memory.claim(equal_memory.budgets(flat, volumes))
+
+
+def test_last_quarter_gain_and_validation_curve_of_a_resumed_run(tmp_path):
+    from melrecon.study.convergence import last_quarter_gain, validation_curve
+
+    for version, rows in (("version_0", [(9, 20.0), (19, 21.0), (29, 21.5)]), ("version_1", [(29, 21.6), (39, 21.65)])):
+        d = tmp_path / "csv" / version
+        d.mkdir(parents=True)
+        (d / "metrics.csv").write_text("step,train/loss,val/psnr\n5,0.1,\n"
+                                       + "".join(f"{s},,{v}\n" for s, v in rows))
+    curve = validation_curve(tmp_path)
+    assert curve == [(9, 20.0), (19, 21.0), (29, 21.6), (39, 21.65)]  # the resumed version wins at step 29
+    p = last_quarter_gain(curve)
+    assert p.gain == pytest.approx(21.65 - 21.6) and p.reached is True
+    rising = last_quarter_gain([(10, 20.0), (20, 21.0), (30, 22.0), (40, 23.0)])
+    assert rising.gain == pytest.approx(1.0) and rising.reached is False
+    assert last_quarter_gain([(10, 20.0)]).reached is None
+
+
+def test_long_preset_trains_networks_of_32_channels_and_5_convs_on_whole_volumes():
+    cfg = compose_study("knee3d_vs_2d", ["preset=long", "data=brain3d"])
+    b = cfg.budget
+    assert b.max_steps % (4 * b.val_every) == 0  # a validation starts the last quarter
+    assert cfg.launcher.parallel == 2 and cfg.select_on == "psnr"
+    assert {tuple(v) for v in cfg.arms.values()} == {("net3d", "net2d_width"), ("net3d", "net2d_params")}
+    runs = {s.name: compose_train(s.overrides) for s in run_specs(cfg)}
+    check_same_budget(runs)
+    reg = {n: c.model.regularizer for n, c in runs.items()}
+    assert all(r.width >= 32 and r.depth >= 5 for r in reg.values())
+    assert reg["net3d"].conv_dim == 3 and reg["net2d_width"].conv_dim == reg["net2d_params"].conv_dim == 2
+    assert reg["net3d"].width == reg["net2d_width"].width < reg["net2d_params"].width
+    assert len({c.model.num_unrolls for c in runs.values()}) == 1
+    assert all(c.data.slab_size is None and c.data.kind == "volume3d" for c in runs.values())
+    assert all(str(c.data.root).endswith("brain3d") for c in runs.values())
