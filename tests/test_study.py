@@ -317,6 +317,8 @@ def test_knee3d_vs_2d_tiny_end_to_end_and_rerun_skips(study_env, tmp_path, caplo
     markers = {p: p.stat().st_mtime_ns for p in out.rglob("done.json")}
     assert len(markers) == 7
     results = (out / "results.csv").read_text()
+    memory_json = out / "runs" / "net2d_width" / "study" / "memory.json"
+    memory_json.unlink()  # a run finished before its modes were measured: measured again, not retrained
     # rerun with W&B on (offline): nothing is retrained (the logger is not part of a run's
     # identity), the report is rebuilt and its tables go to W&B
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -325,6 +327,7 @@ def test_knee3d_vs_2d_tiny_end_to_end_and_rerun_skips(study_env, tmp_path, caplo
     assert "launching" not in caplog.text and caplog.text.count("finished, skipped") == 7
     assert {p: p.stat().st_mtime_ns for p in out.rglob("done.json")} == markers
     assert (out / "results.csv").read_text() == results
+    assert set(json.loads(memory_json.read_text())["modes"]) == {"standard", "checkpoint", "mel"}
     tables = sorted(out.glob("wandb/offline-run-*/files/media/table/study/summary_*.table.json"))
     assert len(tables) == 1
     table = json.loads(tables[0].read_text())

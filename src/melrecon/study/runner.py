@@ -33,6 +33,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
 import torch
 from omegaconf import DictConfig, OmegaConf
 
