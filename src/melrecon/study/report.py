@@ -1,6 +1,7 @@
 """A training study's outputs: ``results.csv``, ``summary.md``, PNG plots and (optionally) W&B tables.
 
-- ``results.csv``: one row per (method, test volume, metric): ``method, group, volume, metric, value``.
+- ``results.csv``: one row per (method, test volume, metric): ``method, group, volume, metric, value``;
+  ``validation_curves.csv``: ``method, step, val_psnr`` of every network's training.
 - ``summary.md``: the command, date, machine and budget; per method its key settings, parameter
   count, autograd memory of one training step, logged peak memory, median step time,
   reconstruction time per volume and PSNR / SSIM / NMSE mean ± std over the test volumes, with
@@ -248,6 +249,9 @@ def write_report(cfg: DictConfig, out_dir: Path, specs: Sequence[RunSpec], basel
     write_csv(out_dir / "results.csv", results, RESULT_COLUMNS)
     rows = summary_rows(methods, str(cfg.reference), volumes)
     write_csv(out_dir / "summary.csv", rows, SUMMARY_COLUMNS)
+    write_csv(out_dir / "validation_curves.csv", [{"method": m.name, "step": step, "val_psnr": value}
+                                                   for m in methods for step, value in m.curve],
+              ("method", "step", "val_psnr"))
     kind = str(next(iter(s.settings.get("kind") for s in specs)))
     points = equal_memory.memory_points(methods, list(cfg.get("probe_modes") or []))
     figures = [p for p in (plots.psnr_vs_memory(points, [m for m in methods if m.group == "baseline"],
