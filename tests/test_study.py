@@ -110,11 +110,6 @@ def test_labels_name_what_ran_at_every_preset():
     labels = {s.name: s.label for s in specs}
     assert labels["modl20"] == "MoDL N=5" and labels["modl5"] == "MoDL N=3" and labels["rev50"] == "reversible N=10"
     assert len(set(labels.values())) == len(labels)
-    knee = compose_study("knee3d_vs_2d", ["preset=tiny"])
-    specs = run_specs(knee)
-    describe_runs(specs, {s.name: compose_train(s.overrides) for s in specs})
-    assert [s.label for s in specs] == ["3D MoDL 4x3 N=2", "2D MoDL 4x3 N=2", "2D MoDL 7x3 N=2"]
-    assert all(s.settings["slab_size"] is None for s in specs)  # whole volumes
 
 
 def test_one_selection_metric_picks_checkpoints_and_lams():
