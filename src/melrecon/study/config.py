@@ -20,7 +20,7 @@ A study config (Hydra, its own tree ``conf/study/``) has::
                                                 at every trained network's size (equal-memory table)
     score: {device, batch_size, panel_index}, resume: last | restart, wandb: {enabled, project}
 
-``conf/study/preset/{tiny,cpu,paper}.yaml`` holds what every study shares at a preset (``train``
+``conf/study/preset/{tiny,cpu,long,paper}.yaml`` holds what every study shares at a preset (``train``
 overrides, e.g. the tiny data settings, and ``synthetic``: the synthetic dataset's options, merged
 into ``data.synthetic``; ``preset.synthetic=null`` for real data), ``conf/study/NAME/{preset}.yaml``
 the study's sizes at that preset. A run's ``train.py`` overrides are, in this order:
@@ -230,7 +230,8 @@ def compose_train(overrides: Sequence[str]) -> DictConfig:
 BUDGET_KEYS = ("data", "seed", "trainer.max_steps", "trainer.max_epochs", "trainer.val_check_interval",
                "trainer.check_val_every_n_epoch", "trainer.accumulate_grad_batches", "trainer.precision",
                "trainer.gradient_clip_val", "trainer.limit_train_batches", "module.optimizer", "module.scheduler",
-               "module.scheduler_interval", "module.loss", "callbacks.model_checkpoint.monitor")
+               "module.scheduler_interval", "module.loss", "callbacks.model_checkpoint.monitor",
+               "callbacks.model_checkpoint.mode")
 
 
 def check_same_budget(train_cfgs: Mapping[str, DictConfig]) -> None:
