@@ -93,12 +93,35 @@ def test_runs_must_share_data_and_budget():
     good = {s.name: compose_train(s.overrides) for s in specs}
     check_same_budget(good)
     bad = dict(good)
-    bad["slice2d"] = compose_train([*specs[1].overrides, "data.calib=3"])
+    bad["net2d_width"] = compose_train([*specs[1].overrides, "data.calib=3"])
     with pytest.raises(StudyError, match="differ in data"):
         check_same_budget(bad)
-    bad["slice2d"] = compose_train([*specs[1].overrides, "module.optimizer.lr=0.5"])
+    bad["net2d_width"] = compose_train([*specs[1].overrides, "module.optimizer.lr=0.5"])
     with pytest.raises(StudyError, match="module.optimizer"):
         check_same_budget(bad)
+
+
+def test_labels_name_what_ran_at_every_preset():
+    """The tiny preset runs cine_depth's "modl20" with 5 unrolls: its label says N=5, not N=20."""
+    from melrecon.study.runner import describe_runs
+
+    cfg = compose_study("cine_depth", ["preset=tiny"])
+    specs = run_specs(cfg)
+    describe_runs(specs, {s.name: compose_train(s.overrides) for s in specs})
+    labels = {s.name: s.label for s in specs}
+    assert labels["modl20"] == "MoDL N=5" and labels["modl5"] == "MoDL N=3" and labels["rev50"] == "reversible N=10"
+    assert len(set(labels.values())) == len(labels)
+
+
+def test_one_selection_metric_picks_checkpoints_and_lams():
+    for study in ("knee3d_vs_2d", "cine_depth"):
+        cfg = compose_study(study, ["preset=tiny"])
+        assert cfg.select_on == "psnr"
+        model_checkpoint = compose_train(run_specs(cfg)[0].overrides).callbacks.model_checkpoint  # the budget: every run
+        assert (model_checkpoint.monitor, model_checkpoint.mode) == ("val/psnr", "max")
+    cfg = compose_study("knee3d_vs_2d", ["preset=tiny", "select_on=nmse"])
+    ckpt = compose_train(run_specs(cfg)[0].overrides).callbacks.model_checkpoint
+    assert (ckpt.monitor, ckpt.mode) == ("val/nmse", "min")
 
 
 def test_study_config_errors_name_the_field():
@@ -108,6 +131,14 @@ def test_study_config_errors_name_the_field():
         compose_study("knee3d_vs_2d", ["preset=tiny", "budget.max_steps=5", "budget.val_every=2"])
     with pytest.raises(StudyError, match="reference"):
         compose_study("knee3d_vs_2d", ["preset=tiny", "reference=nothing"])
+    with pytest.raises(StudyError, match="arms.equal_width"):
+        compose_study("knee3d_vs_2d", ["preset=tiny", "arms.equal_width=[net3d,tv]"])
+    with pytest.raises(StudyError, match="select_on"):
+        compose_study("knee3d_vs_2d", ["preset=tiny", "select_on=loss"])
+    with pytest.raises(StudyError, match="probe_modes"):
+        compose_study("knee3d_vs_2d", ["preset=tiny", "probe_modes=[standard,fast]"])
+    with pytest.raises(StudyError, match="has no preset 'long'"):
+        compose_study("cine_depth", ["preset=long"])
     from melrecon.study.__main__ import main
 
     assert main(["nope"]) == 2
@@ -248,26 +279,43 @@ def _check_training_outputs(out: Path, methods: set[str]) -> None:
 def test_knee3d_vs_2d_tiny_end_to_end_and_rerun_skips(study_env, tmp_path, caplog, monkeypatch):
     from melrecon.study.runner import run_study
 
-    out = run_study("knee3d_vs_2d", ["preset=tiny", f"out_dir={tmp_path / 'knee'}"])
-    _check_training_outputs(out, {"slab3d", "slice2d", "zero_filled", "cg_sense", "l1_wavelet", "tv"})
+    out = run_study("knee3d_vs_2d", ["preset=tiny", f"out_dir={tmp_path / 'knee'}", "launcher.parallel=2"])
+    _check_training_outputs(out, {"net3d", "net2d_width", "net2d_params", "zero_filled", "cg_sense", "l1_wavelet", "tv"})
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["slab3d"]["n_params"] > 0 and plan["slice2d"]["n_params"] > 0
-    assert "| 3D slab MoDL | MoDL, N=2, 3D CNN 4x3" in (out / "summary.md").read_text()
+    assert plan["net3d"]["n_params"] > plan["net2d_width"]["n_params"] > 0  # equal width: 3D holds ~3x the weights
+    text = (out / "summary.md").read_text()
+    assert "| 3D MoDL 4x3 N=2 | MoDL, N=2, 3D CNN 4x3, mel, whole volumes" in text
+    # both arms, 3D - 2D
+    assert "| equal_width | 3D MoDL 4x3 N=2 | 2D MoDL 4x3 N=2 |" in text
+    assert "| equal_params | 3D MoDL 4x3 N=2 | 2D MoDL 7x3 N=2 |" in text
+    # quality at equal memory: every network in every mode, the sentence, the plot
+    for label in ("3D MoDL 4x3 N=2", "2D MoDL 4x3 N=2", "2D MoDL 7x3 N=2"):
+        for mode in ("standard", "checkpoint", "mel"):
+            assert f"| {label} | {mode} |" in text, (label, mode)
+    assert "## Quality at equal memory" in text and ("MEL trains" in text or "MEL buys no quality" in text)
+    assert "## Convergence" in text and "checkpoint chosen on `val/psnr`" in text
+    for png in ("psnr_vs_memory.png", "validation_curves.png"):
+        assert (out / png).stat().st_size > 1000, png
+    memory = json.loads((out / "runs" / "net3d" / "study" / "memory.json").read_text())["modes"]
+    assert set(memory) == {"standard", "checkpoint", "mel"} and all(m["probe_step_mib"] > 0 for m in memory.values())
     markers = {p: p.stat().st_mtime_ns for p in out.rglob("done.json")}
-    assert len(markers) == 6
+    assert len(markers) == 7
     results = (out / "results.csv").read_text()
+    memory_json = out / "runs" / "net2d_width" / "study" / "memory.json"
+    memory_json.unlink()  # a run finished before its modes were measured: measured again, not retrained
     # rerun with W&B on (offline): nothing is retrained (the logger is not part of a run's
     # identity), the report is rebuilt and its tables go to W&B
     monkeypatch.setenv("WANDB_MODE", "offline")
     with caplog.at_level("INFO", logger="melrecon.study"):
         run_study("knee3d_vs_2d", ["preset=tiny", f"out_dir={tmp_path / 'knee'}", "wandb.enabled=true"])
-    assert "launching" not in caplog.text and caplog.text.count("finished, skipped") == 6
+    assert "launching" not in caplog.text and caplog.text.count("finished, skipped") == 7
     assert {p: p.stat().st_mtime_ns for p in out.rglob("done.json")} == markers
     assert (out / "results.csv").read_text() == results
+    assert set(json.loads(memory_json.read_text())["modes"]) == {"standard", "checkpoint", "mel"}
     tables = sorted(out.glob("wandb/offline-run-*/files/media/table/study/summary_*.table.json"))
     assert len(tables) == 1
     table = json.loads(tables[0].read_text())
-    assert table["columns"][:2] == ["method", "label"] and len(table["data"]) == 6
+    assert table["columns"][:2] == ["method", "label"] and len(table["data"]) == 7
 
 
 @pytest.mark.slow
@@ -277,8 +325,12 @@ def test_cine_depth_tiny_end_to_end(study_env, tmp_path):
     out = run_study("cine_depth", ["preset=tiny", f"out_dir={tmp_path / 'cine'}"])
     _check_training_outputs(out, {"modl2", "modl5", "modl10", "modl20", "rev10", "rev20", "rev50",
                                   "zero_filled", "cg_sense", "tv"})
-    for png in ("psnr_vs_unrolls.png", "cost_vs_unrolls.png"):
+    for png in ("psnr_vs_unrolls.png", "cost_vs_unrolls.png", "psnr_vs_memory.png"):
         assert (out / png).stat().st_size > 1000, png
+    text = (out / "summary.md").read_text()
+    # labels say what ran: the tiny preset runs "modl20" with 5 unrolls, "rev50" with 10
+    assert "| MoDL N=5 | MoDL, N=5," in text and "N=20" not in text and "N=50" not in text
+    assert "## Quality at equal memory" in text and "| reversible N=10 | mel |" in text
 
 
 @pytest.mark.slow
@@ -294,3 +346,75 @@ def test_memory_modes_tiny_shows_flat_reversible_mel_and_linear_standard(study_e
     assert "rev cine: memory model vs probe" in text and "modl cine: memory model vs probe" in text
     assert "NOT within 10%" not in text and "model MiB" in text
     assert (out / "memory_modes.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------- equal memory, convergence
+def _net(name, psnrs, val, std_mib, mel_mib):
+    from melrecon.study.results import MethodResult
+
+    scores = {f"v{i}": {"psnr": p, "ssim": 0.9, "nmse": 0.01} for i, p in enumerate(psnrs)}
+    modes = {"standard": {"probe_step_mib": std_mib, "cuda_step_mib": math.nan},
+             "mel": {"probe_step_mib": mel_mib, "cuda_step_mib": math.nan}}
+    return MethodResult(name, name.upper(), "network", {}, {"val_monitor": val, "memory_modes": modes}, scores)
+
+
+def test_equal_memory_sentence_comes_from_the_data_and_selects_on_validation():
+    from melrecon.study import equal_memory
+
+    small = _net("small", [30.0, 31.0, 32.0, 31.5], val=30.0, std_mib=100.0, mel_mib=40.0)
+    big = _net("big", [31.0, 31.8, 33.1, 32.2], val=31.0, std_mib=300.0, mel_mib=90.0)
+    # "lucky" is best on test but worst on validation: never chosen
+    lucky = _net("lucky", [40.0, 40.0, 40.0, 40.0], val=10.0, std_mib=50.0, mel_mib=20.0)
+    volumes = ["v0", "v1", "v2", "v3"]
+    found = equal_memory.budgets([small, big, lucky], volumes)
+    assert [b.at.name for b in found] == ["lucky", "small", "big"]
+    at_small = found[1]
+    assert at_small.standard.name == "small" and at_small.mel.name == "big"  # big's MEL step (90) fits in 100
+    d = np.array([31.0, 31.8, 33.1, 32.2]) - np.array([30.0, 31.0, 32.0, 31.5])
+    lo, hi = scipy.stats.t.interval(0.95, 3, loc=d.mean(), scale=scipy.stats.sem(d))
+    assert at_small.diff.mean == pytest.approx(d.mean()) and (at_small.diff.t_low, at_small.diff.t_high) == pytest.approx((lo, hi))
+    # the sentence: the smallest budget at which MEL fits another network; chosen on validation,
+    # so at LUCKY's budget MEL picks SMALL although LUCKY scores higher on test: a negative result
+    text = equal_memory.claim(found)
+    assert text.startswith("Within the memory of standard backprop at LUCKY (50 MiB per training step), MEL trains SMALL (40 MiB)")
+    assert "-8.88 dB [" in text and "over LUCKY" in text
+    text = equal_memory.claim(found[1:])
+    assert text.startswith("Within the memory of standard backprop at SMALL (100 MiB per training step), MEL trains BIG (90 MiB)")
+    assert f"{d.mean():+.2f} dB [{lo:+.2f}, {hi:+.2f}]" in text and "over SMALL" in text
+    # MEL's steps no smaller than standard's: no network gains, and the sentence says so
+    flat = [_net("a", [30.0] * 4, 30.0, 100.0, 100.0), _net("b", [31.0] * 4, 31.0, 300.0, 300.0)]
+    assert "MEL buys no quality" in equal_memory.claim(equal_memory.budgets(flat, volumes))
+
+
+def test_last_quarter_gain_and_validation_curve_of_a_resumed_run(tmp_path):
+    from melrecon.study.convergence import last_quarter_gain, validation_curve
+
+    for version, rows in (("version_0", [(9, 20.0), (19, 21.0), (29, 21.5)]), ("version_1", [(29, 21.6), (39, 21.65)])):
+        d = tmp_path / "csv" / version
+        d.mkdir(parents=True)
+        (d / "metrics.csv").write_text("step,train/loss,val/psnr\n5,0.1,\n"
+                                       + "".join(f"{s},,{v}\n" for s, v in rows))
+    curve = validation_curve(tmp_path)
+    assert curve == [(9, 20.0), (19, 21.0), (29, 21.6), (39, 21.65)]  # the resumed version wins at step 29
+    p = last_quarter_gain(curve)
+    assert p.gain == pytest.approx(21.65 - 21.6) and p.reached is True
+    rising = last_quarter_gain([(10, 20.0), (20, 21.0), (30, 22.0), (40, 23.0)])
+    assert rising.gain == pytest.approx(1.0) and rising.reached is False
+    assert last_quarter_gain([(10, 20.0)]).reached is None
+
+
+def test_long_preset_trains_networks_of_32_channels_and_5_convs_on_whole_volumes():
+    cfg = compose_study("knee3d_vs_2d", ["preset=long", "data=brain3d"])
+    b = cfg.budget
+    assert b.max_steps % (4 * b.val_every) == 0  # a validation starts the last quarter
+    assert cfg.launcher.parallel == 2 and cfg.select_on == "psnr"
+    assert {tuple(v) for v in cfg.arms.values()} == {("net3d", "net2d_width"), ("net3d", "net2d_params")}
+    runs = {s.name: compose_train(s.overrides) for s in run_specs(cfg)}
+    check_same_budget(runs)
+    reg = {n: c.model.regularizer for n, c in runs.items()}
+    assert all(r.width >= 32 and r.depth >= 5 for r in reg.values())
+    assert reg["net3d"].conv_dim == 3 and reg["net2d_width"].conv_dim == reg["net2d_params"].conv_dim == 2
+    assert reg["net3d"].width == reg["net2d_width"].width < reg["net2d_params"].width
+    assert len({c.model.num_unrolls for c in runs.values()}) == 1
+    assert all(c.data.slab_size is None and c.data.kind == "volume3d" for c in runs.values())
+    assert all(str(c.data.root).endswith("brain3d") for c in runs.values())

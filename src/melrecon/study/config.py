@@ -5,16 +5,22 @@ A study config (Hydra, its own tree ``conf/study/``) has::
     defaults: [_self_, preset: cpu, optional NAME@_here_: ${preset}]
     name, kind (training | memory), description, out_dir
     reference: a method name; comparisons: [[a, b], ...] (paired a - b on the test volumes)
-    select_on: the validation metric that picks each baseline's lam (psnr, the headline metric;
-               networks: the checkpoint callback's monitor, val/ssim unless ``train`` sets it)
+    select_on: psnr | ssim | nmse, the one validation metric that picks every network's checkpoint
+               (the checkpoint callback's monitor ``val/<select_on>``) and every baseline's lam
     budget: {seed, max_steps, val_every, lr, schedule: constant | cosine}
     train: {override: value}           every run, Hydra override syntax (``+key`` / ``++key`` ok)
-    runs: {name: {label, experiment, overrides: {override: value}}}   (null drops a run)
+    runs: {name: {label, experiment, overrides: {override: value}}}   (null drops a run); the label
+          may name fields of :func:`run_settings` in braces (``MoDL N={num_unrolls}``), filled
+          from the run's composed config, so it says what ran at any preset
+    arms: {name: [run a, run b]}       optional: the study's main contrasts (a - b), reported first
     baselines: {name: {method, lam: [grid], ...solver options}}     (null drops a baseline)
-    launcher: {name: basic | slurm | ..., overrides: {hydra.launcher.key: value}}
+    launcher: {name: basic | slurm | ..., parallel: K, overrides: {hydra.launcher.key: value}}
+              (``parallel``: with the basic launcher, K training runs at a time, one thread each)
+    probe_modes: [standard, checkpoint, mel]    the modes whose training-step memory is measured
+                                                at every trained network's size (equal-memory table)
     score: {device, batch_size, panel_index}, resume: last | restart, wandb: {enabled, project}
 
-``conf/study/preset/{tiny,cpu,paper}.yaml`` holds what every study shares at a preset (``train``
+``conf/study/preset/{tiny,cpu,long,paper}.yaml`` holds what every study shares at a preset (``train``
 overrides, e.g. the tiny data settings, and ``synthetic``: the synthetic dataset's options, merged
 into ``data.synthetic``; ``preset.synthetic=null`` for real data), ``conf/study/NAME/{preset}.yaml``
 the study's sizes at that preset. A run's ``train.py`` overrides are, in this order:
@@ -63,6 +69,10 @@ def compose_study(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     with initialize_config_dir(config_dir=str(repo_root() / "conf" / "study"), version_base="1.3"):
         cfg = compose(config_name=name, overrides=list(overrides))
     check_study(cfg)
+    preset = (cfg.get("preset") or {}).get("name")
+    if cfg.kind == "training" and not (repo_root() / "conf" / "study" / name / f"{preset}.yaml").is_file():
+        raise StudyError(f"study {name} has no preset {preset!r} (no conf/study/{name}/{preset}.yaml); its presets are "
+                         f"{sorted(p.stem for p in (repo_root() / 'conf' / 'study' / name).glob('*.yaml'))}")
     return cfg
 
 
@@ -107,6 +117,30 @@ def check_study(cfg: DictConfig) -> None:
     for name, run in runs.items():
         if not run.get("experiment"):
             raise StudyError(f"study {cfg.name}: runs.{name}.experiment is missing")
+    if cfg.get("select_on", "ssim") not in SELECTION_MODES:
+        raise StudyError(f"study {cfg.name}: select_on must be one of {tuple(SELECTION_MODES)}, got {cfg.select_on!r}")
+    for arm, pair in (cfg.get("arms") or {}).items():
+        if pair is not None and (len(pair) != 2 or any(m not in runs for m in pair)):
+            raise StudyError(f"study {cfg.name}: arms.{arm} = {list(pair)} must name two training runs of {sorted(runs)}")
+    modes = list(cfg.get("probe_modes") or [])
+    if any(m not in MEMORY_MODES for m in modes):
+        raise StudyError(f"study {cfg.name}: probe_modes {modes} must be a subset of {MEMORY_MODES}")
+    parallel = (cfg.get("launcher") or {}).get("parallel", 1)
+    if not isinstance(parallel, int) or parallel < 1:
+        raise StudyError(f"study {cfg.name}: launcher.parallel must be an integer >= 1, got {parallel!r}")
+
+
+#: select_on -> the checkpoint callback's mode (higher or lower is better).
+SELECTION_MODES = {"psnr": "max", "ssim": "max", "nmse": "min"}
+#: the networks' memory modes (``model.memory``).
+MEMORY_MODES = ("standard", "checkpoint", "mel")
+
+
+def arms(cfg: DictConfig) -> dict[str, tuple[str, str]]:
+    """The study's arms ``{name: (run a, run b)}`` whose runs are both in the study."""
+    active = set(_entries(cfg.get("runs")))
+    return {str(k): (str(v[0]), str(v[1])) for k, v in (cfg.get("arms") or {}).items()
+            if v is not None and v[0] in active and v[1] in active}
 
 
 def comparisons(cfg: DictConfig) -> list[tuple[str, str]]:
@@ -140,14 +174,17 @@ def format_overrides(mapping: Mapping[str, Any] | None) -> list[str]:
     return [f"{k}={format_value(v)}" for k, v in (mapping or {}).items()]
 
 
-def budget_overrides(budget: DictConfig) -> list[str]:
+def budget_overrides(budget: DictConfig, select_on: str = "ssim") -> list[str]:
     """The overrides that give every run one budget: seed, optimizer steps counted by
-    ``max_steps`` (epochs unbounded), validation every ``val_every`` steps, learning rate and
-    schedule (cosine: annealed per step over ``max_steps``)."""
+    ``max_steps`` (epochs unbounded), validation every ``val_every`` steps, the checkpoint
+    chosen on ``val/<select_on>``, learning rate and schedule (cosine: annealed per step over
+    ``max_steps``)."""
     steps, every = int(budget.max_steps), int(budget.val_every)
     out = [f"seed={int(budget.seed)}", f"++trainer.max_steps={steps}", "trainer.max_epochs=-1",
            "trainer.min_epochs=null", "trainer.check_val_every_n_epoch=null",
-           f"++trainer.val_check_interval={every}", f"module.optimizer.lr={format_value(float(budget.lr))}"]
+           f"++trainer.val_check_interval={every}", f"module.optimizer.lr={format_value(float(budget.lr))}",
+           f"callbacks.model_checkpoint.monitor=val/{select_on}",
+           f"callbacks.model_checkpoint.mode={SELECTION_MODES[select_on]}"]
     if budget.get("schedule", "constant") == "cosine":
         out += ["module=cosine", f"module.scheduler.T_max={steps}", "module.scheduler_interval=step"]
     else:
@@ -175,7 +212,7 @@ def run_specs(cfg: DictConfig, extra: Sequence[str] = ()) -> list[RunSpec]:
     for name, run in _entries(cfg.runs).items():
         overrides = [f"+experiment={run.experiment}", *format_overrides(cfg.get("train")),
                      *format_overrides(preset.get("train")), *data, *format_overrides(run.get("overrides")), *extra,
-                     *budget_overrides(cfg.budget), logger]
+                     *budget_overrides(cfg.budget, str(cfg.get("select_on", "ssim"))), logger]
         specs.append(RunSpec(name=str(name), label=str(run.get("label") or name), overrides=overrides))
     return specs
 
@@ -193,7 +230,8 @@ def compose_train(overrides: Sequence[str]) -> DictConfig:
 BUDGET_KEYS = ("data", "seed", "trainer.max_steps", "trainer.max_epochs", "trainer.val_check_interval",
                "trainer.check_val_every_n_epoch", "trainer.accumulate_grad_batches", "trainer.precision",
                "trainer.gradient_clip_val", "trainer.limit_train_batches", "module.optimizer", "module.scheduler",
-               "module.scheduler_interval", "module.loss", "callbacks.model_checkpoint.monitor")
+               "module.scheduler_interval", "module.loss", "callbacks.model_checkpoint.monitor",
+               "callbacks.model_checkpoint.mode")
 
 
 def check_same_budget(train_cfgs: Mapping[str, DictConfig]) -> None:
@@ -218,10 +256,20 @@ def run_settings(train_cfg: DictConfig) -> dict[str, Any]:
     m = train_cfg.model
     family = "reversible" if "Reversible" in str(m._target_) else "MoDL"
     reg = m.get("regularizer") or {}
+    slab = train_cfg.data.get("slab_size")
     return {"family": family, "num_unrolls": int(m.num_unrolls), "memory": str(m.memory),
             "width": reg.get("width"), "depth": reg.get("depth"), "conv_dim": reg.get("conv_dim"),
-            "share_weights": bool(m.get("share_weights", True)), "slab_size": int(train_cfg.data.slab_size),
+            "share_weights": bool(m.get("share_weights", True)), "slab_size": None if slab is None else int(slab),
             "kind": str(train_cfg.data.kind)}
+
+
+def run_label(template: str, settings: Mapping[str, Any], run: str = "?") -> str:
+    """A run's label: ``template`` with ``{field}``s filled from its :func:`run_settings`, so the
+    label says what ran (a preset that changes a depth changes the label too)."""
+    try:
+        return template.format(**settings)
+    except (KeyError, IndexError, ValueError) as err:
+        raise StudyError(f"runs.{run}.label {template!r}: cannot fill {err} (fields: {sorted(settings)})") from None
 
 
 def count_parameters(train_cfg: DictConfig) -> int:

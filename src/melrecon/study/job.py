@@ -11,8 +11,11 @@ runs the job: in the study process, or on a SLURM node). After training it
 3. measures what the summary reports: parameter count, the autograd memory of one training step
    (:class:`melrecon.mel.MemoryProbe`; plus the CUDA peak on a GPU), and reads the step time and
    peak memory the training logged (``train/step_time_s``, ``train/peak_mem_gib``),
-4. writes ``<run>/study/scores.csv`` (one row per test volume), ``info.json`` and
-   ``panel.npz`` (the panel volume's reconstruction), then, last and atomically,
+4. measures the training step's memory of the trained network in every memory mode of the
+   study (:func:`measure_memory_modes`: same weights and batch, ``model.memory`` switched; the
+   modes' gradients are equal, so one trained network stands for all of them),
+5. writes ``<run>/study/scores.csv`` (one row per test volume), ``info.json``, ``memory.json``
+   and ``panel.npz`` (the panel volume's reconstruction), then, last and atomically,
    ``<run>/study/done.json``: the marker by which the study skips a finished run
    (:func:`read_done`: a marker that cannot be read, or beside missing or broken study files,
    makes the run unfinished again).
@@ -28,7 +31,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,7 @@ log = logging.getLogger("melrecon.study")
 
 SCORE_COLUMNS = ("volume", "psnr", "ssim", "nmse", "acceleration", "recon_time_s")
 DONE = "done.json"
+MEMORY = "memory.json"
 
 
 def study_dir(run_dir: Path) -> Path:
@@ -142,6 +146,43 @@ def probe_training_step(net: torch.nn.Module, batch: ReconBatch, device: torch.d
     return {"probe_step_mib": probe.peak_bytes / 2**20, "cuda_step_mib": cuda}
 
 
+def measure_memory_modes(cfg: Any, ckpt: Path, modes: Sequence[str], device: torch.device) -> dict[str, Any]:
+    """The memory of one training step of the network of ``cfg`` with the weights of ``ckpt`` in
+    each memory mode (``model.memory`` switched, nothing retrained): bytes autograd held
+    (``probe_step_mib``) and, on CUDA, the allocator's peak (``cuda_step_mib``), on the first
+    training batch, after one warm-up step (spectral-norm estimates and MEL's anchor controller
+    settle, as in :func:`melrecon.bench.measure_step`)."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    out: dict[str, Any] = {}
+    for mode in modes:
+        mode_cfg = OmegaConf.merge(cfg, {"model": {"memory": str(mode)}})
+        net = adapter.load_network(mode_cfg, ckpt).to(device)
+        probe_training_step(net, batch, device)  # warm-up
+        out[str(mode)] = probe_training_step(net, batch, device)
+        del net
+    return {"checkpoint": Path(ckpt).name, "device": str(device), "modes": out}
+
+
+def memory_of_modes(cfg: Any, run_dir: Path, modes: Sequence[str], device: torch.device | None = None) -> dict[str, Any]:
+    """``<run>/study/memory.json``, measured (:func:`measure_memory_modes` on the checkpoint
+    chosen on validation) unless it holds every mode of ``modes`` for that checkpoint."""
+    path = study_dir(run_dir) / MEMORY
+    ckpt, _ = best_checkpoint(run_dir)
+    if path.is_file():
+        known = read_json(path)
+        if known.get("checkpoint") == ckpt.name and set(modes) <= set(known.get("modes", {})):
+            return known
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = measure_memory_modes(cfg, ckpt, modes, device)
+    write_json(path, result)
+    return result
+
+
 def score_run(cfg: Any, run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
     """Score a trained run on the test split and write its study files (see the module doc)."""
     import hydra
@@ -178,6 +219,7 @@ def score_run(cfg: Any, run_dir: Path, record: dict[str, Any]) -> dict[str, Any]
             "test_files": [Path(p).name for p in test_files]}
     write_csv(out / "scores.csv", rows, SCORE_COLUMNS)
     write_json(out / "info.json", info)
+    memory_of_modes(cfg, run_dir, record.get("probe_modes") or (), device)
     # the study's overrides, without the ckpt_path= of a resumed run (the marker identifies the run)
     overrides = [o for o in record.get("overrides", []) if not o.startswith("ckpt_path=")]
     write_json(out / DONE, {"name": run_dir.name, "overrides": overrides,

@@ -80,6 +80,65 @@ def cost_vs_unrolls(methods: Sequence[MethodResult], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+_MODE_MARKERS = {"standard": "o", "checkpoint": "s", "mel": "^"}
+
+
+def psnr_vs_memory(points: Sequence[Any], baselines: Sequence[MethodResult], path: Path) -> Path | None:
+    """Test PSNR (mean, 95% t interval) against the memory of a training step, one colour per
+    network, one marker per memory mode (``equal_memory.MemoryPoint``s); baselines as
+    horizontal lines. None without points."""
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    nets = list(dict.fromkeys(p.method.name for p in points))
+    for p in points:
+        values = _values(p.method, "psnr")
+        c = f"C{nets.index(p.method.name) % 10}"
+        ax.errorbar([p.mib], [summarize(values).mean], yerr=[_errorbar(values)], color=c, capsize=3,
+                    marker=_MODE_MARKERS.get(p.mode, "x"), ls="none")
+    for name in nets:  # one line per network joins its modes: same quality, different memory
+        ps = sorted((p for p in points if p.method.name == name), key=lambda p: p.mib)
+        ax.plot([p.mib for p in ps], [summarize(_values(p.method, "psnr")).mean for p in ps], lw=0.8,
+                color=f"C{nets.index(name) % 10}", label=ps[0].method.label)
+    for mode, marker in _MODE_MARKERS.items():
+        if any(p.mode == mode for p in points):
+            ax.plot([], [], marker=marker, ls="none", color="k", label=mode)
+    for i, m in enumerate(baselines):
+        ax.axhline(summarize(_values(m, "psnr")).mean, ls="--", lw=0.8, color="0.5" if i % 2 else "0.7")
+        ax.annotate(m.label, (0.01, summarize(_values(m, "psnr")).mean), xycoords=("axes fraction", "data"),
+                    fontsize=6, color="0.4", va="bottom")
+    ax.set_xscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=6)
+    basis = sorted({p.basis for p in points})
+    ax.set_xlabel(f"memory of one training step (MiB, {' / '.join(basis)})")
+    ax.set_ylabel("test PSNR (dB)")
+    ax.set_title("quality at equal memory (mean, 95% CI over test volumes)", fontsize=9)
+    ax.legend(fontsize=6, loc="best")
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def validation_curves(methods: Sequence[MethodResult], path: Path) -> Path | None:
+    """Validation PSNR against the training step, one line per network. None without curves."""
+    nets = [m for m in methods if m.group == "network" and m.curve]
+    if not nets:
+        return None
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    for m in nets:
+        ax.plot([s for s, _ in m.curve], [v for _, v in m.curve], marker="o", ms=2.5, label=m.label)
+    last = max(m.curve[-1][0] for m in nets)
+    ax.axvline(0.75 * last, ls=":", color="0.5", lw=0.8)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation PSNR (dB)")
+    ax.set_title("validation PSNR during training (dotted: start of the last quarter)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def metrics_by_method(methods: Sequence[MethodResult], path: Path) -> Path:
     """PSNR and SSIM per method: mean with the 95% t interval over test volumes."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))

@@ -1,13 +1,19 @@
 """A training study's outputs: ``results.csv``, ``summary.md``, PNG plots and (optionally) W&B tables.
 
-- ``results.csv``: one row per (method, test volume, metric): ``method, group, volume, metric, value``.
+- ``results.csv``: one row per (method, test volume, metric): ``method, group, volume, metric, value``;
+  ``validation_curves.csv``: ``method, step, val_psnr`` of every network's training.
 - ``summary.md``: the command, date, machine and budget; per method its key settings, parameter
   count, autograd memory of one training step, logged peak memory, median step time,
   reconstruction time per volume and PSNR / SSIM / NMSE mean ± std over the test volumes, with
   the paired difference to the reference method (95% paired-t interval, n); then every
   comparison the study names, with both intervals, the p-value and a plain verdict.
+- the arms (``arms``: the study's main contrasts a - b, with parameter counts), the networks'
+  convergence (validation PSNR curves, gain of the last quarter of steps) and quality at equal
+  memory (:mod:`melrecon.study.equal_memory`: test PSNR against the memory of a training step in
+  every memory mode, and the study's one sentence on it).
 - plots: ``psnr_vs_unrolls.png`` and ``cost_vs_unrolls.png`` (studies over depth),
-  ``metrics_by_method.png``, ``panel.png`` (one test volume per method with error maps).
+  ``metrics_by_method.png``, ``psnr_vs_memory.png``, ``validation_curves.png``, ``panel.png``
+  (one test volume per method with error maps).
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from melrecon.study import plots
-from melrecon.study.config import RunSpec, StudyError, comparisons
+from melrecon.study import equal_memory, plots
+from melrecon.study.config import SELECTION_MODES, RunSpec, StudyError, arms, comparisons
+from melrecon.study.convergence import PLATEAU_DB, last_quarter_gain
 from melrecon.study.files import write_csv, write_text
 from melrecon.metrics import METRICS
 from melrecon.study.results import MethodResult, load_run
@@ -59,8 +66,10 @@ def settings_text(m: MethodResult) -> str:
     s = m.settings
     if m.group == "network":
         conv = f"{s.get('conv_dim')}D CNN" if s.get("conv_dim") else "CNNs"
+        where = "whole volumes" if s.get("slab_size") is None and s.get("kind") == "volume3d" else (
+            f"slab {s.get('slab_size')}" if s.get("kind") == "volume3d" else str(s.get("kind", "")))
         return (f"{s.get('family')}, N={s.get('num_unrolls')}, {conv} {s.get('width')}x{s.get('depth')}, "
-                f"{s.get('memory')}, slab {s.get('slab_size')}")
+                f"{s.get('memory')}, {where}")
     return ", ".join(f"{k}={v}" for k, v in s.items() if k != "method")
 
 
@@ -102,16 +111,70 @@ def machine_text() -> str:
             f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
+def arms_lines(cfg: DictConfig, methods: Sequence[MethodResult], volumes: Sequence[str]) -> list[str]:
+    """The arms table: per arm a - b in PSNR and SSIM with the networks' parameter counts."""
+    found = arms(cfg)
+    if not found:
+        return []
+    by_name = {m.name: m for m in methods}
+    lines = ["## Arms (paired per-volume differences a - b on the test split)", "",
+             "| arm | a | b | params a / b | Δ PSNR dB [95% CI] | PSNR verdict | Δ SSIM [95% CI] | SSIM verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for arm, (a_name, b_name) in found.items():
+        a, b = by_name[a_name], by_name[b_name]
+        dp, ds = paired(a, b, "psnr", volumes), paired(a, b, "ssim", volumes)
+        params = f"{a.settings.get('n_params', a.info.get('n_params'))} / {b.settings.get('n_params', b.info.get('n_params'))}"
+        lines.append(f"| {arm} | {a.label} | {b.label} | {params} | {dp.fmt(2)} | {verdict(dp, a.label, b.label)} | "
+                     f"{ds.fmt(4)} | {verdict(ds, a.label, b.label)} |")
+    return lines + [""]
+
+
+def convergence_lines(methods: Sequence[MethodResult]) -> list[str]:
+    """Per network: validations, best and last validation PSNR, gain of the last quarter of steps."""
+    nets = [m for m in methods if m.group == "network" and m.curve]
+    if not nets:
+        return []
+    lines = ["## Convergence (validation PSNR during training)", "",
+             f"Plateau: the best validation PSNR of the last quarter of the steps gains less than {PLATEAU_DB} dB "
+             "over the best before it.", "",
+             "| network | validations | last step | best val PSNR dB | last val PSNR dB | last-quarter gain dB | plateau |",
+             "|---|---|---|---|---|---|---|"]
+    for m in nets:
+        p = last_quarter_gain(m.curve)
+        reached = "n/a (too few validations)" if p.reached is None else ("yes" if p.reached else "**no**: still rising")
+        lines.append(f"| {m.label} | {len(m.curve)} | {p.last_step} | {max(v for _, v in m.curve):.2f} | "
+                     f"{m.curve[-1][1]:.2f} | {_num(p.gain, '+.2f')} | {reached} |")
+    return lines + [""]
+
+
+def equal_memory_lines(cfg: DictConfig, methods: Sequence[MethodResult], volumes: Sequence[str],
+                       points: Sequence[equal_memory.MemoryPoint]) -> list[str]:
+    """The equal-memory section: the study's sentence, the (network, mode) table and the budgets."""
+    if not points:
+        return []
+    select_on = str(cfg.get("select_on", "ssim"))
+    found = equal_memory.budgets(methods, volumes, SELECTION_MODES[select_on] == "max")
+    return (["## Quality at equal memory", "", equal_memory.claim(found, select_on), ""]
+            + equal_memory.table(points, found, volumes)
+            + ["", "Training-step memory of each trained network in each memory mode, measured at its size on "
+               "its first training batch (the modes compute the same gradients, so one trained network stands "
+               "for every mode). Budgets: each network's standard-backprop memory; in each, the best network "
+               f"(by validation {select_on.upper()}) whose standard or MEL step fits.", ""])
+
+
 def markdown(cfg: DictConfig, methods: Sequence[MethodResult], rows: Sequence[dict[str, Any]],
-             volumes: Sequence[str], command: str, figures: Sequence[Path]) -> str:
+             volumes: Sequence[str], command: str, figures: Sequence[Path],
+             points: Sequence[equal_memory.MemoryPoint] = ()) -> str:
     b = cfg.budget
+    select_on = str(cfg.get("select_on", "ssim"))
     ref = next(m for m in methods if m.name == cfg.reference)
     lines = [f"# Study `{cfg.name}` (preset `{cfg.preset.name}`)", "", str(cfg.get("description") or "").strip(), "",
              f"- Command: `{command}`", f"- Date: {time.strftime('%Y-%m-%d %H:%M')}", f"- Machine: {machine_text()}",
              f"- Budget (every network): {b.max_steps} optimizer steps, seed {b.seed}, validation every "
-             f"{b.val_every} steps (checkpoint chosen on `val/ssim`), Adam lr {b.lr}, schedule {b.get('schedule', 'constant')}",
+             f"{b.val_every} steps (checkpoint chosen on `val/{select_on}`), Adam lr {b.lr}, schedule {b.get('schedule', 'constant')}",
              f"- Test split: {len(volumes)} volumes, never seen in training or model selection; baselines' "
-             f"regularisation weight chosen on the validation split by {cfg.get('select_on', 'psnr').upper()} (x sqrt(10) refinement until interior; solvers run to their tolerance)", "",
+             f"regularisation weight chosen on the validation split by {select_on.upper()} (x sqrt(10) refinement until interior; solvers run to their tolerance)", "",
+             *arms_lines(cfg, methods, volumes),
              f"## Test results (mean ± std over {len(volumes)} volumes; Δ = paired difference to "
              f"**{ref.label}**, 95% paired-t interval)", "",
              "| method | settings | params | autograd MiB/step | logged peak GiB | step s | recon s/vol | "
@@ -131,6 +194,8 @@ def markdown(cfg: DictConfig, methods: Sequence[MethodResult], rows: Sequence[di
               "(CUDA allocator peak on a GPU; on a CPU the process's resident memory, which includes "
               "Python and the data). step s: median training step time. recon s/vol: test reconstruction "
               "time per volume (baselines: on the CPU, one volume at a time).", ""]
+    lines += equal_memory_lines(cfg, methods, volumes, points)
+    lines += convergence_lines(methods)
     comps = comparisons(cfg)
     if comps:
         lines += ["## Comparisons (paired per-volume differences a - b on the test split)", "",
@@ -184,12 +249,19 @@ def write_report(cfg: DictConfig, out_dir: Path, specs: Sequence[RunSpec], basel
     write_csv(out_dir / "results.csv", results, RESULT_COLUMNS)
     rows = summary_rows(methods, str(cfg.reference), volumes)
     write_csv(out_dir / "summary.csv", rows, SUMMARY_COLUMNS)
+    write_csv(out_dir / "validation_curves.csv", [{"method": m.name, "step": step, "val_psnr": value}
+                                                   for m in methods for step, value in m.curve],
+              ("method", "step", "val_psnr"))
     kind = str(next(iter(s.settings.get("kind") for s in specs)))
-    figures = [p for p in (plots.psnr_vs_unrolls(methods, out_dir / "psnr_vs_unrolls.png"),
+    points = equal_memory.memory_points(methods, list(cfg.get("probe_modes") or []))
+    figures = [p for p in (plots.psnr_vs_memory(points, [m for m in methods if m.group == "baseline"],
+                                                out_dir / "psnr_vs_memory.png"),
+                           plots.validation_curves(methods, out_dir / "validation_curves.png"),
+                           plots.psnr_vs_unrolls(methods, out_dir / "psnr_vs_unrolls.png"),
                            plots.cost_vs_unrolls(methods, out_dir / "cost_vs_unrolls.png"),
                            plots.metrics_by_method(methods, out_dir / "metrics_by_method.png"),
                            plots.image_panel(methods, kind, out_dir / "panel.png")) if p is not None]
-    write_text(out_dir / "summary.md", markdown(cfg, methods, rows, volumes, command, figures))
+    write_text(out_dir / "summary.md", markdown(cfg, methods, rows, volumes, command, figures, points))
     if (cfg.get("wandb") or {}).get("enabled"):
         log_wandb(cfg, out_dir, rows, results, figures)
     log.info("study %s: %s", cfg.name, out_dir / "summary.md")

@@ -13,7 +13,9 @@
 4. launch the remaining runs as one Hydra multirun of ``train.py`` with the run-list sweeper
    (``hydra/sweeper=melrecon_run_list``) and the study's launcher (``basic`` in this process, or
    e.g. ``slurm``); each job trains and scores itself (:mod:`melrecon.study.job`);
-5. baselines (:mod:`melrecon.study.baseline_runs`), each resumable the same way;
+5. baselines (:mod:`melrecon.study.baseline_runs`), each resumable the same way, scored in this
+   process while the training runs (subprocesses) train; then each finished run's memory per
+   mode (``<run>/study/memory.json``, measured here if the job did not);
 6. the report (:mod:`melrecon.study.report`): ``results.csv``, ``summary.md``, plots, W&B table.
 
 One study writes ``out_dir`` at a time (:func:`lock_study_folder`; a second one is refused).
@@ -25,19 +27,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from melrecon.data.locks import LockBusy, file_lock, holder
 from melrecon.study import job
 from melrecon.study.config import (
     RunSpec, StudyError, check_same_budget, compose_study, compose_train, count_parameters, format_overrides,
-    format_value,
-    repo_root, run_settings, run_specs,
+    format_value, repo_root, run_label, run_settings, run_specs,
 )
 from melrecon.study.files import write_json, write_text
 
@@ -84,23 +91,58 @@ def plan_runs(specs: Sequence[RunSpec], runs_dir: Path, resume: str) -> list[Run
     return pending
 
 
-def launch(pending: Sequence[RunSpec], out_dir: Path, cfg: DictConfig, hydra_args: Sequence[str]) -> None:
-    """One ``train.py`` multirun over ``pending`` through the run-list sweeper and the study's launcher."""
+def multirun_command(pending: Sequence[RunSpec], launch_file: Path, out_dir: Path, cfg: DictConfig,
+                     hydra_args: Sequence[str]) -> list[str]:
+    """The ``train.py`` multirun over ``pending`` through the run-list sweeper and the study's
+    launcher; writes ``launch_file`` (read by the sweeper and by each job, :class:`job.StudyJob`)."""
     score = OmegaConf.to_container(cfg.get("score") or {}, resolve=True)
-    launch_file = out_dir / "launch.json"  # read by the sweeper and by each job (StudyJob)
-    write_json(launch_file, {"runs": [{"name": s.name, "overrides": s.overrides, "score": score} for s in pending]})
+    modes = list(cfg.get("probe_modes") or [])
+    write_json(launch_file, {"runs": [{"name": s.name, "overrides": s.overrides, "score": score, "probe_modes": modes}
+                                      for s in pending]})
     launcher = cfg.get("launcher") or {}
     cmd = [sys.executable, str(repo_root() / "train.py"), "-m", "hydra/sweeper=melrecon_run_list",
            f"hydra.sweeper.runs_file={launch_file}", f"hydra.sweep.dir={out_dir / 'runs'}"]
     if launcher.get("name") and launcher.name != "basic":
         cmd.append(f"hydra/launcher={launcher.name}")
-    cmd += format_overrides(launcher.get("overrides"))
-    cmd += list(hydra_args)
-    log.info("launching %d run(s): %s", len(pending), " ".join(cmd))
-    res = subprocess.run(cmd, cwd=repo_root())
+    return cmd + format_overrides(launcher.get("overrides")) + list(hydra_args)
+
+
+def launch(pending: Sequence[RunSpec], out_dir: Path, cfg: DictConfig, hydra_args: Sequence[str]) -> None:
+    """Train ``pending``: one multirun through the study's launcher, or, with the basic launcher
+    and ``launcher.parallel: K > 1``, K multiruns at a time over a queue of single runs (in
+    config order), each with one thread (``OMP_NUM_THREADS=1``) unless the caller set
+    ``OMP_NUM_THREADS``: K processes on K cores, none waiting for another's threads."""
+    launcher = cfg.get("launcher") or {}
+    parallel = int(launcher.get("parallel", 1))
+    if parallel <= 1 or (launcher.get("name") or "basic") != "basic":
+        cmd = multirun_command(pending, out_dir / "launch.json", out_dir, cfg, hydra_args)
+        log.info("launching %d run(s): %s", len(pending), " ".join(cmd))
+        codes = [subprocess.run(cmd, cwd=repo_root()).returncode]
+    else:
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        queue = list(pending)
+        running: list[subprocess.Popen] = []
+        codes = []
+        try:
+            while queue or running:
+                while queue and len(running) < parallel:
+                    spec = queue.pop(0)
+                    cmd = multirun_command([spec], out_dir / f"launch-{spec.name}.json", out_dir, cfg, hydra_args)
+                    log.info("launching run %s (%d at a time): %s", spec.name, parallel, " ".join(cmd))
+                    # a session of its own: Linux's autogroup scheduler shares the CPUs between
+                    # sessions, so K runs in the study's session would get one session's share
+                    running.append(subprocess.Popen(cmd, cwd=repo_root(), env=env, start_new_session=True))
+                time.sleep(1.0)
+                for proc in [p for p in running if p.poll() is not None]:
+                    codes.append(proc.returncode)
+                    running.remove(proc)
+        finally:  # interrupted (Ctrl-C reaches only this session): stop the runs; they resume from last.ckpt
+            for proc in running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
     failed = [s.name for s in pending if not job.is_done(out_dir / "runs" / s.name)]
-    if res.returncode != 0 or failed:
-        raise StudyError(f"training runs failed: {failed or 'see above'} (train.py exit status {res.returncode}); "
+    if any(codes) or failed:
+        raise StudyError(f"training runs failed: {failed or 'see above'} (train.py exit status {max(codes)}); "
                          f"logs in {out_dir / 'runs'}/<run>/; run the study again to continue")
 
 
@@ -150,8 +192,8 @@ def _run_locked(cfg: DictConfig, out_dir: Path, command: str, extra: Sequence[st
     specs = run_specs(cfg, train_extra)
     train_cfgs = {s.name: compose_train(s.overrides) for s in specs}
     check_same_budget(train_cfgs)
+    describe_runs(specs, train_cfgs)
     for s in specs:
-        s.settings = {**run_settings(train_cfgs[s.name]), "n_params": count_parameters(train_cfgs[s.name])}
         log.info("run %-12s %-24s %8d parameters  %s", s.name, s.label, s.settings["n_params"],
                  ", ".join(f"{k}={v}" for k, v in s.settings.items() if k != "n_params"))
     write_json(out_dir / "plan.json", {s.name: {"label": s.label, "overrides": s.overrides, **s.settings} for s in specs})
@@ -159,14 +201,37 @@ def _run_locked(cfg: DictConfig, out_dir: Path, command: str, extra: Sequence[st
     ref_cfg = train_cfgs[specs[0].name]
     prepare_data(ref_cfg)
     pending = plan_runs(specs, out_dir / "runs", str(cfg.get("resume", "last")))
-    if pending:
-        launch(pending, out_dir, cfg, hydra_args)
-
     from melrecon.study import baseline_runs, report
 
-    baselines = baseline_runs.run_all(cfg, ref_cfg, out_dir)
+    # the training runs are subprocesses: this process scores the baselines meanwhile (with
+    # launcher.parallel > 1 the baselines fill the cores the runs leave idle near the end)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        training = pool.submit(launch, pending, out_dir, cfg, hydra_args) if pending else None
+        try:
+            baselines = baseline_runs.run_all(cfg, ref_cfg, out_dir)
+        finally:
+            if training is not None:
+                training.result()  # waits for the runs; re-raises their failure
+
+    modes = list(cfg.get("probe_modes") or [])
+    for s in specs:  # runs finished before the study measured these modes: measured now, not retrained
+        device = (cfg.get("score") or {}).get("device")
+        job.memory_of_modes(train_cfgs[s.name], out_dir / "runs" / s.name, modes, device and torch.device(device))
     report.write_report(cfg, out_dir, specs, baselines, command)
     return out_dir
+
+
+def describe_runs(specs: Sequence[RunSpec], train_cfgs: dict[str, DictConfig]) -> None:
+    """Fill each run's settings (from its composed config) and its label (the config's label
+    template filled from those settings, so it names what runs; runs left with one label get
+    their names added)."""
+    for s in specs:
+        s.settings = {**run_settings(train_cfgs[s.name]), "n_params": count_parameters(train_cfgs[s.name])}
+        s.label = run_label(s.label, s.settings, s.name)
+    labels = [s.label for s in specs]
+    for s in specs:
+        if labels.count(s.label) > 1:
+            s.label = f"{s.label} ({s.name})"
 
 
 def prepare_data(train_cfg: DictConfig) -> None:
@@ -177,6 +242,7 @@ def prepare_data(train_cfg: DictConfig) -> None:
     dm.prepare_data()
 
 
-__all__ = ["run_study", "lock_study_folder", "STUDY_LOCK", "plan_runs", "launch", "split_extra", "prepare_data"]
+__all__ = ["run_study", "lock_study_folder", "STUDY_LOCK", "plan_runs", "launch", "split_extra", "prepare_data",
+           "describe_runs"]
 
 
