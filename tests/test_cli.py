@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import HANG_GUARD_S
 
 from melrecon import cli
 from melrecon.data import validate
@@ -99,5 +100,5 @@ def test_synthetic_convert_and_evaluate_through_cli(tmp_path):
 
 def test_python_dash_m_melrecon():
     run = subprocess.run([sys.executable, "-m", "melrecon", "validate", "--help"], capture_output=True, text=True,
-                         env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""}, timeout=120)
+                         env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""}, timeout=HANG_GUARD_S)
     assert run.returncode == 0 and run.stdout.startswith("usage: melrecon validate")
