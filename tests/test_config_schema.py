@@ -93,3 +93,12 @@ def test_a_job_stops_before_building_and_its_log_says_why(compose_cfg, tmp_path,
     assert done.value.code == 2
     assert "melrecon: error: model.memory must be one of" in capsys.readouterr().err
     assert "error: model.memory must be one of standard, checkpoint, mel, got 'fast'" in log_file.read_text()
+
+
+@pytest.mark.parametrize("argv", [["++paths.output_dir=/tmp/x"], ["-m", "paths.output_dir=/tmp/x", "seed=1,2"]])
+def test_output_dir_alone_is_refused_hydra_run_dir_moves_the_run(capsys, argv):
+    with pytest.raises(SystemExit) as done:
+        check_overrides(CONF, "train", argv)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.count("\n") == 1 and "hydra.run.dir=DIR" in err
+    check_overrides(CONF, "train", ["hydra.run.dir=/tmp/x"])  # accepted

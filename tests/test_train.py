@@ -156,6 +156,8 @@ def test_console_line_per_validation_epoch_in_train_log(tmp_path, data_dir):
     rows = read_metrics_csv(run_dir)
     last = [r for r in rows if r.get("val/psnr")][-1]  # the csv logger's last validation row
     assert float(epochs[-1].group(3)) == pytest.approx(float(last["val/psnr"]), abs=0.006)
+    val_steps = [int(r["step"]) for r in rows if r.get("val/psnr")]
+    assert [int(m.group(2)) for m in epochs] == val_steps  # the step the CSV (and W&B) file it under
     assert float(epochs[-1].group(9)) > 0 and float(epochs[-1].group(10)) > 0
     for m in epochs:  # the figures PeakMemoryMonitor logged: epoch max and mean, not re-measured
         train = [r for r in rows if r.get("train/peak_mem_gib") and int(r["epoch"]) == int(m.group(1))]

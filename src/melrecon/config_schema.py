@@ -189,9 +189,16 @@ def check_overrides(config_dir: Path, config_name: str, argv: Sequence[str]) -> 
     a run folder: a composition error (unknown group option such as ``+experiment=NAME``, an
     unknown key, a parse error) or a wrong value prints one line and exits with status 2.
 
-    Only a plain single run is checked here: with Hydra flags (``-m``, ``--help``, ``--cfg``, ...)
+    ``paths.output_dir=DIR`` is refused (it would split the run: checkpoints in DIR, the log and
+    ``.hydra/`` in Hydra's folder); ``hydra.run.dir=DIR`` moves the whole run.
+
+    Only a plain single run is composed and checked here: with Hydra flags (``-m``, ``--help``, ``--cfg``, ...)
     Hydra parses the command line itself, and :func:`check_config` checks each job.
     """
+    for arg in argv:
+        if arg.lstrip("+~").split("=", 1)[0] == "paths.output_dir":
+            _exit("paths.output_dir is the run folder Hydra makes and cannot be set alone (the log and .hydra/ "
+                  "would stay behind); move the whole run with hydra.run.dir=DIR (multirun: hydra.sweep.dir=DIR)")
     if not argv or any(a.startswith("-") for a in argv):
         return
     from hydra import compose, initialize_config_dir
