@@ -11,6 +11,7 @@ See README.md and conf/train.yaml.
 """
 
 import os
+import sys
 from pathlib import Path
 
 # conf/paths/default.yaml reads the project root from here (tests set it themselves)
@@ -18,6 +19,13 @@ os.environ.setdefault("MELRECON_ROOT", str(Path(__file__).resolve().parent))
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
+
+from melrecon.config_schema import check_overrides  # noqa: E402
+
+CONF = Path(__file__).resolve().parent / "conf"
+if __name__ == "__main__":
+    # a wrong option is one line and exit status 2 before Hydra makes a run folder or anything is built
+    check_overrides(CONF, "train", sys.argv[1:])
 
 from melrecon.lit import app  # noqa: E402
 

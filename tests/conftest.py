@@ -26,6 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 from melrecon.data.batch import ReconBatch
 
 ROOT = Path(__file__).resolve().parents[1]
+#: limit of a test's subprocess: a guard against hangs, never a speed check. A loaded shared CPU
+#: (load 6-11 on 2 cores) makes a tiny run 5-20x slower, so no test bounds wall time below this.
+HANG_GUARD_S = 3 * 3600
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -70,7 +73,7 @@ def compose_cfg(tmp_path, data_dir, monkeypatch):
 
 
 def run_train(args: list[str], tmp_path: Path, data_dir: Path, env: dict | None = None,
-              timeout: int = 300) -> subprocess.CompletedProcess:
+              timeout: float = HANG_GUARD_S) -> subprocess.CompletedProcess:
     """Run ``python train.py ARGS`` in a subprocess with logs and data in tmp folders."""
     e = dict(os.environ)
     # an in-process W&B run of an earlier test leaves its service's address here: a child would

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import HANG_GUARD_S
 
 from melrecon import cli
 from melrecon.data import validate
@@ -100,5 +101,16 @@ def test_synthetic_convert_and_evaluate_through_cli(tmp_path):
 
 def test_python_dash_m_melrecon():
     run = subprocess.run([sys.executable, "-m", "melrecon", "validate", "--help"], capture_output=True, text=True,
-                         env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""}, timeout=120)
+                         env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""}, timeout=HANG_GUARD_S)
     assert run.returncode == 0 and run.stdout.startswith("usage: melrecon validate")
+
+
+@pytest.mark.parametrize("name", list(cli.TOOLS))
+def test_every_argument_has_help(name):
+    import argparse
+    import importlib
+
+    tool = cli.TOOLS[name]
+    parser = getattr(importlib.import_module(tool.module), tool.parser)()
+    bare = [a.dest for a in parser._actions if not a.help and not isinstance(a, argparse._HelpAction)]
+    assert bare == [], f"melrecon {name}: arguments without help: {bare}"

@@ -109,3 +109,13 @@ def test_phantom_version_2_is_opt_in_and_adds_through_plane_detail():
     c1 = np.abs(cine_series(8, (48, 48), np.random.default_rng(2), version=1))
     c2 = np.abs(cine_series(8, (48, 48), np.random.default_rng(2), version=2))
     assert np.linalg.norm(fine(c2) - fine(c1)) > 0.2 * np.linalg.norm(fine(c1))  # measured 0.29-0.38
+
+
+def test_generation_says_how_many_files_and_where(tmp_path: Path, caplog) -> None:
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="melrecon"):
+        generate_dataset(tmp_path / "cine", "cine", preset="tiny", progress=False)
+    n = sum(len(list((tmp_path / "cine" / s).glob("*.h5"))) for s in ("train", "val", "test"))
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("generating a synthetic"))
+    assert f": {n} files (" in line and line.endswith(f"into {tmp_path / 'cine'}; later runs reuse it")

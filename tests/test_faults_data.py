@@ -347,7 +347,7 @@ def test_10_train_cli_prints_one_line_naming_the_file(tiny_sets, tmp_path, data_
     bad = root / "val" / "cine_val_0000.h5"
     bad.write_bytes(bad.read_bytes()[:1000])
     res = run_train(["debug=tiny", "logger=none", f"data.root={root}", f"hydra.run.dir={tmp_path / 'run'}"],
-                    tmp_path, data_dir, timeout=120)
+                    tmp_path, data_dir)
     assert res.returncode == 2, res.stderr[-3000:]
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("melrecon: error:")]
     assert len(errors) == 1 and str(bad) in errors[0] and "field 'file'" in errors[0]

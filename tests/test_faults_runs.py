@@ -171,7 +171,7 @@ def test_unwritable_run_folder_is_one_line(tmp_path, data_dir):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the log folder should be")
     res = run_train(["debug=tiny", "logger=none", "train=false", f"paths.log_dir={blocker / 'logs'}"],
-                    tmp_path, data_dir, timeout=120)
+                    tmp_path, data_dir)
     assert res.returncode != 0
     one_error_line(res.stderr, str(blocker))
 

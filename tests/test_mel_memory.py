@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
+from conftest import HANG_GUARD_S
 from helpers import make_sense_problem
 from melrecon.mel import MemoryProbe, hold
 from melrecon.models import ProximalDC, ResidualCNN, UnrolledNet
@@ -61,7 +61,7 @@ def test_benchmark_script_runs_and_writes_csv(tmp_path):
     args = ["--unrolls", "1", "3", "--slab", "2", "6", "6", "--cine", "2", "6", "6", "--coils", "2", "--width", "2",
             "--depth", "2", "--warmup", "0", "--device", "cpu", "--csv", str(out)]
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), *args],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         capture_output=True, text=True, timeout=HANG_GUARD_S, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     assert "probe MB" in res.stdout and "checkpoint" in res.stdout
     with open(out) as f:
@@ -81,7 +81,7 @@ def test_benchmark_rev_study_runs_and_writes_csv(tmp_path):
             "--cine", "2", "6", "6", "--coils", "2", "--width", "2", "--depth", "2", "--standard-max-n", "1",
             "--train-steps", "1", "--csv", str(out)]
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), *args],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         capture_output=True, text=True, timeout=HANG_GUARD_S, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     with open(out) as f:
         table = list(csv.DictReader(f))

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import CONF, run_train
+from conftest import CONF, HANG_GUARD_S, run_train
 from torch.utils.data import default_collate
 
 from melrecon import reconstruct as rc
@@ -437,7 +437,7 @@ def test_train_py_run_folder_then_command_line(tmp_path, data_dir):
     e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "melrecon.reconstruct", str(run_dir), str(data_dir / "synthetic_cine" / "val"),
            "--out", str(tmp_path / "recon"), "--device", "cpu"]
-    out = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "cine_val_0000.h5" in out.stdout and "psnr" in out.stdout
     _, attrs = _read(tmp_path / "recon" / "cine_val_0000.h5")

@@ -116,7 +116,7 @@ def test_ddp_two_processes_score_each_volume_once(tmp_path, data_dir):
     single = run_train([*common, f"hydra.run.dir={tmp_path / 'single'}"], tmp_path, data_dir)
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = run_train([*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                     f"hydra.run.dir={tmp_path / 'ddp'}"], tmp_path, data_dir, timeout=400)
+                     f"hydra.run.dir={tmp_path / 'ddp'}"], tmp_path, data_dir)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, b = read_metrics_csv(tmp_path / "single"), read_metrics_csv(tmp_path / "ddp")
     assert column(a, "val/num_volumes")[-1] == column(b, "val/num_volumes")[-1] == 3.0
@@ -130,7 +130,7 @@ def test_ddp_two_processes_score_each_volume_once(tmp_path, data_dir):
     (["model.memory=bogus"], "memory"),
 ])
 def test_cli_errors_are_one_clear_message(tmp_path, data_dir, args, expect):
-    res = run_train([*args, "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, data_dir, timeout=120)
+    res = run_train([*args, "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, data_dir)
     assert res.returncode != 0
     assert "Traceback" not in res.stderr + res.stdout, res.stderr[-3000:]
     # one message naming the culprit: ours ("melrecon: error: ...") or Hydra's override error
@@ -156,6 +156,8 @@ def test_console_line_per_validation_epoch_in_train_log(tmp_path, data_dir):
     rows = read_metrics_csv(run_dir)
     last = [r for r in rows if r.get("val/psnr")][-1]  # the csv logger's last validation row
     assert float(epochs[-1].group(3)) == pytest.approx(float(last["val/psnr"]), abs=0.006)
+    val_steps = [int(r["step"]) for r in rows if r.get("val/psnr")]
+    assert [int(m.group(2)) for m in epochs] == val_steps  # the step the CSV (and W&B) file it under
     assert float(epochs[-1].group(9)) > 0 and float(epochs[-1].group(10)) > 0
     for m in epochs:  # the figures PeakMemoryMonitor logged: epoch max and mean, not re-measured
         train = [r for r in rows if r.get("train/peak_mem_gib") and int(r["epoch"]) == int(m.group(1))]

@@ -18,7 +18,9 @@
 #   --tiny    tiny sizes (benchmarks/gpu/profiles.py), for the CPU test: about 2 minutes on 2 cores
 #   --wheels  the wheel folder (default benchmarks/gpu/wheels if it holds wheels); none: use the
 #             interpreter's own packages (PYTHON, default python3)
-# Step limits (seconds) can be changed with KIT_T_TESTS, KIT_T_BENCH, KIT_T_TRAIN, KIT_T_BF16, KIT_T_PLAN.
+# Step limits (seconds) can be changed with KIT_T_TESTS, KIT_T_BENCH, KIT_T_TRAIN, KIT_T_BF16, KIT_T_PLAN, and the
+# limit of one training run with KIT_PER_RUN_S; the time the train and bf16 steps may start runs in
+# (default: their limit less 15 s) with KIT_B_TRAIN, KIT_B_BF16.
 set -uo pipefail
 
 KIT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -49,11 +51,11 @@ PY="${PYTHON:-python3}"
 if [[ $TINY == 1 ]]; then
     PROFILE=tiny   T_TESTS=${KIT_T_TESTS:-90}  T_BENCH=${KIT_T_BENCH:-90}  T_TRAIN=${KIT_T_TRAIN:-150} T_BF16=${KIT_T_BF16:-90}
     T_PLAN=${KIT_T_PLAN:-90}
-    PER_RUN=60 BENCH_STEPS=2
+    PER_RUN=${KIT_PER_RUN_S:-60} BENCH_STEPS=2
 else  # the GPU budget: about 7.5 minutes in all, install and summary included
     PROFILE=paper  T_TESTS=${KIT_T_TESTS:-60}  T_BENCH=${KIT_T_BENCH:-210} T_TRAIN=${KIT_T_TRAIN:-110} T_BF16=${KIT_T_BF16:-50}
     T_PLAN=${KIT_T_PLAN:-45}
-    PER_RUN=45 BENCH_STEPS=5
+    PER_RUN=${KIT_PER_RUN_S:-45} BENCH_STEPS=5
 fi
 COMMAND="benchmarks/gpu/run.sh OUT_DIR --device $DEVICE$([[ $TINY == 1 ]] && echo ' --tiny')"
 
@@ -110,10 +112,10 @@ kit() {
         --steps "$BENCH_STEPS" --budget-s $((T_BENCH - 45))
 
     step train "$T_TRAIN" "$PY" "$KIT/train_runs.py" --device "$DEVICE" --profile "$PROFILE" --csv "$OUT/train.csv" \
-        --work "$WORK" --per-run-s "$PER_RUN" --budget-s $((T_TRAIN - 15))
+        --work "$WORK" --per-run-s "$PER_RUN" --budget-s "${KIT_B_TRAIN:-$((T_TRAIN - 15))}"
     step bf16 "$T_BF16" "$PY" "$KIT/train_runs.py" --device "$DEVICE" --profile "$PROFILE" --csv "$OUT/train.csv" \
         --append --precision bf16-mixed --experiments bf16 --work "$WORK" --per-run-s "$PER_RUN" \
-        --budget-s $((T_BF16 - 15))
+        --budget-s "${KIT_B_BF16:-$((T_BF16 - 15))}"
 
     step plan "$T_PLAN" "$PY" "$KIT/plan_step.py" --device "$DEVICE" --profile "$PROFILE" --csv "$OUT/plan.csv" \
         --budget-s $((T_PLAN - 20))

@@ -152,6 +152,9 @@ def _generate_locked(root: Path, kind: str, preset: str, seed: int, progress: bo
     names = expected_files(kind, params)
     files: dict[str, list[Path]] = {s: [] for s in SPLITS}
     jobs = [(s, i) for s in SPLITS for i in range(len(names[s]))]
+    counts = ", ".join(f"{len(names[s])} {s}" for s in SPLITS)
+    log.info("generating a synthetic %s dataset (preset %s, seed %d): %d files (%s) into %s; later runs reuse it",
+             kind, preset, seed, len(jobs), counts, root)
     try:
         for split, i in tqdm(jobs, desc=f"synthetic {kind} ({preset})", disable=not progress, leave=False):
             ss = np.random.SeedSequence([int(seed), _SPLIT_ID[split], i, 0 if kind == "knee3d" else 1])

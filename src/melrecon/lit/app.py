@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from melrecon.atomic import WriteError
 from melrecon.data.locks import LockBusy, file_lock, holder
+from melrecon.config_schema import check_config
 from melrecon.lit.console import stdout_is_terminal
 from melrecon.lit.module import check_precision_name
 from melrecon.lit.plan_check import PlanCheck
@@ -240,6 +241,7 @@ def run(cfg: DictConfig, held: contextlib.ExitStack | None = None) -> dict[str, 
     if held is None:
         with contextlib.ExitStack() as own:
             return run(cfg, own)
+    check_config(cfg)  # types, ranges and choices, before anything is built
     if cfg.get("seed") is not None:
         pl.seed_everything(int(cfg.seed), workers=True)
     ckpt_path = cfg.get("ckpt_path")
@@ -349,6 +351,15 @@ def user_error_message(exc: BaseException) -> str | None:
     return f"{kind}{msg}{where}"
 
 
+def log_to_files(message: str) -> None:
+    """Write ``message`` to the run's log files only (the ``<task_name>.log`` of Hydra's job
+    logging): the console already has it on stderr, the run folder must say why the run ended."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers + log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def sweeper_needs_metric() -> bool:
     """True inside a Hydra multirun driven by a sweeper that optimises (Optuna, ...); False for a
     plain run and for the basic sweeper (``-m a=1,2``), which ignores the returned value."""
@@ -378,6 +389,7 @@ def main(cfg: DictConfig) -> float | None:
                 raise
             print(f"melrecon: error: {msg}", file=sys.stderr)
             print("(set HYDRA_FULL_ERROR=1 for the full traceback)", file=sys.stderr)
+            log_to_files(f"error: {msg}")
             sys.exit(2)
         finally:
             finish_wandb()
@@ -386,4 +398,4 @@ def main(cfg: DictConfig) -> float | None:
 __all__ = ["run", "main", "metric_value", "UserError", "instantiate_callbacks", "instantiate_loggers",
            "finish_wandb", "user_error_message", "check_limits", "check_data_folder", "check_run_folder",
            "resume_checkpoint", "continue_run_folder", "lock_run_folder", "RUN_LOCK",
-           "sweeper_needs_metric"]
+           "sweeper_needs_metric", "log_to_files"]

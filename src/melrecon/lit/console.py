@@ -36,6 +36,14 @@ def _fmt(key: str, value: float | None) -> str:
     return f"{value:.2f}" if key.startswith("psnr") else f"{value:.4f}"
 
 
+def logged_step(trainer: pl.Trainer) -> int:
+    """The step the loggers (CSV, W&B) file validation metrics under: Lightning's count of
+    batches that stepped, which lags ``global_step`` by one while validation runs at the end of
+    a training epoch (12 steps: the CSV row says 11). The console says the same number."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
+
+
 class ConsoleSummary(pl.Callback):
     """One line per validation epoch, progress lines without a terminal, a summary at the end.
 
@@ -88,7 +96,7 @@ class ConsoleSummary(pl.Callback):
             return
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         peak, times = self._step_figures(trainer)
-        entry = {"epoch": trainer.current_epoch, "step": trainer.global_step, **m, "peak_mem_gib": peak,
+        entry = {"epoch": trainer.current_epoch, "step": logged_step(trainer), **m, "peak_mem_gib": peak,
                  "step_time_s": sum(times) / len(times) if times else math.nan}
         self.history.append(entry)
         self._epoch_line(entry)

@@ -38,10 +38,13 @@ def _inputs(path: Path, fmt: str) -> list[Path]:
 def build_parser(prog: str = "python -m melrecon.data.convert") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("format", choices=(*CONVERTERS, "nifti"),
-                        help="raw-data format; nifti: magnitude volumes to simulated k-space (own options: "
-                             "melrecon convert nifti --help)")
-    parser.add_argument("input", type=Path)
-    parser.add_argument("output", type=Path)
+                        help="the raw data's source: mridata (3D knee ISMRMRD .h5), fastmri (fastMRI .h5), "
+                             "ocmr and cmrxrecon (cine), twix (Siemens .dat); nifti: magnitude volumes to simulated k-space (own "
+                             "options: melrecon convert nifti --help)")
+    parser.add_argument("input", type=Path,
+                        help="a raw file, or a folder: every *.h5 / *.mat below it (*.dat for twix) is converted")
+    parser.add_argument("output", type=Path,
+                        help="the melrecon .h5 file for a single input, else a folder (<stem>.h5 per input)")
     parser.add_argument("--calib", type=int, default=24, help="ESPIRiT calibration width")
     parser.add_argument("--maps", type=Path, help="known coil maps (.npy, output geometry); skips ESPIRiT")
     parser.add_argument("--readout-crop", type=int,
@@ -51,7 +54,7 @@ def build_parser(prog: str = "python -m melrecon.data.convert") -> argparse.Argu
     parser.add_argument("--twix-mode", choices=TWIX_MODES, default="auto",
                         help="twix: 3d -> volume3d, 2d multi-slice -> volume3d slice stack, cine -> cine "
                              "(default auto: 3d if the Par counter varies, cine if Phs does, else 2d)")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
     return parser
 
 
