@@ -232,15 +232,15 @@ def ensure_dataset(
 
 def build_parser(prog: str = "python -m melrecon.data.synthetic") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    parser.add_argument("kind", choices=tuple(PRESETS))
+    parser.add_argument("kind", choices=tuple(PRESETS), help="knee3d (3D volumes) or cine (2D+t)")
     parser.add_argument("out", help="destination folder (missing or empty)")
     parser.add_argument("--preset", default="small", choices=("tiny", "small", "medium"),
                         help="sizes and counts (table in data/README.md)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (case i of a split: seed, split, i)")
-    parser.add_argument("--num-train", type=int)
-    parser.add_argument("--num-val", type=int)
-    parser.add_argument("--num-test", type=int)
-    parser.add_argument("--coils", type=int)
+    parser.add_argument("--num-train", type=int, help="training files (default: the preset's)")
+    parser.add_argument("--num-val", type=int, help="validation files (default: the preset's)")
+    parser.add_argument("--num-test", type=int, help="test files (default: the preset's)")
+    parser.add_argument("--coils", type=int, help="receive coils (default: the preset's)")
     parser.add_argument("--snr", type=float, help="mean object magnitude / noise std (0 = no noise)")
     parser.add_argument("--shape", type=int, nargs="+", help="(X Y Z) for knee3d, (X Y) for cine")
     parser.add_argument("--frames", type=int, help="cine frames")
