@@ -37,8 +37,8 @@ $(VENV)/.torch-installed: $(TORCH_SPEC)
 	@touch $@
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch-installed
-	@echo "make: installing melrecon and its dependencies into $(VENV) (editable, with the test tools)"
-	@$(BIN)/pip install -e ".[dev]" >>$(INSTALL_LOG) 2>&1 || { tail -20 $(INSTALL_LOG); exit 1; }
+	@echo "make: installing melrecon and its dependencies into $(VENV) (editable, with the test tools and nilearn for the brain dataset)"
+	@$(BIN)/pip install -e ".[dev,brain]" >>$(INSTALL_LOG) 2>&1 || { tail -20 $(INSTALL_LOG); exit 1; }
 	@$(BIN)/python -c "import torch; print('make: installed torch', torch.__version__, '(CUDA ' + torch.version.cuda + ' build)' if torch.version.cuda else '(CPU build)')"
 	@touch $@
 

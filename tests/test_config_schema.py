@@ -21,7 +21,7 @@ def test_choices_are_the_codes_own():
     from melrecon.mel import MEMORY_MODES
     from melrecon.models import reversible
 
-    assert config_schema.MEMORY_MODES == MEMORY_MODES
+    assert config_schema.MEMORY_MODES == (*MEMORY_MODES, "auto")  # auto: the planner's choice (melrecon.plan)
     assert set(config_schema.DATA_KINDS) == set(datamodule._SYNTHETIC_KIND)
     assert config_schema.MASK_TYPES == {"volume3d": subsample.VOLUME_MASKS, "cine": subsample.CINE_MASKS}
     assert config_schema.STATE_PRECISIONS == reversible.STATE_PRECISIONS
@@ -35,7 +35,7 @@ def test_every_shipped_config_passes(compose_cfg, overrides):
 
 
 @pytest.mark.parametrize("override, key", [
-    ("model.memory=fast", "model.memory must be one of standard, checkpoint, mel, got 'fast'"),
+    ("model.memory=fast", "model.memory must be one of standard, checkpoint, mel, auto, got 'fast'"),
     ("data.batch_size=-1", "data.batch_size must be an integer >= 1, got -1"),
     ("data.batch_size=two", "data.batch_size must be an integer >= 1, got 'two'"),
     ("model.num_unrolls=2.5", "model.num_unrolls must be an integer >= 1, got 2.5"),
@@ -66,7 +66,7 @@ def test_train_py_refuses_before_making_a_run_folder_or_data(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "train.py"), "model.memory=fast", "data.batch_size=-1"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert res.returncode == 2
-    assert res.stderr == ("melrecon: error: model.memory must be one of standard, checkpoint, mel, got 'fast'; "
+    assert res.stderr == ("melrecon: error: model.memory must be one of standard, checkpoint, mel, auto, got 'fast'; "
                           "data.batch_size must be an integer >= 1, got -1\n")
     assert res.stdout == "" and sorted(p.name for p in tmp_path.iterdir()) == []
 
@@ -92,7 +92,7 @@ def test_a_job_stops_before_building_and_its_log_says_why(compose_cfg, tmp_path,
         handler.close()
     assert done.value.code == 2
     assert "melrecon: error: model.memory must be one of" in capsys.readouterr().err
-    assert "error: model.memory must be one of standard, checkpoint, mel, got 'fast'" in log_file.read_text()
+    assert "error: model.memory must be one of standard, checkpoint, mel, auto, got 'fast'" in log_file.read_text()
 
 
 @pytest.mark.parametrize("argv", [["++paths.output_dir=/tmp/x"], ["-m", "paths.output_dir=/tmp/x", "seed=1,2"]])

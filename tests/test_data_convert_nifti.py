@@ -172,7 +172,7 @@ def test_study_runs_on_the_brain_dataset_with_data_brain3d(monkeypatch) -> None:
     cfg = compose_study("knee3d_vs_2d", ["preset=cpu", "data=brain3d"])
     assert cfg.preset.synthetic is None and cfg.out_dir == f"{knee.out_dir}-brain3d"
     runs = {s.name: compose_train(s.overrides) for s in run_specs(cfg)}
-    assert set(runs) == {"slab3d", "slice2d"}
+    assert set(runs) == {"net3d", "net2d_width", "net2d_params"}
     for run in runs.values():
         assert run.data.root.endswith("/brain3d") and run.data.slab_size is None and run.data.synthetic is None
         assert run.data.calib == 10
