@@ -197,9 +197,31 @@ def labelled_panels(images: Sequence[np.ndarray], titles: Sequence[str], vmax: S
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
+def comparison_titles(zero_filled: np.ndarray, reconstruction: np.ndarray, target: np.ndarray,
+                      data_range: float, error_gain: float | None = None, over: str | None = None,
+                      psnrs: tuple[float, float] | None = None) -> list[str]:
+    """The four panel titles of :func:`comparison_strip`; every PSNR names what it is computed over.
+
+    ``psnrs`` (zero-filled, reconstruction) in dB, computed elsewhere over ``over`` (e.g. the
+    volume metric that ``metrics.csv`` reports); None: computed here on the images given, over
+    ``over`` (default "this slice").
+    """
+    import torch
+
+    from melrecon.metrics import volume_metrics
+
+    if psnrs is None:
+        zf, rec, tgt = (np.abs(np.asarray(a)).astype(np.float64) for a in (zero_filled, reconstruction, target))
+        psnrs = tuple(volume_metrics(torch.from_numpy(a), torch.from_numpy(tgt), data_range)["psnr"] for a in (zf, rec))
+    where = over or "this slice"
+    return [f"zero-filled\nPSNR {psnrs[0]:.2f} dB ({where})", f"reconstruction\nPSNR {psnrs[1]:.2f} dB ({where})",
+            "target", f"|error| x{error_gain:g}" if error_gain else "|error|\n(own scale)"]
+
+
 def comparison_strip(zero_filled: np.ndarray, reconstruction: np.ndarray, target: np.ndarray,
                      data_range: float | None = None, error_gain: float | None = None,
-                     scale: int | None = None, series: bool = False) -> np.ndarray:
+                     scale: int | None = None, series: bool = False, over: str | None = None,
+                     psnrs: tuple[float, float] | None = None) -> np.ndarray:
     """Zero-filled | reconstruction | target | error panels of one 2D slice; RGB uint8 (H, W, 3).
 
     Args:
@@ -209,26 +231,20 @@ def comparison_strip(zero_filled: np.ndarray, reconstruction: np.ndarray, target
         error_gain: the error panel |rec| - |target| in absolute value is shown up to
             ``data_range / error_gain``; None: up to its own maximum ("own scale").
 
-    The zero-filled and reconstruction titles carry their PSNR on this slice (the project's
-    metric, :func:`melrecon.metrics.volume_metrics`). ``series``: the inputs are (T, H, W); the
-    PSNR is that of the whole series and the panels show frame 0 (:func:`comparison_frames`).
+    The zero-filled and reconstruction titles carry their PSNR and what it is computed over
+    (:func:`comparison_titles`): on this slice (the project's metric,
+    :func:`melrecon.metrics.volume_metrics`) unless ``psnrs`` computed over ``over`` are given.
+    ``series``: the inputs are (T, H, W); the PSNR is that of the whole series and the panels
+    show frame 0 (:func:`comparison_frames`).
     """
-    import torch
-
-    from melrecon.metrics import volume_metrics
-
     zf, rec, tgt = (np.abs(np.asarray(a)).astype(np.float64) for a in (zero_filled, reconstruction, target))
     if not zf.shape == rec.shape == tgt.shape or tgt.ndim != (3 if series else 2):
         raise ValueError(f"comparison_strip: three {'(T, H, W)' if series else '(H, W)'} images of one shape, "
                          f"got {zf.shape}, {rec.shape}, {tgt.shape}")
     dr = float(data_range) if data_range is not None else float(tgt.max())
-    def psnr(pred: np.ndarray, ref: np.ndarray, data_range: float) -> float:
-        return volume_metrics(torch.from_numpy(pred), torch.from_numpy(ref), data_range)["psnr"]
-
     err = np.abs(rec - tgt)
     err_max = dr / error_gain if error_gain else float(err.max())
-    titles = [f"zero-filled\nPSNR {psnr(zf, tgt, dr):.2f} dB", f"reconstruction\nPSNR {psnr(rec, tgt, dr):.2f} dB",
-              "target", f"|error| x{error_gain:g}" if error_gain else "|error|\n(own scale)"]
+    titles = comparison_titles(zf, rec, tgt, dr, error_gain, over or ("series" if series else None), psnrs)
     if series:  # titles of the series, panels of frame 0
         err = err[0]
         err_max = dr / error_gain if error_gain else float(err.max())

@@ -218,7 +218,8 @@ class ReconImageLogger(pl.Callback):
             frames = list(comparison_frames(*lead, data_range=vmax))
             strip = frames[c]
         else:
-            frames, strip = None, comparison_strip(lead[0][c], lead[1][c], lead[2][c], data_range=vmax)
+            frames, strip = None, comparison_strip(lead[0][c], lead[1][c], lead[2][c], data_range=vmax,
+                                                   over="this plane")
         caption = (f"{batch.file[0]} @ {int(batch.position.reshape(-1)[0])} (centre {'frame' if is_cine else 'plane'}):"
                    " zero-filled | recon | target | error (own scale)")
         self._emit(trainer, item, strip, caption, frames)

@@ -265,7 +265,7 @@ def _export(out_dir: Path, stem: str, result: ScanResult, kind: str, formats: tu
     """NIfTI / PNG outputs of one result (:mod:`melrecon.export`), with a labelled
     zero-filled / reconstruction / target / error strip of the centre plane when there is a target;
     each file, once complete, is appended to ``written``."""
-    from melrecon.export import comparison_strip, export_image, save_png, voxel_size_of
+    from melrecon.export import comparison_strip, comparison_titles, export_image, save_png, voxel_size_of
 
     wanted = [f for f in formats if f in ("nifti", "png")]
     if not wanted:
@@ -274,9 +274,18 @@ def _export(out_dir: Path, stem: str, result: ScanResult, kind: str, formats: tu
     if "png" in wanted and result.has_target:
         def centre(a: Any) -> Any:  # volume3d: the (Y, Z) plane at the centre readout; cine: frame 0 of the centre slice
             return a[a.shape[0] // 2] if kind == "volume3d" else (a if a.ndim == 3 else a[a.shape[0] // 2])[0]
-        strip = comparison_strip(centre(result.zero_filled), centre(result.reconstruction), centre(result.target),
-                                 data_range=result.data_range)
-        written.append(save_png(out_dir / f"{stem}_comparison.png", strip))
+        shown = centre(result.zero_filled), centre(result.reconstruction), centre(result.target)
+        # the titles carry the volume metrics of metrics.csv, and say so; the panels show one plane or frame
+        over, psnrs = "volume", None
+        if "psnr" in result.metrics and "psnr_zf" in result.metrics:
+            psnrs = (result.metrics["psnr_zf"], result.metrics["psnr"])
+        else:
+            over = "this plane" if kind == "volume3d" else "this frame"
+        strip = comparison_strip(*shown, data_range=result.data_range, over=over, psnrs=psnrs)
+        titles = comparison_titles(*shown, result.data_range, over=over, psnrs=psnrs)
+        shows = "the centre readout plane" if kind == "volume3d" else "frame 0 of the centre slice"
+        description = f"{stem}: panels show {shows}; " + "; ".join(t.replace("\n", " ") for t in titles)
+        written.append(save_png(out_dir / f"{stem}_comparison.png", strip, description=description))
 
 
 def main(argv: list[str] | None = None) -> int:
