@@ -1,6 +1,6 @@
 """Training step time of the default run under CPU contention: thread settings compared.
 
-    python benchmarks/cpu_threads.py                  # idle, 4 busy processes, 2 jobs side by side
+    python benchmarks/cpu_threads.py                  # idle, 4 busy, 4 arriving late, 2 jobs side by side
     python benchmarks/cpu_threads.py --busy 0 4 --rounds 3 --steps 6
 
 Each measurement is a fresh Python process (OpenMP reads its environment when torch loads)
@@ -11,13 +11,18 @@ Settings, in the child's environment:
 
 - ``before``: ``MELRECON_CPU_DEFAULTS=0``: torch's own defaults (one thread per CPU, OpenMP's
   default spin-waiting), what ``python train.py`` did before melrecon set its defaults;
-- ``default``: what ``python train.py`` does now (melrecon.cpu_threads: ``OMP_WAIT_POLICY=PASSIVE``,
-  threads = CPUs available to the process);
-- ``1 thread``: ``OMP_NUM_THREADS=1``.
+- ``default``: what ``python train.py`` does now (melrecon.cpu_threads: on an idle machine one
+  thread per available CPU and a short spin, ``GOMP_SPINCOUNT=10000``; on a busy one the free
+  CPUs' worth of threads and ``OMP_WAIT_POLICY=PASSIVE``, decided at start-up);
+- ``1 thread``: ``OMP_NUM_THREADS=1``;
+- ``passive``: ``OMP_WAIT_POLICY=PASSIVE`` at every load (melrecon's first default);
+- ``spin 1e3`` / ``1e4`` / ``1e5`` (``--settings``): a fixed ``GOMP_SPINCOUNT`` at every load.
 
 Scenarios: ``busy B`` starts B processes that spin on a core each (``while True: pass``) for the
-duration of the measurements (``busy 0``: whatever else runs on the machine); ``2 jobs``: two
-children of the same setting at once (a study's jobs side by side on one machine). The settings
+duration of the measurements, before the child starts (``busy 0``: whatever else runs on the
+machine); ``late B``: the B spinners start 1 s after the child, once its start-up decision is
+taken on an idle machine (other jobs arriving during a run); ``2 jobs``: two children of the
+same setting at once (two runs side by side on one machine). The settings
 are interleaved round by round, so slow phases of a shared machine hit all of them; read the
 ratios. Prints the median step time per setting and scenario and the ratios to ``1 thread`` and
 to ``before``.
@@ -39,7 +44,14 @@ SETTINGS: dict[str, dict[str, str]] = {
     "before": {"MELRECON_CPU_DEFAULTS": "0"},
     "default": {},
     "1 thread": {"OMP_NUM_THREADS": "1"},
+    # the first release of melrecon.cpu_threads: passive waiting, threads = available CPUs
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    # fixed spin counts (GOMP_SPINCOUNT, libgomp's iterations before a waiting thread sleeps)
+    "spin 1e3": {"GOMP_SPINCOUNT": "1000"},
+    "spin 1e4": {"GOMP_SPINCOUNT": "10000"},
+    "spin 1e5": {"GOMP_SPINCOUNT": "100000"},
 }
+DEFAULT_SETTINGS = ["before", "default", "1 thread", "passive"]
 THREAD_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", "MELRECON_CPU_DEFAULTS")
 
 
@@ -70,7 +82,8 @@ def child(steps: int, warmup: int) -> None:
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     print(json.dumps({"times": times, "threads": torch.get_num_threads(),
-                      "wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}))
+                      "wait_policy": os.environ.get("OMP_WAIT_POLICY", "-"),
+                      "spincount": os.environ.get("GOMP_SPINCOUNT", "-")}))
 
 
 def _start(setting: str, steps: int, warmup: int) -> subprocess.Popen:
@@ -99,20 +112,22 @@ def _ratio(med: dict[str, float], setting: str, ref: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--busy", type=int, nargs="+", default=[0, 4], help="busy processes per scenario")
+    p.add_argument("--late", type=int, nargs="*", default=[4], help="spinners that start after the child")
     p.add_argument("--no-pair", action="store_true", help="skip the '2 jobs side by side' scenario")
     p.add_argument("--rounds", type=int, default=3, help="rounds over the settings (interleaved)")
     p.add_argument("--steps", type=int, default=6, help="timed steps per process")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per process")
-    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS), help="settings compared")
+    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=DEFAULT_SETTINGS, help="settings compared")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         child(args.steps, args.warmup)
         return
 
-    scenarios = [f"busy {b}" for b in args.busy] + ([] if args.no_pair else ["2 jobs"])
+    scenarios = ([f"busy {b}" for b in args.busy] + [f"late {b}" for b in args.late]
+                 + ([] if args.no_pair else ["2 jobs"]))
     times: dict[tuple[str, str], list[float]] = {(s, k): [] for s in scenarios for k in SETTINGS}
-    info: dict[str, dict] = {}
+    info: dict[tuple[str, str], dict] = {}
     start = time.time()
     load0 = os.getloadavg()
     for r in range(args.rounds):
@@ -123,10 +138,18 @@ def main(argv: list[str] | None = None) -> None:
                 for setting in args.settings:
                     jobs = 2 if scenario == "2 jobs" else 1
                     procs = [_start(setting, args.steps, args.warmup) for _ in range(jobs)]
+                    if scenario.startswith("late"):
+                        time.sleep(1.0)
+                        spin += _spinners(int(scenario.split()[1]))
                     for proc in procs:
                         res = _collect(proc)
                         times[scenario, setting] += res["times"]
-                        info[setting] = {"threads": res["threads"], "wait_policy": res["wait_policy"] or "(unset)"}
+                        info[setting, scenario] = {k: res[k] for k in ("threads", "wait_policy", "spincount")}
+                    if scenario.startswith("late"):
+                        for sp in spin:
+                            sp.kill()
+                            sp.wait()
+                        spin = []
             finally:
                 for s in spin:
                     s.kill()
@@ -141,8 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{platform.machine()}, {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} available), "
           f"load average {load0[0]:.1f} at start, {load1[0]:.1f} at end; {args.rounds} rounds x {args.steps} steps "
           f"(+{args.warmup} warm-up) per process")
-    for setting, i in info.items():
-        print(f"  {setting:9s} threads={i['threads']} OMP_WAIT_POLICY={i['wait_policy']}")
+    for (setting, scenario), i in info.items():
+        print(f"  {scenario:8s} {setting:9s} threads={i['threads']} OMP_WAIT_POLICY={i['wait_policy']} "
+              f"GOMP_SPINCOUNT={i['spincount']}")
     print(f"{'scenario':10s} {'setting':9s} {'median s/step':>13s} {'x 1 thread':>10s} {'x before':>9s}")
     for scenario in scenarios:
         med = {k: statistics.median(times[scenario, k]) for k in args.settings}

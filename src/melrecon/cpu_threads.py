@@ -1,26 +1,33 @@
-"""CPU threading defaults that stay fast when other processes share the cores.
+"""CPU threading defaults that stay fast on an idle machine and on a shared one.
 
 PyTorch's CPU build runs its intra-op parallelism on OpenMP (libgomp). Out of the box every
-OpenMP thread busy-waits ("spins") at the end of each parallel region for its team mates;
-when another process holds a core, the team waits for a thread that is not running and a
-training step becomes several times slower than with one thread (measured: default run,
-2-core machine, 4 busy processes, benchmarks/RESULTS.md "CPU threads under contention").
-With ``OMP_WAIT_POLICY=PASSIVE`` waiting threads sleep instead, and an idle machine runs as
-fast as before (same table).
+OpenMP thread busy-waits ("spins", ~300k iterations) at the end of each parallel region for its
+team mates: fast on an idle machine, but when other processes hold the cores the team waits for
+a thread that is not running and a training step becomes several times slower than with one
+thread. Sleeping at once instead (``OMP_WAIT_POLICY=PASSIVE``) fixes contention but pays a
+wake-up for every one of the thousands of small parallel regions of a step: 2-2.5x slower than
+the default on an idle machine. No single setting is best in both places (measured:
+benchmarks/RESULTS.md "CPU threads under contention"), so melrecon decides when it starts, from
+how busy the process's CPUs are:
+
+- it measures the CPU time other processes use on the CPUs this process may run on over
+  :data:`SAMPLE_S` seconds (``/proc/stat``; :func:`busy_cpus`);
+- **idle** (less than half a CPU busy): one thread per available CPU and a short spin
+  (``GOMP_SPINCOUNT`` = :data:`IDLE_SPINCOUNT`, ~0.1 ms instead of ~3 ms): as fast as torch's
+  default while idle, and bounded damage if other jobs start later;
+- **busy**: as many threads as CPUs are left free (at least one) and ``OMP_WAIT_POLICY=PASSIVE``.
 
 :func:`configure` is called by ``import melrecon`` (``melrecon/__init__.py``), which every
 entry point (``train.py``, ``melrecon ...``, ``python -m melrecon.study`` and the study's jobs,
 benchmarks) does before torch is imported: libgomp reads its environment once, when torch
 loads it. It only sets what the user left unset, in ``os.environ``, so that child processes
-(study jobs, DataLoader workers, DDP ranks) inherit the same settings:
+(study jobs, DataLoader workers, DDP ranks) inherit the same settings rather than measure again.
+"Available CPUs" are the affinity mask cut by a cgroup CPU quota (:func:`available_cpus`).
 
-- ``OMP_WAIT_POLICY=PASSIVE``;
-- ``OMP_NUM_THREADS`` = the CPUs this process may use (:func:`available_cpus`: affinity mask
-  and cgroup CPU quota), only where that is fewer than the CPUs the process sees (torch would
-  otherwise start one thread per visible core in a container limited to fewer).
-
-An explicit ``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY`` or a later ``torch.set_num_threads`` call
-always wins; ``MELRECON_CPU_DEFAULTS=0`` leaves the environment entirely alone.
+The decision is taken once: a run that starts on an idle machine keeps its threads when other
+jobs arrive (the short spin keeps that within ~2x of one thread, measured). An explicit
+``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT`` or a later ``torch.set_num_threads``
+call always wins; ``MELRECON_CPU_DEFAULTS=0`` leaves the environment entirely alone.
 """
 
 from __future__ import annotations
@@ -28,10 +35,24 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 #: set to 0 / false / off to keep torch's and OpenMP's own defaults
 OPT_OUT = "MELRECON_CPU_DEFAULTS"
+#: seconds over which busy_cpus samples /proc/stat at start-up (USER_HZ ticks are 10 ms)
+SAMPLE_S = 0.1
+#: libgomp spin iterations before a waiting thread sleeps, on an idle machine (~0.1 ms;
+#: OpenMP's default is 300000, ~3 ms; benchmarks/cpu_threads.py compares them)
+IDLE_SPINCOUNT = 10000
+#: CPUs busy with other processes below which the machine counts as idle
+IDLE_BELOW = 0.5
+#: the variables whose presence means "the user chose": nothing is measured or set then
+USER_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+#: names of the variables configure set (comma-separated), so that a launcher can tell its own
+#: defaults from the user's (a study's parallel jobs get one thread each unless the user chose)
+CHOSEN = "MELRECON_CPU_CHOSEN"
 
 
 def _cgroup_quota(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
@@ -93,25 +114,78 @@ def available_cpus() -> int:
     return max(1, n)
 
 
-def configure(environ: "os._Environ[str] | dict[str, str] | None" = None) -> dict[str, str]:
+def _cpu_times(cpus: set[int], stat: Path) -> tuple[int, int] | None:
+    """(idle, total) clock ticks summed over ``cpus`` from /proc/stat, None where unreadable."""
+    try:
+        lines = stat.read_text().splitlines()
+    except OSError:
+        return None
+    idle = total = 0
+    seen = 0
+    for line in lines:
+        name, _, rest = line.partition(" ")
+        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+            continue
+        ticks = [int(v) for v in rest.split()]
+        # user nice system idle iowait irq softirq steal (guest time is inside user already)
+        idle += ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+        total += sum(ticks[:8])
+        seen += 1
+    return (idle, total) if seen else None
+
+
+def busy_cpus(sample_s: float = SAMPLE_S, stat: Path = Path("/proc/stat")) -> float | None:
+    """CPUs (of this process's affinity set) that other processes kept busy over ``sample_s``
+    seconds while this one slept; None where /proc/stat is missing (not Linux) or did not move."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return None
+    before = _cpu_times(cpus, stat)
+    if before is None:
+        return None
+    time.sleep(sample_s)
+    after = _cpu_times(cpus, stat)
+    if after is None or after[1] <= before[1]:
+        return None
+    idle, total = after[0] - before[0], after[1] - before[1]
+    return len(cpus) * (1.0 - idle / total)
+
+
+def choose(available: int, busy: float | None) -> dict[str, str]:
+    """The OpenMP settings for ``available`` CPUs of which ``busy`` are used by others (None:
+    unknown, treated as idle). Pure: :func:`configure` measures and applies it."""
+    if busy is None or busy < IDLE_BELOW:
+        return {"OMP_NUM_THREADS": str(available), "GOMP_SPINCOUNT": str(IDLE_SPINCOUNT)}
+    free = max(1, math.floor(available - busy + 0.5))
+    return {"OMP_NUM_THREADS": str(min(available, free)), "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def configure(environ: "os._Environ[str] | dict[str, str] | None" = None,
+              measure: Callable[[], float | None] = busy_cpus) -> dict[str, str]:
     """Set the OpenMP defaults described in the module docstring where the user set none.
 
-    Returns the variables it set (empty when the user's settings or the opt-out stand). Takes
-    effect for this process only if torch has not been imported yet (libgomp reads its
-    environment when torch loads it); child processes inherit it in any case.
+    ``measure`` returns the CPUs busy with other processes (:func:`busy_cpus`; tests inject
+    their own). Returns the variables it set: empty when the opt-out is set or the user set any
+    of :data:`USER_VARS` (a user's thread count is not second-guessed, and children of a
+    configured process inherit its choice). Takes effect for this process only if torch has not
+    been imported yet (libgomp reads its environment when torch loads it).
     """
     env = os.environ if environ is None else environ
     if env.get(OPT_OUT, "1").strip().lower() in ("0", "false", "off", "no"):
         return {}
-    chosen: dict[str, str] = {}
-    if not env.get("OMP_WAIT_POLICY"):
-        chosen["OMP_WAIT_POLICY"] = "PASSIVE"
-    if not env.get("OMP_NUM_THREADS"):
-        n = available_cpus()
-        if n < visible_cpus():
-            chosen["OMP_NUM_THREADS"] = str(n)
+    if any(env.get(k) for k in USER_VARS):
+        return {}
+    chosen = choose(available_cpus(), measure())
     env.update(chosen)
+    env[CHOSEN] = ",".join(chosen)
     return chosen
+
+
+def user_set(name: str, environ: "os._Environ[str] | dict[str, str] | None" = None) -> bool:
+    """True when ``name`` is set in the environment by the user, not by :func:`configure`."""
+    env = os.environ if environ is None else environ
+    return bool(env.get(name)) and name not in env.get(CHOSEN, "").split(",")
 
 
 def torch_loaded_first() -> bool:
@@ -120,4 +194,4 @@ def torch_loaded_first() -> bool:
     return "torch" in sys.modules
 
 
-__all__ = ["configure", "available_cpus", "visible_cpus", "torch_loaded_first", "OPT_OUT"]
+__all__ = ["configure", "choose", "user_set", "busy_cpus", "available_cpus", "visible_cpus", "torch_loaded_first", "OPT_OUT"]

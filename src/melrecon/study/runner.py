@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from melrecon import cpu_threads
 from melrecon.data.locks import LockBusy, file_lock, holder
 from melrecon.study import job
 from melrecon.study.config import (
@@ -110,8 +111,9 @@ def multirun_command(pending: Sequence[RunSpec], launch_file: Path, out_dir: Pat
 def launch(pending: Sequence[RunSpec], out_dir: Path, cfg: DictConfig, hydra_args: Sequence[str]) -> None:
     """Train ``pending``: one multirun through the study's launcher, or, with the basic launcher
     and ``launcher.parallel: K > 1``, K multiruns at a time over a queue of single runs (in
-    config order), each with one thread (``OMP_NUM_THREADS=1``) unless the caller set
-    ``OMP_NUM_THREADS``: K processes on K cores, none waiting for another's threads."""
+    config order), each with one thread (``OMP_NUM_THREADS=1``) unless the user set
+    ``OMP_NUM_THREADS`` (not melrecon's own default, :mod:`melrecon.cpu_threads`): K processes on
+    K cores, none waiting for another's threads."""
     launcher = cfg.get("launcher") or {}
     parallel = int(launcher.get("parallel", 1))
     if parallel <= 1 or (launcher.get("name") or "basic") != "basic":
@@ -119,7 +121,9 @@ def launch(pending: Sequence[RunSpec], out_dir: Path, cfg: DictConfig, hydra_arg
         log.info("launching %d run(s): %s", len(pending), " ".join(cmd))
         codes = [subprocess.run(cmd, cwd=repo_root()).returncode]
     else:
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        threads = os.environ["OMP_NUM_THREADS"] if cpu_threads.user_set("OMP_NUM_THREADS") else "1"
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
+        env.pop(cpu_threads.CHOSEN, None)  # the jobs' thread count is this launcher's choice
         queue = list(pending)
         running: list[subprocess.Popen] = []
         codes = []
