@@ -162,6 +162,20 @@ def test_brain_study_dataset_builds(tmp_path: Path) -> None:
     assert info.shape == (8, 27, 40, 32)
 
 
+def test_brain3d_default_folder_follows_melrecon_data_dir(monkeypatch, tmp_path: Path) -> None:
+    """`melrecon brain3d` without a folder writes where `data=brain3d` reads: MELRECON_DATA_DIR
+    moves both (fault: it wrote ./data/brain3d, and the study built a second copy)."""
+    from melrecon.data import brain3d
+
+    monkeypatch.delenv("MELRECON_DATA_DIR", raising=False)
+    assert brain3d.default_out() == Path("data/brain3d")
+    monkeypatch.setenv("MELRECON_DATA_DIR", str(tmp_path))
+    assert brain3d.default_out() == tmp_path / "brain3d"
+    called = {}
+    monkeypatch.setattr(brain3d, "build", lambda out, **kw: called.setdefault("out", out) and {"inputs": []})
+    assert brain3d.main([]) == 0 and called["out"] == tmp_path / "brain3d"
+
+
 def test_study_runs_on_the_brain_dataset_with_data_brain3d(monkeypatch) -> None:
     """`melrecon study knee3d_vs_2d data=brain3d`: every run trains on data/brain3d (whole volumes,
     no synthetic generation), same budget, results in a folder of their own."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +40,13 @@ from melrecon.data.convert.nifti import NiftiOptions, convert_nifti, source_dige
 TEMPLATE = "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 TEMPLATE_SHA256 = "421a10e872fd6cadae7f61d358dffbcc1795a497d61ee76c5dda2503e1a1e9e6"
 DEFAULT_OUT = Path("data/brain3d")
+
+
+def default_out() -> Path:
+    """Where `melrecon brain3d` writes without an argument: ``$MELRECON_DATA_DIR/brain3d``, the
+    folder ``data=brain3d`` reads (conf/paths/default.yaml), else ``data/brain3d``."""
+    data_dir = os.environ.get("MELRECON_DATA_DIR")
+    return Path(data_dir) / "brain3d" if data_dir else DEFAULT_OUT
 
 #: (A, S) cells in grid order (S fastest): 0 posterior-inferior (cerebellum) ... 4 centre
 #: (ventricles) ... 8 anterior-superior. val: cerebellum and anterior-middle; test: centre and
@@ -73,12 +81,15 @@ def build(out: str | Path = DEFAULT_OUT, progress: bool = True) -> dict:
 
 def build_parser(prog: str = "python -m melrecon.data.brain3d") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    parser.add_argument("out", nargs="?", type=Path, default=DEFAULT_OUT, help="new folder (missing or empty)")
+    parser.add_argument("out", nargs="?", type=Path, default=None,
+                        help="new folder (missing or empty); default $MELRECON_DATA_DIR/brain3d, else data/brain3d")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.out is None:
+        args.out = default_out()
     try:
         manifest = build(args.out)
     except ValueError as err:
