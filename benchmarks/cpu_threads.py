@@ -13,7 +13,9 @@ Settings, in the child's environment:
   default spin-waiting), what ``python train.py`` did before melrecon set its defaults;
 - ``default``: what ``python train.py`` does now (melrecon.cpu_threads: on an idle machine one
   thread per available CPU and a short spin, ``GOMP_SPINCOUNT=10000``; on a busy one the free
-  CPUs' worth of threads and ``OMP_WAIT_POLICY=PASSIVE``, decided at start-up);
+  CPUs' worth of threads and ``OMP_WAIT_POLICY=PASSIVE``, decided at start-up; then, as the
+  training callback does, a LoadFollower polled before each step moves the thread count with
+  the load every ``--follow-every`` seconds);
 - ``1 thread``: ``OMP_NUM_THREADS=1``;
 - ``passive``: ``OMP_WAIT_POLICY=PASSIVE`` at every load (melrecon's first default);
 - ``spin 1e3`` / ``1e4`` / ``1e5`` (``--settings``): a fixed ``GOMP_SPINCOUNT`` at every load.
@@ -55,13 +57,15 @@ DEFAULT_SETTINGS = ["before", "default", "1 thread", "passive"]
 THREAD_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", "MELRECON_CPU_DEFAULTS")
 
 
-def child(steps: int, warmup: int) -> None:
-    """Time ``steps`` training steps of the default network after ``warmup``; print JSON."""
+def child(steps: int, warmup: int, every_s: float) -> None:
+    """Time ``steps`` training steps of the default network after ``warmup``, with the training
+    callback's thread follower polled before each step (every ``every_s`` s); print JSON."""
     import melrecon  # noqa: F401  (first: sets the OpenMP defaults before torch loads)
     import torch
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
+    from melrecon.cpu_threads import LoadFollower
     from melrecon.physics.problems import random_sense_problem
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -72,8 +76,12 @@ def child(steps: int, warmup: int) -> None:
     frames, size, coils = 8, 48, 4  # melrecon.data.synthetic preset "small"
     prob = random_sense_problem("cine", (frames, size, size), coils=coils, batch=int(data.batch_size), seed=0)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    # what the training callback does (conf/callbacks/default.yaml cpu_threads); inactive unless
+    # melrecon chose the thread count
+    follower = LoadFollower(every_s)
     times = []
     for i in range(warmup + steps):
+        follower.poll()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = (net(*prob[:4]) - prob.target).abs().mean()
@@ -81,16 +89,17 @@ def child(steps: int, warmup: int) -> None:
         opt.step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    print(json.dumps({"times": times, "threads": torch.get_num_threads(),
+    print(json.dumps({"times": times, "threads": torch.get_num_threads(), "threads_start": follower.cap or None,
                       "wait_policy": os.environ.get("OMP_WAIT_POLICY", "-"),
                       "spincount": os.environ.get("GOMP_SPINCOUNT", "-")}))
 
 
-def _start(setting: str, steps: int, warmup: int) -> subprocess.Popen:
+def _start(setting: str, steps: int, warmup: int, every_s: float) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
     env.update(SETTINGS[setting])
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, __file__, "--child", "--steps", str(steps), "--warmup", str(warmup)]
+    cmd = [sys.executable, __file__, "--child", "--steps", str(steps), "--warmup", str(warmup),
+           "--follow-every", str(every_s)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
 
 
@@ -118,10 +127,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=6, help="timed steps per process")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per process")
     p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=DEFAULT_SETTINGS, help="settings compared")
+    p.add_argument("--follow-every", type=float, default=5.0,
+                   help="seconds between the thread follower's measurements (the training callback's every_s)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        child(args.steps, args.warmup)
+        child(args.steps, args.warmup, args.follow_every)
         return
 
     scenarios = ([f"busy {b}" for b in args.busy] + [f"late {b}" for b in args.late]
@@ -137,14 +148,14 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 for setting in args.settings:
                     jobs = 2 if scenario == "2 jobs" else 1
-                    procs = [_start(setting, args.steps, args.warmup) for _ in range(jobs)]
+                    procs = [_start(setting, args.steps, args.warmup, args.follow_every) for _ in range(jobs)]
                     if scenario.startswith("late"):
                         time.sleep(1.0)
                         spin += _spinners(int(scenario.split()[1]))
                     for proc in procs:
                         res = _collect(proc)
                         times[scenario, setting] += res["times"]
-                        info[setting, scenario] = {k: res[k] for k in ("threads", "wait_policy", "spincount")}
+                        info[setting, scenario] = {k: res[k] for k in ("threads", "threads_start", "wait_policy", "spincount")}
                     if scenario.startswith("late"):
                         for sp in spin:
                             sp.kill()
@@ -165,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
           f"load average {load0[0]:.1f} at start, {load1[0]:.1f} at end; {args.rounds} rounds x {args.steps} steps "
           f"(+{args.warmup} warm-up) per process")
     for (setting, scenario), i in info.items():
-        print(f"  {scenario:8s} {setting:9s} threads={i['threads']} OMP_WAIT_POLICY={i['wait_policy']} "
+        start = f"{i['threads_start']} -> " if i["threads_start"] else ""
+        print(f"  {scenario:8s} {setting:9s} threads={start}{i['threads']} OMP_WAIT_POLICY={i['wait_policy']} "
               f"GOMP_SPINCOUNT={i['spincount']}")
     print(f"{'scenario':10s} {'setting':9s} {'median s/step':>13s} {'x 1 thread':>10s} {'x before':>9s}")
     for scenario in scenarios:

@@ -152,3 +152,127 @@ def test_parallel_study_jobs_get_one_thread_unless_the_user_chose(tmp_path, monk
     monkeypatch.delenv(cpu_threads.CHOSEN)
     runner.launch(specs, tmp_path, cfg, [])
     assert [e["OMP_NUM_THREADS"] for e in envs] == ["2", "2"]
+
+
+class _FakeMachine:
+    """/proc/stat of 2 CPUs whose busy share the test sets per interval, a clock and a CPU clock."""
+
+    def __init__(self, path: Path):
+        self.path, self.now, self.mine, self.idle, self.total = path, 0.0, 0.0, 0, 0
+        self.threads = 2
+        self.write()
+
+    def write(self) -> None:
+        self.path.write_text(f"cpu  0 0 0 0 0 0 0 0\ncpu0 {self.total - self.idle} 0 0 {self.idle} 0 0 0 0\n"
+                             "cpu1 0 0 0 0 0 0 0 0\n")
+
+    def advance(self, seconds: float, others: float, mine: float) -> None:
+        """``seconds`` pass with ``others`` CPUs busy with other processes and ``mine`` with ours."""
+        ticks = int(round(seconds * 100 * 2))
+        busy = int(round(seconds * 100 * (others + mine)))
+        self.now += seconds
+        self.mine += seconds * mine
+        self.total += ticks
+        self.idle += max(0, ticks - busy)
+        self.write()
+
+    def follower(self, env: dict[str, str], every_s: float = 5.0) -> cpu_threads.LoadFollower:
+        return cpu_threads.LoadFollower(every_s, env, self.path, lambda: self.now, lambda: self.mine,
+                                        lambda: self.threads, lambda n: setattr(self, "threads", n))
+
+
+def test_load_follower_drops_to_the_free_cpus_when_jobs_arrive_and_returns(tmp_path, monkeypatch):
+    """A run started on an idle machine (2 threads): 2 other jobs arrive -> 1 thread; they leave ->
+    2 again. Its own CPU use (2 threads busy) does not count as others'."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(cpu_threads, "available_cpus", lambda: 2)
+    m = _FakeMachine(tmp_path / "stat")
+    f = m.follower({"OMP_NUM_THREADS": "2", cpu_threads.CHOSEN: "OMP_NUM_THREADS,GOMP_SPINCOUNT"})
+    assert f.active and f.poll() is None  # first sample
+    m.advance(5, others=0.0, mine=2.0)
+    assert f.poll() is None and f.threads == 2 and f.others == 0.0  # alone: ours is not others'
+    m.advance(2, others=2.0, mine=0.0)
+    assert f.poll() is None  # before every_s: not measured
+    m.advance(3, others=2.0, mine=0.0)
+    assert f.poll() == 1 and m.threads == 1 and abs(f.others - 2.0) < 0.01
+    m.advance(5, others=1.0, mine=1.0)
+    assert f.poll() is None and m.threads == 1
+    m.advance(5, others=0.0, mine=1.0)
+    assert f.poll() == 2 and m.threads == 2
+    m.threads = 1  # the user's torch.set_num_threads: theirs wins, the follower stops
+    m.advance(5, others=0.0, mine=1.0)
+    assert f.poll() is None and m.threads == 1 and not f.active
+
+
+def test_load_follower_leaves_user_and_launcher_choices_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    m = _FakeMachine(tmp_path / "stat")
+    for env in ({"OMP_NUM_THREADS": "2"},  # the user's
+                {"OMP_NUM_THREADS": "1", cpu_threads.CHOSEN: "OMP_NUM_THREADS,OMP_WAIT_POLICY"},  # busy start: 1
+                {}):  # MELRECON_CPU_DEFAULTS=0
+        f = m.follower(env)
+        m.advance(5, others=2.0, mine=0.0)
+        assert not f.active and f.poll() is None and f.poll() is None and m.threads == 2
+
+
+def test_load_follower_sees_a_real_spinner():
+    """The fault injected on the real machine: another process (not our child: children count
+    as the run's own work) spinning on a core of ours while a follower that started with every
+    CPU polls."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    if not Path("/proc/stat").exists() or len(cpus) < 2:
+        return
+    state = {"threads": len(cpus)}
+    env = {"OMP_NUM_THREADS": str(len(cpus)), cpu_threads.CHOSEN: "OMP_NUM_THREADS,GOMP_SPINCOUNT"}
+    f = cpu_threads.LoadFollower(0.5, env, get_threads=lambda: state["threads"],
+                                 set_threads=lambda n: state.update(threads=n))
+    launcher = subprocess.run(["sh", "-c", f"'{sys.executable}' -c 'while True: pass' >/dev/null 2>&1 & echo $!"],
+                              capture_output=True, text=True, check=True)
+    spinner = int(launcher.stdout.split()[0])
+    try:
+        time.sleep(0.2)
+        f.poll()
+        time.sleep(0.8)
+        f.poll()
+    finally:
+        os.kill(spinner, 9)
+    assert f.others is not None and f.others >= 0.5 and state["threads"] < len(cpus)
+
+
+def test_training_logs_the_thread_change(tmp_path, monkeypatch, caplog):
+    """The callback: one log line per change, the follower built when training starts."""
+    from melrecon.lit import CpuThreadFollower
+
+    class Follower:
+        threads, others = 2, 2.0
+
+        def __init__(self, every_s):
+            self.every_s = every_s
+
+        def poll(self):
+            self.threads = 1
+            return 1
+
+    monkeypatch.setattr(cpu_threads, "LoadFollower", Follower)
+    cb = CpuThreadFollower(every_s=3.0)
+    cb.on_train_batch_start(None, None, None, 0)  # before on_train_start: nothing to follow
+    cb.on_train_start(None, None)
+    assert cb.follower.every_s == 3.0
+    with caplog.at_level("INFO", logger="melrecon"):
+        cb.on_train_batch_start(None, None, None, 0)
+    assert "cpu threads 2 -> 1 (others keep 2.0 CPUs busy)" in caplog.text
+
+
+def test_own_cpu_time_includes_child_processes():
+    """DataLoader workers are the run's own work, not other jobs: their CPU time is the run's."""
+    if not Path("/proc/self/task").exists():
+        return
+    before = cpu_threads._own_cpu_seconds()
+    worker = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.8)
+        used = cpu_threads._own_cpu_seconds() - before
+    finally:
+        worker.kill()
+        worker.wait()
+    assert used >= 0.3

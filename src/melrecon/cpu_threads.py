@@ -24,10 +24,14 @@ loads it. It only sets what the user left unset, in ``os.environ``, so that chil
 (study jobs, DataLoader workers, DDP ranks) inherit the same settings rather than measure again.
 "Available CPUs" are the affinity mask cut by a cgroup CPU quota (:func:`available_cpus`).
 
-The decision is taken once: a run that starts on an idle machine keeps its threads when other
-jobs arrive (the short spin keeps that within ~2x of one thread, measured). An explicit
-``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT`` or a later ``torch.set_num_threads``
-call always wins; ``MELRECON_CPU_DEFAULTS=0`` leaves the environment entirely alone.
+The wait policy is fixed when torch loads, the thread count is not: while a run trains,
+:class:`LoadFollower` (the ``cpu_threads`` training callback) measures again every
+:data:`FOLLOW_EVERY_S` seconds from the same counters, without sleeping, and moves
+``torch.set_num_threads`` between one and the count chosen at start, so that a run that started
+on an idle machine drops to the free CPUs when other jobs arrive and returns when they leave.
+An explicit ``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT`` or a
+``torch.set_num_threads`` call of the user's always wins; ``MELRECON_CPU_DEFAULTS=0`` leaves the
+environment entirely alone.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ IDLE_SPINCOUNT = 10000
 IDLE_BELOW = 0.5
 #: the variables whose presence means "the user chose": nothing is measured or set then
 USER_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+#: seconds between LoadFollower's measurements while a run trains
+FOLLOW_EVERY_S = 5.0
 #: names of the variables configure set (comma-separated), so that a launcher can tell its own
 #: defaults from the user's (a study's parallel jobs get one thread each unless the user chose)
 CHOSEN = "MELRECON_CPU_CHOSEN"
@@ -188,10 +194,110 @@ def user_set(name: str, environ: "os._Environ[str] | dict[str, str] | None" = No
     return bool(env.get(name)) and name not in env.get(CHOSEN, "").split(",")
 
 
+def _own_cpu_seconds(pid: int | None = None, proc: Path = Path("/proc")) -> float:
+    """CPU seconds used so far by this process (all its threads) and its live child processes
+    (DataLoader workers): work of this run, not of others."""
+    total = time.process_time() if pid is None else 0.0
+    me = os.getpid() if pid is None else pid
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        tasks = list((proc / str(me) / "task").iterdir())
+    except OSError:
+        return total
+    for task in tasks:
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                fields = (proc / child / "stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            except (OSError, IndexError, ValueError):
+                continue
+    return total
+
+
+class LoadFollower:
+    """Keep the thread count of a running process matched to the CPUs others leave free.
+
+    Active only where :func:`configure` chose the thread count (``OMP_NUM_THREADS`` among
+    :data:`CHOSEN`): never over the user's settings or a study launcher's. Between two calls of
+    :meth:`poll` at least ``every_s`` apart it takes the CPU time of the process's CPUs from
+    ``/proc/stat``, subtracts its own (and its children's), and applies :func:`choose` to the rest,
+    capped at the count chosen at start (a run started on a busy machine waits passively, where
+    more threads than CPUs would be slower than one). A ``torch.set_num_threads`` by anyone else
+    is noticed (the count is not the last one set) and ends the following.
+    """
+
+    def __init__(self, every_s: float = FOLLOW_EVERY_S, environ: "os._Environ[str] | dict[str, str] | None" = None,
+                 stat: Path = Path("/proc/stat"), clock: Callable[[], float] = time.monotonic,
+                 own_cpu: Callable[[], float] = _own_cpu_seconds,
+                 get_threads: Callable[[], int] | None = None, set_threads: Callable[[int], None] | None = None):
+        env = os.environ if environ is None else environ
+        self.every_s = float(every_s)
+        self.stat, self.clock, self.own_cpu = stat, clock, own_cpu
+        self.cap = 0
+        if "OMP_NUM_THREADS" in env.get(CHOSEN, "").split(",") and env.get("OMP_NUM_THREADS", "").isdigit():
+            self.cap = int(env["OMP_NUM_THREADS"])
+        if get_threads is None or set_threads is None:
+            import torch  # noqa: PLC0415  (not at module level: this module runs before torch loads)
+
+            get_threads, set_threads = torch.get_num_threads, torch.set_num_threads
+        self._get, self._set = get_threads, set_threads
+        self.threads = self._get() if self.cap else 0
+        try:
+            self.cpus = os.sched_getaffinity(0)
+        except (AttributeError, OSError):
+            self.cpus = set()
+        self.available = available_cpus()
+        self._last: tuple[float, float, tuple[int, int]] | None = None
+        self.others: float | None = None  # CPUs others kept busy over the last interval
+
+    @property
+    def active(self) -> bool:
+        return self.cap > 1 and bool(self.cpus)
+
+    def _sample(self) -> tuple[float, float, tuple[int, int]] | None:
+        ticks = _cpu_times(self.cpus, self.stat)
+        return None if ticks is None else (self.clock(), self.own_cpu(), ticks)
+
+    def poll(self) -> int | None:
+        """Measure if ``every_s`` passed since the last measurement; returns the new thread count
+        when it changed, else None. Costs a clock read between measurements."""
+        if not self.active:
+            return None
+        now = self.clock()
+        if self._last is not None and now - self._last[0] < self.every_s:
+            return None
+        sample = self._sample()
+        if sample is None:
+            self.cap = 0
+            return None
+        last, self._last = self._last, sample
+        if last is None:
+            return None
+        if self._get() != self.threads:  # someone else set the count: theirs wins from now on
+            self.cap = 0
+            return None
+        wall = sample[0] - last[0]
+        idle, total = sample[2][0] - last[2][0], sample[2][1] - last[2][1]
+        if wall <= 0 or total <= 0:
+            return None
+        busy = len(self.cpus) * (1.0 - idle / total)
+        self.others = max(0.0, busy - (sample[1] - last[1]) / wall)
+        target = min(self.cap, int(choose(self.available, self.others)["OMP_NUM_THREADS"]))
+        if target == self.threads:
+            return None
+        self._set(target)
+        self.threads = target
+        return target
+
+
 def torch_loaded_first() -> bool:
     """True when torch was imported before melrecon: the wait policy then no longer applies to
     this process (set ``OMP_WAIT_POLICY=PASSIVE`` in the shell, or import melrecon first)."""
     return "torch" in sys.modules
 
 
-__all__ = ["configure", "choose", "user_set", "busy_cpus", "available_cpus", "visible_cpus", "torch_loaded_first", "OPT_OUT"]
+__all__ = ["configure", "choose", "LoadFollower", "user_set", "busy_cpus", "available_cpus", "visible_cpus", "torch_loaded_first", "OPT_OUT"]

@@ -3,10 +3,10 @@
 The metrics it logs are :mod:`melrecon.metrics` (shared with ``python -m melrecon.reconstruct``).
 """
 
-from melrecon.lit.callbacks import LearningRateMonitor, NetStatsLogger, PeakMemoryMonitor, ReconImageLogger
+from melrecon.lit.callbacks import CpuThreadFollower, LearningRateMonitor, NetStatsLogger, PeakMemoryMonitor, ReconImageLogger
 from melrecon.lit.console import ConsoleSummary
 from melrecon.lit.losses import ReconLoss
 from melrecon.lit.module import ReconModule
 
 __all__ = ["ReconModule", "ReconLoss", "LearningRateMonitor", "PeakMemoryMonitor", "NetStatsLogger",
-           "ReconImageLogger", "ConsoleSummary"]
+           "ReconImageLogger", "ConsoleSummary", "CpuThreadFollower"]

@@ -3,6 +3,7 @@ images/videos."""
 
 from __future__ import annotations
 
+import logging
 import re
 import resource
 import tempfile
@@ -15,10 +16,12 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
+from melrecon import cpu_threads
 from melrecon.data.batch import ReconBatch
 from melrecon.export import comparison_frames, comparison_strip, save_png, write_gif
 
 GIB = float(2**30)
+log = logging.getLogger("melrecon")
 
 
 class PeakMemoryMonitor(pl.Callback):
@@ -73,6 +76,30 @@ class PeakMemoryMonitor(pl.Callback):
         pl_module.log("train/peak_mem_gib", peak, on_step=True, on_epoch=False, batch_size=1)
         if self.log_step_time:
             pl_module.log("train/step_time_s", dt, on_step=True, on_epoch=False, batch_size=1)
+
+
+class CpuThreadFollower(pl.Callback):
+    """Keep the CPU thread count matched to the CPUs other processes leave free while training
+    (:class:`melrecon.cpu_threads.LoadFollower`: re-measured every ``every_s`` seconds; only where
+    melrecon chose the count, never over ``OMP_NUM_THREADS`` or ``torch.set_num_threads`` of the
+    user's). Each change is one line in the log: "cpu threads 2 -> 1 (others keep 2.0 CPUs busy)".
+    """
+
+    def __init__(self, every_s: float = cpu_threads.FOLLOW_EVERY_S):
+        self.every_s = every_s
+        self.follower: cpu_threads.LoadFollower | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.follower = cpu_threads.LoadFollower(self.every_s)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.follower is None:
+            return
+        before = self.follower.threads
+        changed = self.follower.poll()
+        if changed is not None:
+            log.info("cpu threads %d -> %d (others keep %.1f CPUs busy)", before, changed, self.follower.others)
 
 
 class LearningRateMonitor(pl.callbacks.LearningRateMonitor):
