@@ -23,6 +23,9 @@ def test_choose_spins_briefly_when_idle_and_sleeps_with_fewer_threads_when_busy(
     assert cpu_threads.choose(2, 1.0) == {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     assert cpu_threads.choose(2, 4.0) == {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     assert cpu_threads.choose(8, 2.2) == {"OMP_NUM_THREADS": "6", "OMP_WAIT_POLICY": "PASSIVE"}
+    # a 2-CPU quota on 8 visible CPUs, 6 of them busy with others: 2 are still free for us
+    assert cpu_threads.choose(2, 6.0, visible=8) == {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert cpu_threads.choose(2, 7.0, visible=8) == {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def test_configure_measures_once_and_keeps_user_settings():

@@ -14,7 +14,7 @@ how busy the process's CPUs are:
   :data:`SAMPLE_S` seconds (``/proc/stat``; :func:`busy_cpus`);
 - **idle** (less than half a CPU busy): one thread per available CPU and a short spin
   (``GOMP_SPINCOUNT`` = :data:`IDLE_SPINCOUNT`, ~0.1 ms instead of ~3 ms): as fast as torch's
-  default while idle, and bounded damage if other jobs start later;
+  default while idle;
 - **busy**: as many threads as CPUs are left free (at least one) and ``OMP_WAIT_POLICY=PASSIVE``.
 
 :func:`configure` is called by ``import melrecon`` (``melrecon/__init__.py``), which every
@@ -158,12 +158,13 @@ def busy_cpus(sample_s: float = SAMPLE_S, stat: Path = Path("/proc/stat")) -> fl
     return len(cpus) * (1.0 - idle / total)
 
 
-def choose(available: int, busy: float | None) -> dict[str, str]:
-    """The OpenMP settings for ``available`` CPUs of which ``busy`` are used by others (None:
-    unknown, treated as idle). Pure: :func:`configure` measures and applies it."""
+def choose(available: int, busy: float | None, visible: int | None = None) -> dict[str, str]:
+    """The OpenMP settings for a process that may use ``available`` CPUs (its quota) of the
+    ``visible`` ones it may be scheduled on (default: the same), of which ``busy`` are used by
+    others (None: unknown, treated as idle). Pure: :func:`configure` measures and applies it."""
     if busy is None or busy < IDLE_BELOW:
         return {"OMP_NUM_THREADS": str(available), "GOMP_SPINCOUNT": str(IDLE_SPINCOUNT)}
-    free = max(1, math.floor(available - busy + 0.5))
+    free = max(1, math.floor((available if visible is None else visible) - busy + 0.5))
     return {"OMP_NUM_THREADS": str(min(available, free)), "OMP_WAIT_POLICY": "PASSIVE"}
 
 
@@ -182,7 +183,7 @@ def configure(environ: "os._Environ[str] | dict[str, str] | None" = None,
         return {}
     if any(env.get(k) for k in USER_VARS):
         return {}
-    chosen = choose(available_cpus(), measure())
+    chosen = choose(available_cpus(), measure(), visible_cpus())
     env.update(chosen)
     env[CHOSEN] = ",".join(chosen)
     return chosen
@@ -286,7 +287,7 @@ class LoadFollower:
             return None
         busy = len(self.cpus) * (1.0 - idle / total)
         self.others = max(0.0, busy - (sample[1] - last[1]) / wall)
-        target = min(self.cap, int(choose(self.available, self.others)["OMP_NUM_THREADS"]))
+        target = min(self.cap, int(choose(self.available, self.others, len(self.cpus))["OMP_NUM_THREADS"]))
         if target == self.threads:
             return None
         self._set(target)
