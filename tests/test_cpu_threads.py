@@ -96,7 +96,8 @@ def test_thread_count_follows_cgroup_quota(tmp_path, monkeypatch):
 
 
 def _child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MELRECON_CPU"))}
+    # the test process itself ran melrecon.cpu_threads.configure: drop what it set (GOMP_SPINCOUNT too)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "MELRECON_CPU"))}
     env["PYTHONPATH"] = str(ROOT / "src")
     env.update(extra)
     return env
