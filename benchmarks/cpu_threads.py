@@ -114,6 +114,12 @@ def _spinners(n: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
 def _ratio(med: dict[str, float], setting: str, ref: str) -> str:
     return f"{med[setting] / med[ref]:.2f}" if ref in med else "-"
 
@@ -157,14 +163,10 @@ def main(argv: list[str] | None = None) -> None:
                         times[scenario, setting] += res["times"]
                         info[setting, scenario] = {k: res[k] for k in ("threads", "threads_start", "wait_policy", "spincount")}
                     if scenario.startswith("late"):
-                        for sp in spin:
-                            sp.kill()
-                            sp.wait()
+                        _stop(spin)
                         spin = []
             finally:
-                for s in spin:
-                    s.kill()
-                    s.wait()
+                _stop(spin)
         so_far = {k: f"{statistics.median(v):.2f}" for k, v in times.items() if v}
         print(f"round {r + 1}/{args.rounds} done ({time.time() - start:.0f} s, load {os.getloadavg()[0]:.1f}): "
               f"median s/step so far {so_far}", file=sys.stderr, flush=True)

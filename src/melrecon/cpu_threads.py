@@ -151,11 +151,16 @@ def busy_cpus(sample_s: float = SAMPLE_S, stat: Path = Path("/proc/stat")) -> fl
     if before is None:
         return None
     time.sleep(sample_s)
-    after = _cpu_times(cpus, stat)
+    return _busy_between(before, _cpu_times(cpus, stat), len(cpus))
+
+
+def _busy_between(before: tuple[int, int], after: tuple[int, int] | None, cpus: int) -> float | None:
+    """CPUs busy (with anything) between two :func:`_cpu_times` samples of ``cpus`` CPUs; None
+    where the second is missing or the counters did not move."""
     if after is None or after[1] <= before[1]:
         return None
     idle, total = after[0] - before[0], after[1] - before[1]
-    return len(cpus) * (1.0 - idle / total)
+    return cpus * (1.0 - idle / total)
 
 
 def choose(available: int, busy: float | None, visible: int | None = None) -> dict[str, str]:
@@ -195,14 +200,13 @@ def user_set(name: str, environ: "os._Environ[str] | dict[str, str] | None" = No
     return bool(env.get(name)) and name not in env.get(CHOSEN, "").split(",")
 
 
-def _own_cpu_seconds(pid: int | None = None, proc: Path = Path("/proc")) -> float:
+def _own_cpu_seconds(proc: Path = Path("/proc")) -> float:
     """CPU seconds used so far by this process (all its threads) and its live child processes
     (DataLoader workers): work of this run, not of others."""
-    total = time.process_time() if pid is None else 0.0
-    me = os.getpid() if pid is None else pid
+    total = time.process_time()
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     try:
-        tasks = list((proc / str(me) / "task").iterdir())
+        tasks = list((proc / str(os.getpid()) / "task").iterdir())
     except OSError:
         return total
     for task in tasks:
@@ -282,10 +286,9 @@ class LoadFollower:
             self.cap = 0
             return None
         wall = sample[0] - last[0]
-        idle, total = sample[2][0] - last[2][0], sample[2][1] - last[2][1]
-        if wall <= 0 or total <= 0:
+        busy = _busy_between(last[2], sample[2], len(self.cpus))
+        if wall <= 0 or busy is None:
             return None
-        busy = len(self.cpus) * (1.0 - idle / total)
         self.others = max(0.0, busy - (sample[1] - last[1]) / wall)
         target = min(self.cap, int(choose(self.available, self.others, len(self.cpus))["OMP_NUM_THREADS"]))
         if target == self.threads:
